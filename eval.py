@@ -1,0 +1,421 @@
+"""eval.py -- one job: measurements on run folders (and the validation helper fst.py calls in training).
+
+    python eval.py RUN_DIR [--step N] [--tasks t1 t2] [--n 200] [--k 4] [--max-new-tokens M]
+    python eval.py compare RUN_A RUN_B ... --out plots/
+
+What the paper measures (docs: fst-method.md), one function each:
+- evaluate():     accuracy mean@k (mean reward over k samples per problem) and pass@k.
+- two_by_two():   {base, trained weights} x {seed, evolved prompt}: how much each kind of weight adds.
+- kl_to_base():   drift KL(pi_trained || pi_base), exact per token from both full next-token
+                  distributions, in chunks over time (never a full float32 [R, T, V] tensor).
+- report():       all of the above on one checkpoint, plus forgetting: accuracy on the other
+                  registered tasks (their own default prompts, never the evolved one), trained vs base.
+- compare():      paper-style PNG plots across runs and the steps each run needs to reach a target.
+The base model is always the same weights with the LoRA adapter disabled: never a second copy.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import fst
+import rewards
+import rollout
+
+WEIGHTS, PROMPTS = ("base", "trained"), ("seed", "evolved")
+
+
+def _weights(model, use_adapter: bool):
+    """Context: the trained policy (adapter on) or the base weights (adapter off)."""
+    if use_adapter or not hasattr(model, "disable_adapter"):
+        return contextlib.nullcontext()
+    return model.disable_adapter()
+
+
+# ---------------------------------------------------------------------------------- accuracy
+def evaluate(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, temperature,
+             top_p=1.0, generator=None, use_adapter=True, stop=(), batch_size=None) -> dict:
+    """k samples per problem in one batched rollout.sample call. mean@k = mean reward over all
+    n*k samples; pass@k = fraction of problems with at least one sample of reward >= 1."""
+    if not problems:
+        return {"mean_at_k": float("nan"), "pass_at_k": float("nan"), "n": 0, "k": k}
+    prompts = [rollout.encode_chat(tok, task.messages(p, system_prompt)) for p in problems]
+    was_training = model.training
+    model.eval()
+    try:
+        with _weights(model, use_adapter):
+            ro = rollout.sample(model, tok, prompts, [k] * len(problems), max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, stop=list(stop),
+                                generator=generator, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    reward = [rewards.score_completion(task, problems[i], text)[0]
+              for i, text in zip(ro.prompt_index, ro.texts)]
+    solved = {i for i, r in zip(ro.prompt_index, reward) if r >= 1.0}
+    return {"mean_at_k": sum(reward) / len(reward), "pass_at_k": len(solved) / len(problems),
+            "n": len(problems), "k": k}
+
+
+def two_by_two(accuracy) -> dict:
+    """accuracy(weights: "base"|"trained", prompt: "seed"|"evolved") -> float, called once per cell.
+    Returns the four cells plus what each kind of weight adds over base weights + seed prompt."""
+    cells = {w: {p: accuracy(w, p) for p in PROMPTS} for w in WEIGHTS}
+    base = cells["base"]["seed"]
+    return {**cells,
+            "slow_gain": cells["trained"]["seed"] - base,      # weights alone (seed prompt)
+            "fast_gain": cells["base"]["evolved"] - base,      # prompt alone (base weights)
+            "both_gain": cells["trained"]["evolved"] - base}
+
+
+# ---------------------------------------------------------------------------------- drift (KL)
+@torch.no_grad()
+def exact_token_kl(model, batch, chunk_size: int = 64) -> torch.Tensor:
+    """batch (rollout.Batch) -> KL(pi_adapter_on || pi_adapter_off) per completion token, [R, T],
+    exact over the vocabulary: sum_v p log(p/q). Padding columns are 0. Both decoder passes keep only
+    hidden states [R, T, H]; lm_head + log-softmax run on `chunk_size` positions at a time."""
+    head = model.get_output_embeddings()
+    h_p = rollout.completion_hidden_states(model, batch)
+    with model.disable_adapter():
+        h_q = rollout.completion_hidden_states(model, batch)
+    pieces = []
+    for s in range(0, h_p.shape[1], chunk_size):
+        logp = head(h_p[:, s:s + chunk_size]).float().log_softmax(-1)              # [R, c, V]
+        with model.disable_adapter():                                              # lm_head may carry LoRA
+            logq = head(h_q[:, s:s + chunk_size]).float().log_softmax(-1)
+        pieces.append((logp.exp() * (logp - logq)).sum(-1))
+        del logp, logq
+    return torch.cat(pieces, dim=1) * batch.completion_mask.float()
+
+
+def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_new_tokens, temperature,
+               chunk_size=64, generator=None, top_p=1.0, stop=(), micro_batch=16) -> float:
+    """Sample n_samples completions per problem from the TRAINED policy, then average the exact
+    per-token KL(pi_trained || pi_base) over all completion tokens."""
+    prompts = [rollout.encode_chat(tok, task.messages(p, system_prompt)) for p in problems]
+    was_training = model.training
+    model.eval()
+    try:
+        ro = rollout.sample(model, tok, prompts, [n_samples] * len(prompts), max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, stop=list(stop), generator=generator)
+        device = next(model.parameters()).device
+        total, tokens = 0.0, 0
+        for s in range(0, len(ro.texts), micro_batch):
+            batch = rollout.collate(ro.prompt_ids[s:s + micro_batch], ro.completion_ids[s:s + micro_batch],
+                                    tok.pad_token_id, device)
+            total += exact_token_kl(model, batch, chunk_size).sum().item()
+            tokens += int(batch.completion_mask.sum().item())
+    finally:
+        model.train(was_training)
+    return total / max(tokens, 1)
+
+
+# ---------------------------------------------------------------------------------- one checkpoint
+def make_task(name: str, cfg):
+    """The run's own task gets its config options (paths, seed); other tasks get the seed only.
+    Options a task does not take are dropped (gsm8k has no seed)."""
+    opts = fst._task_options(cfg.task) if name == cfg.task.name else {"seed": cfg.task.seed}
+    accepted = inspect.signature(rewards.TASKS[name]).parameters
+    return rewards.get_task(name, **{k: v for k, v in opts.items() if k in accepted})
+
+
+def find_checkpoint(run: Path, step: int | None) -> Path:
+    if step is None:
+        ckpt = fst.latest_checkpoint(run)
+        if ckpt is None:
+            raise SystemExit(f"{run}: no checkpoints/latest; has this run saved a checkpoint yet?")
+        return ckpt
+    ckpt = run / "checkpoints" / f"step_{step:06d}"
+    if not ckpt.is_dir():
+        have = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+        raise SystemExit(f"{ckpt} not found; saved: {', '.join(have) or 'none'}")
+    return ckpt
+
+
+def run_tasks(run: Path, cfg) -> list[str]:
+    """The tasks a run trained on, in order (a continual run has several), from its train rows."""
+    seen = [r["task"] for r in read_metrics(run) if r.get("kind", "train") == "train" and "task" in r]
+    return list(dict.fromkeys(seen)) or [cfg.task.name]
+
+
+def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None, max_new_tokens=None,
+           seed=0, batch_size=None, overrides=()) -> dict:
+    """Every measurement on one checkpoint. Writes RUN/eval/step_N.json; returns the same dict."""
+    cfg = fst.load_config(str(run / "config.yaml"), list(overrides))
+    ckpt = find_checkpoint(run, step)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
+    device = fst.pick_device(cfg, str(run / "config.yaml"))
+    model, tok = fst.load_model(cfg.model, device, adapter_path=str(ckpt))
+    model.eval()
+    n, k = n or cfg.eval.n, k or cfg.eval.k
+    s = cfg.sampling
+    max_new_tokens = max_new_tokens or s.max_new_tokens
+    best_file = ckpt / "best_prompt.txt"
+    evolved = best_file.read_text() if best_file.exists() else None
+    tasks = tasks or run_tasks(run, cfg)
+    gen = lambda: torch.Generator(device=device).manual_seed(seed)  # same draws for every cell  # noqa: E731
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop)
+    out = {"run": str(run), "checkpoint": ckpt.name, "step": int(state["step"]), "mode": cfg.mode,
+           "n": n, "k": k, "seed": seed, "sampling": sampling, "evolved_prompt": evolved,
+           "notes": [], "tasks": {}, "forgetting": {}}
+    if evolved is None:
+        out["notes"].append(f"{best_file} missing: evolved prompt = seed prompt")
+    elif cfg.mode == "rl":
+        out["notes"].append("rl run: best_prompt.txt is the seed prompt, so 'evolved' repeats 'seed'")
+
+    for name in tasks:
+        task = make_task(name, cfg)
+        problems = task.load("test")[:n]
+        prompt = {"seed": cfg.task.system_prompt or task.default_system_prompt}
+        prompt["evolved"] = evolved if evolved is not None else prompt["seed"]
+        cache = {}
+
+        def cell(w, p):  # same prompt text, same weights -> measured once (rl: evolved == seed)
+            key = (w, prompt[p])
+            if key not in cache:
+                cache[key] = evaluate(model, tok, task, problems, prompt[p], k=k, generator=gen(),
+                                      use_adapter=w == "trained", batch_size=batch_size, **sampling)
+            return cache[key]
+        table = two_by_two(lambda w, p: cell(w, p)["mean_at_k"])
+        table_pass = two_by_two(lambda w, p: cell(w, p)["pass_at_k"])
+        drift = {p: kl_to_base(model, tok, task, problems, prompt[p], generator=gen(),
+                               chunk_size=cfg.train.logprob_chunk, **sampling) for p in PROMPTS}
+        out["tasks"][name] = {"seed_prompt": prompt["seed"], "accuracy": cell("trained", "evolved"),
+                              "two_by_two_mean_at_k": table, "two_by_two_pass_at_k": table_pass,
+                              "kl_to_base": {"seed_prompt": drift["seed"], "evolved_prompt": drift["evolved"]}}
+
+    others = forgetting if forgetting is not None else [t for t in rewards.TASKS if t not in tasks]
+    for name in others:
+        try:
+            task = make_task(name, cfg)
+            problems = task.load("test")[:n]
+        except Exception as e:  # e.g. gsm8k without a local path and no hub access
+            out["forgetting"][name] = {"skipped": f"{type(e).__name__}: {e}"}
+            continue
+        res = {w: evaluate(model, tok, task, problems, task.default_system_prompt, k=k, generator=gen(),
+                           use_adapter=w == "trained", batch_size=batch_size, **sampling) for w in WEIGHTS}
+        res["delta_mean_at_k"] = res["trained"]["mean_at_k"] - res["base"]["mean_at_k"]
+        out["forgetting"][name] = res
+
+    path = run / "eval" / f"step_{out['step']}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    out["json_path"] = str(path)
+    return out
+
+
+def markdown(out: dict) -> str:
+    f = lambda x: "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"  # noqa: E731
+    lines = [f"# {out['run']} @ {out['checkpoint']} (mode {out['mode']}, n={out['n']}, k={out['k']})", ""]
+    lines += [f"> {note}" for note in out["notes"]]
+    for name, t in out["tasks"].items():
+        m, p = t["two_by_two_mean_at_k"], t["two_by_two_pass_at_k"]
+        lines += [f"## {name}", "",
+                  f"accuracy (trained weights, evolved prompt): mean@{out['k']} {f(t['accuracy']['mean_at_k'])}, "
+                  f"pass@{out['k']} {f(t['accuracy']['pass_at_k'])}", "",
+                  f"| weights \\ prompt | seed | evolved |  (mean@{out['k']} / pass@{out['k']})", "|---|---|---|"]
+        lines += [f"| {w} | {f(m[w]['seed'])} / {f(p[w]['seed'])} | {f(m[w]['evolved'])} / {f(p[w]['evolved'])} |"
+                  for w in WEIGHTS]
+        lines += ["", f"gain over base+seed: weights {f(m['slow_gain'])}, prompt {f(m['fast_gain'])}, "
+                  f"both {f(m['both_gain'])}", "",
+                  "| drift KL(trained \\|\\| base) | per token |", "|---|---|",
+                  f"| seed prompt | {t['kl_to_base']['seed_prompt']:.5f} |",
+                  f"| evolved prompt | {t['kl_to_base']['evolved_prompt']:.5f} |", ""]
+    if out["forgetting"]:
+        lines += ["## forgetting (other tasks, their own default prompts)", "",
+                  f"| task | base mean@{out['k']} | trained mean@{out['k']} | delta |", "|---|---|---|---|"]
+        for name, r in out["forgetting"].items():
+            lines.append(f"| {name} | skipped: {r['skipped']} | | |" if "skipped" in r else
+                         f"| {name} | {f(r['base']['mean_at_k'])} | {f(r['trained']['mean_at_k'])} | "
+                         f"{r['delta_mean_at_k']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------- across runs
+def read_metrics(run: Path) -> list[dict]:
+    """metrics.jsonl rows; rows without "kind" are train rows; a half-written last line is skipped."""
+    path = Path(run) / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def val_curve(rows, task=None) -> list[dict]:
+    """Eval rows of the policy as deployed (prompt "best" if logged, else "seed"), by step."""
+    ev = [r for r in rows if r.get("kind") == "eval" and (task is None or r.get("task") == task)]
+    kind = "best" if any(r.get("prompt") == "best" for r in ev) else "seed"
+    return sorted((r for r in ev if r.get("prompt", "seed") == kind), key=lambda r: r["step"])
+
+
+def steps_to_reach(curve, target: float):
+    return next((r["step"] for r in curve if r["mean_at_k"] >= target), None)
+
+
+def _stage_starts(train_rows) -> list[tuple[int, str]]:
+    starts, last = [], None
+    for r in train_rows:
+        if r.get("task") != last:
+            starts.append((r["step"], r.get("task")))
+            last = r.get("task")
+    return starts
+
+
+def compare(runs: list[Path], out_dir: Path) -> list[str]:
+    """Write PNG plots for `runs` into out_dir; return the lines printed (notes and steps-to-reach)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = {}  # label (the folder name, made unique) -> (run folder, metrics rows)
+    for i, run in enumerate(map(Path, runs)):
+        data[run.name if run.name not in data else f"{run.name} ({i})"] = (run, read_metrics(run))
+    train = {lab: [r for r in rows if r.get("kind", "train") == "train"] for lab, (_, rows) in data.items()}
+    task0 = next((r.get("task") for _, rows in data.values() for r in rows if r.get("kind") == "eval"), None)
+    curves = {lab: val_curve(rows, task0) for lab, (_, rows) in data.items()}
+    notes = [f"{lab}: no eval rows, plotting training reward instead" for lab, c in curves.items() if not c]
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        notes.append(f"wrote {out_dir / name}")
+
+    # 1-2. Validation accuracy against steps, RL samples, and all samples (rl + fast rollouts).
+    xs = [("step", "step"), ("rollouts_rl", "RL samples"), ("rollouts_all", "all samples (RL + fast)")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for lab in data:
+        rows = curves[lab] or train[lab]
+        y = [r["mean_at_k"] if curves[lab] else r.get("reward_mean", float("nan")) for r in rows]
+        seed_rows = [r for r in data[lab][1] if r.get("kind") == "eval" and r.get("task") == task0
+                     and r.get("prompt") == "seed"] if curves[lab] and curves[lab][0].get("prompt") == "best" else []
+        for ax, (key, xlabel) in zip(axes, xs):
+            x_of = lambda rs: [r.get("rollouts_rl", 0) + r.get("rollouts_fast", 0) if key == "rollouts_all"  # noqa: E731
+                               else r.get(key) for r in rs]
+            line, = ax.plot(x_of(rows), y, marker="o" if curves[lab] else None, ms=3,
+                            label=lab if curves[lab] else f"{lab} (train reward)", ls="-" if curves[lab] else ":")
+            if seed_rows:  # the same weights with the seed prompt: what the evolved prompt adds
+                ax.plot(x_of(seed_rows), [r["mean_at_k"] for r in seed_rows], ls="--", lw=1,
+                        color=line.get_color(), label=f"{lab} (seed prompt)")
+            ax.set_xlabel(xlabel)
+    axes[0].set_ylabel(f"validation mean@k{f' ({task0})' if task0 else ''}")
+    axes[0].legend(fontsize=8)
+    save(fig, "val_accuracy.png")
+
+    # 3. Drift against reward (training rows), one colour per run.
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for lab, rows in train.items():
+        pts = [(r["reward_mean"], r["kl_to_base"]) for r in rows if "kl_to_base" in r and "reward_mean" in r]
+        if pts:
+            ax.scatter(*zip(*pts), s=8, alpha=0.6, label=lab)
+    ax.set_xlabel("training reward (mean)")
+    ax.set_ylabel("KL(trained || base) per token")
+    ax.legend(fontsize=8)
+    save(fig, "kl_vs_reward.png")
+
+    # 4. Continual runs: per-task curves with stage boundaries.
+    for lab, (run, rows) in data.items():
+        stages = _stage_starts(train[lab])
+        if len(stages) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name in dict.fromkeys(t for _, t in stages):
+            c = val_curve(rows, name)
+            if c:
+                ax.plot([r["step"] for r in c], [r["mean_at_k"] for r in c], marker="o", ms=3, label=name)
+            else:
+                pts = [r for r in train[lab] if r.get("task") == name]
+                ax.plot([r["step"] for r in pts], [r["reward_mean"] for r in pts], ls=":",
+                        label=f"{name} (train reward)")
+        for i, (step, name) in enumerate(stages):
+            if i:
+                ax.axvline(step - 0.5, color="grey", ls="--", lw=1)
+            ax.text(step, ax.get_ylim()[1], f" {name}", va="top", fontsize=8, color="grey")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation mean@k")
+        ax.set_title(f"{lab}: continual, per task")
+        ax.legend(fontsize=8)
+        save(fig, f"continual_{run.name}.png")
+
+    # 5. Prompt lineage of fst/gepa runs: x = born step, y = mean anchor score, lines from parents.
+    for lab, (run, _) in data.items():
+        ckpt = fst.latest_checkpoint(run)
+        pool_file = ckpt / "pool.json" if ckpt else None
+        if not pool_file or not pool_file.exists():
+            continue
+        prompts = {p["id"]: p for p in json.loads(pool_file.read_text())["prompts"]}
+        score = {i: sum(p["scores"].values()) / len(p["scores"]) if p["scores"] else 0.0 for i, p in prompts.items()}
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, p in prompts.items():
+            if p.get("parent_id") in prompts:
+                q = prompts[p["parent_id"]]
+                ax.plot([q["born_step"], p["born_step"]], [score[q["id"]], score[i]], color="grey", lw=1)
+        for top in (False, True):
+            pts = [i for i, p in prompts.items() if bool(p.get("in_top_k")) == top]
+            ax.scatter([prompts[i]["born_step"] for i in pts], [score[i] for i in pts], zorder=3,
+                       marker="*" if top else "o", s=90 if top else 30, label="in top-K" if top else "pool")
+        for i, p in prompts.items():
+            ax.annotate(f"{i} {p.get('operator', '')}", (p["born_step"], score[i]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("born at step")
+        ax.set_ylabel("mean score on the last anchor set")
+        ax.set_title(f"{lab}: prompt lineage ({ckpt.name})")
+        ax.legend(fontsize=8)
+        save(fig, f"lineage_{run.name}.png")
+
+    # Steps each run needs to reach the first run's best validation accuracy.
+    first = next(iter(data))
+    if curves[first]:
+        target = max(r["mean_at_k"] for r in curves[first])
+        notes.append(f"target: {first}'s best validation mean@k = {target:.3f}")
+        for lab, c in curves.items():
+            step = steps_to_reach(c, target) if c else None
+            notes.append(f"  {lab}: " + ("no eval rows" if not c else
+                                         "never" if step is None else f"step {step}"))
+    else:
+        notes.append(f"steps-to-reach skipped: {first} has no eval rows")
+    return notes
+
+
+# ---------------------------------------------------------------------------------- command line
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        ap = argparse.ArgumentParser(prog="eval.py compare", description="plots across run folders")
+        ap.add_argument("runs", nargs="+", type=Path)
+        ap.add_argument("--out", type=Path, required=True, help="folder for the PNG files")
+        args = ap.parse_args(argv[1:])
+        print("\n".join(compare(args.runs, args.out)))
+        return
+    ap = argparse.ArgumentParser(description="measure one checkpoint of a run folder")
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    ap.add_argument("--tasks", nargs="+", help="tasks to measure (default: the tasks the run trained on)")
+    ap.add_argument("--forgetting", nargs="*", help="other tasks for forgetting (default: all registered)")
+    ap.add_argument("--n", type=int, help="test problems per task (default: config eval.n)")
+    ap.add_argument("--k", type=int, help="samples per problem (default: config eval.k)")
+    ap.add_argument("--max-new-tokens", type=int, help="default: config sampling.max_new_tokens")
+    ap.add_argument("--batch-size", type=int, help="prompts prefilled together (memory knob)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set device=cpu --set model.quant=none")
+    args = ap.parse_args(argv)
+    out = report(args.run, step=args.step, tasks=args.tasks, forgetting=args.forgetting, n=args.n, k=args.k,
+                 max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+                 overrides=args.set)
+    print(markdown(out))
+    print(f"[eval] wrote {out['json_path']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""rollout.py -- one job: sample groups of completions fast and score token log-probs.
+
+Both loops use it: the RL loop samples G completions per problem and recomputes their log-probs under
+grad; prompt evolution samples completions to score candidate system prompts.
+
+sample():  each distinct prompt is prefilled ONCE (left-padded batch), its KV cache rows are repeated
+           for its samples, then one token per live row per step; rows that finish leave the batch.
+sequence_logprobs(): decoder body once, then lm_head + log_softmax in checkpointed chunks over time, so
+           a full [R, T, V] float32 tensor never exists (V ~ 50-150k makes that the memory peak).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def attn_implementation() -> str:
+    """flash_attention_2 when it is installed and a GPU is present, else PyTorch's sdpa."""
+    if not torch.cuda.is_available():
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # missing, or built against another torch/CUDA (then import raises oddly)
+        return "sdpa"
+    return "flash_attention_2"
+
+
+def encode_chat(tokenizer, messages) -> list[int]:
+    """Chat messages -> prompt token ids ending with the assistant generation prompt."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):  # a batch of one
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+# ----------------------------------------------------------------------------------------- sampling
+@dataclass
+class Rollouts:
+    """R samples, grouped by input prompt in input order (prompt 0's counts[0] samples first)."""
+    prompt_index: list[int] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)   # includes EOS when emitted
+    logprobs: list[list[float]] = field(default_factory=list)       # log p(token), temperature 1
+    finish_reasons: list[str] = field(default_factory=list)         # "eos" | "stop" | "length"
+    texts: list[str] = field(default_factory=list)                  # cut right after a stop string
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    seconds: float = 0.0
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen) if isinstance(gen, (list, tuple)) else {gen}
+    return {int(i) for i in ids if i is not None}
+
+
+def _pick(logp: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """logp [B, V] float32 log-softmax -> token ids [B]: greedy, or temperature + nucleus sampling.
+    Sampling inverts the CDF with one uniform per row: torch.multinomial draws an exponential per
+    vocabulary entry, which is most of a CPU decode step at V ~ 50k; a full sort for top-p is worse."""
+    if temperature == 0:
+        return logp.argmax(-1)
+    w = (logp * (1.0 / temperature)).exp_()                      # unnormalised p^(1/T)  [B, V]
+    idx = None
+    if top_p < 1.0:
+        w = w / w.sum(-1, keepdim=True)
+        k = 64  # the nucleus is usually small: sort only the top k, widen until it holds top_p mass
+        while True:
+            vals, idx = w.topk(min(k, w.shape[-1]), dim=-1)          # [B, k] descending
+            if k >= w.shape[-1] or bool((vals.sum(-1) >= top_p).all()):
+                break
+            k *= 4
+        w = vals.masked_fill(vals.cumsum(-1) - vals >= top_p, 0.0)   # keep until mass reaches top_p
+    cdf = w.cumsum(-1)
+    # one uniform per row, drawn on the generator's own device (a CPU generator may drive a GPU model)
+    u = torch.rand(cdf.shape[0], 1, generator=generator,
+                   device=generator.device if generator is not None else cdf.device).to(cdf.device)
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+    return (tok if idx is None else idx.gather(-1, tok)).squeeze(-1)
+
+
+def _cut_at_stop(text: str, stop) -> str:
+    ends = [text.find(s) + len(s) for s in stop if s and s in text]
+    return text[:min(ends)] if ends else text
+
+
+class _GrowingLayer(DynamicLayer):
+    """A DynamicLayer that writes new keys/values into spare capacity (grown in blocks) instead of
+    torch.cat-ing the whole cache every step: on CPU that copy cost as much as the matmuls."""
+    block = 128
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.n, self.kbuf, self.vbuf = 0, key_states[..., :0, :], value_states[..., :0, :]
+        n, q = self.n, key_states.shape[-2]
+        if n + q > self.kbuf.shape[-2]:  # [B, heads, capacity, head_dim]
+            grow = lambda buf, new: torch.cat([buf[..., :n, :], new.new_empty(
+                *new.shape[:2], q + self.block, new.shape[-1])], dim=-2)
+            self.kbuf, self.vbuf = grow(self.kbuf, key_states), grow(self.vbuf, value_states)
+        self.kbuf[..., n:n + q, :] = key_states
+        self.vbuf[..., n:n + q, :] = value_states
+        self.n = n + q
+        self.keys, self.values = self.kbuf[..., :self.n, :], self.vbuf[..., :self.n, :]  # views
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+            self.keys, self.values = self.kbuf[..., :self.n, :], self.vbuf[..., :self.n, :]
+
+
+def _new_cache(model) -> DynamicCache:
+    """Growing layers when every layer is plain full attention; otherwise (sliding windows, linear
+    attention, ...) the model's own DynamicCache layout."""
+    cache = DynamicCache(config=model.config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [_GrowingLayer() for _ in cache.layers]
+        if cache.layer_class_to_replicate is not None:
+            cache.layer_class_to_replicate = _GrowingLayer
+    return cache
+
+
+@torch.inference_mode()
+def sample(model, tokenizer, prompts: list[list[int]], counts: list[int], *, max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, stop=(), generator: torch.Generator | None = None,
+           batch_size: int | None = None, progress: bool = False) -> Rollouts:
+    """Sample counts[i] completions of prompts[i] (token ids); temperature 0 = greedy. batch_size
+    caps how many prompts are prefilled together (then they go in waves); None = all at once."""
+    assert len(prompts) == len(counts), "one count per prompt"
+    start, out = time.perf_counter(), Rollouts()
+    opts = dict(eos=_eos_ids(model, tokenizer), max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, stop=[s for s in stop if s], generator=generator, progress=progress)
+    # eval(): train mode would turn on dropout, and gradient checkpointing silently drops the cache.
+    was_training = model.training
+    model.eval()
+    try:
+        wave = batch_size or max(1, len(prompts))
+        for w in range(0, len(prompts), wave):
+            _sample_wave(model, tokenizer, prompts[w:w + wave], counts[w:w + wave], w, out, **opts)
+    finally:
+        model.train(was_training)
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, eos, max_new_tokens, temperature,
+                 top_p, stop, generator, progress):
+    device = model.get_input_embeddings().weight.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    # Rows = samples in output order. Identical prompts share one prefill row too.
+    distinct: dict[tuple, int] = {}
+    row_prompt, row_src = [], []
+    for i, (p, c) in enumerate(zip(prompts, counts)):
+        for _ in range(c):
+            row_prompt.append(offset + i)
+            row_src.append(distinct.setdefault(tuple(p), len(distinct)))
+    R = len(row_src)
+    if R == 0:
+        return
+    uniq = [list(p) for p in distinct]
+    P = max(len(p) for p in uniq)
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in uniq], device=device)            # [U, P]
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in uniq], device=device)  # [U, P]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's first token is position 0
+
+    cache = _new_cache(model)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]                           # [U, V]
+    out.prefill_tokens += int(mask.sum())
+    src = torch.tensor(row_src, device=device)
+    if R != len(uniq):  # the shared prefill: repeat each prompt's cache rows for its samples
+        cache.batch_select_indices(src)
+    logits, mask = logits[src], mask[src]                                                     # [R, .]
+    next_pos = mask.sum(-1, keepdim=True)                                                     # [R, 1]
+
+    comp, lps, reason = [[] for _ in range(R)], [[] for _ in range(R)], ["length"] * R
+    live = list(range(R))  # live[b] = output row of batch row b
+    # A stop string completed by the newest token lies within its last (bytes + margin) tokens,
+    # since every non-special token decodes to >= 1 byte; decode only that tail per step.
+    tail = max((len(s.encode()) for s in stop), default=0) + 4
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=max_new_tokens, desc="decode", leave=False)
+    for step in range(max_new_tokens):
+        logp = logits.float().log_softmax(-1)  # the raw distribution (temperature 1)        # [B, V]
+        tok = _pick(logp, temperature, top_p, generator)                                     # [B]
+        lp = logp.gather(-1, tok[:, None]).squeeze(-1)                                        # [B]
+        out.decode_tokens += len(live)
+        keep = []
+        for b, (r, t, l) in enumerate(zip(live, tok.tolist(), lp.tolist())):
+            comp[r].append(t)
+            lps[r].append(l)
+            if t in eos:
+                reason[r] = "eos"
+            elif stop and any(s in tokenizer.decode(comp[r][-tail:], skip_special_tokens=True) for s in stop):
+                reason[r] = "stop"
+            else:
+                keep.append(b)
+        if bar is not None:
+            bar.update()
+            bar.set_postfix(live=len(keep), refresh=False)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(live):  # finished rows leave the batch: later steps compute live rows only
+            k = torch.tensor(keep, device=device)
+            cache.batch_select_indices(k)
+            tok, mask, next_pos = tok[k], mask[k], next_pos[k]
+            live = [live[b] for b in keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)                          # [B, L+1]
+        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                       past_key_values=cache, use_cache=True).logits[:, -1]                   # [B, V]
+        next_pos = next_pos + 1
+    if bar is not None:
+        bar.close()
+
+    for r in range(R):
+        text = tokenizer.decode(comp[r], skip_special_tokens=True)
+        out.prompt_index.append(row_prompt[r])
+        out.prompt_ids.append(list(prompts[row_prompt[r] - offset]))
+        out.completion_ids.append(comp[r])
+        out.logprobs.append(lps[r])
+        out.finish_reasons.append(reason[r])
+        out.texts.append(_cut_at_stop(text, stop) if reason[r] == "stop" else text)
+
+
+# ---------------------------------------------------------------------------------------- log-probs
+@dataclass
+class Batch:
+    input_ids: torch.Tensor        # [R, P+T]  prompts LEFT-padded to P, completions RIGHT-padded to T
+    attention_mask: torch.Tensor   # [R, P+T]
+    completion_mask: torch.Tensor  # [R, T] float, 1 on real completion tokens
+    prompt_width: int              # P: every completion starts at column P
+
+
+def collate(prompt_ids, completion_ids, pad_id: int, device=None) -> Batch:
+    P = max(len(p) for p in prompt_ids)
+    T = max(1, max(len(c) for c in completion_ids))  # >= 1 so shapes stay non-empty
+    ids, att, cm = [], [], []
+    for p, c in zip(prompt_ids, completion_ids):
+        ids.append([pad_id] * (P - len(p)) + list(p) + list(c) + [pad_id] * (T - len(c)))
+        att.append([0] * (P - len(p)) + [1] * (len(p) + len(c)) + [0] * (T - len(c)))
+        cm.append([1.0] * len(c) + [0.0] * (T - len(c)))
+    return Batch(torch.tensor(ids, device=device), torch.tensor(att, device=device),
+                 torch.tensor(cm, device=device), P)
+
+
+def completion_hidden_states(model, batch: Batch) -> torch.Tensor:
+    """Final hidden states at the positions that predict completion tokens: columns P-1 .. P+T-2.
+    Runs only the decoder body (get_decoder() reaches through a peft wrapper; LoRA layers stay active)."""
+    body = model.get_decoder()
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+             use_cache=False).last_hidden_state                                              # [R, P+T, H]
+    P, T = batch.prompt_width, batch.completion_mask.shape[1]
+    return h[:, P - 1:P - 1 + T]                                                              # [R, T, H]
+
+
+def _chunk_logprobs(lm_head, h, y, with_entropy: bool):
+    """h [R, c, H], y [R, c] -> log p(y) [R, c] (and entropy [R, c]); logits live only in here."""
+    logits = lm_head(h).float()                                                               # [R, c, V]
+    lse = logits.logsumexp(-1)
+    logp = logits.gather(-1, y[..., None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logp
+    with torch.no_grad():  # entropy = logsumexp - E_p[logit]; a diagnostic, never differentiated
+        ent = lse - (logits.softmax(-1) * logits).sum(-1)
+    return logp, ent
+
+
+def chunked_logprobs(lm_head, hidden, targets, chunk_size: int, with_entropy: bool = False):
+    """hidden [R, T, H], targets [R, T] -> logp [R, T] (, entropy [R, T]). Each chunk's lm_head +
+    log-softmax runs under activation checkpointing when grad is on, so backward keeps only `hidden`
+    and recomputes one chunk's [R, chunk, V] logits at a time."""
+    use_ckpt = torch.is_grad_enabled()
+    pieces = []
+    for s in range(0, hidden.shape[1], chunk_size):
+        h, y = hidden[:, s:s + chunk_size], targets[:, s:s + chunk_size]
+        if use_ckpt:
+            pieces.append(checkpoint(_chunk_logprobs, lm_head, h, y, with_entropy, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(lm_head, h, y, with_entropy))
+    if not with_entropy:
+        return torch.cat(pieces, dim=1)
+    return torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces], 1)
+
+
+def sequence_logprobs(model, batch: Batch, chunk_size: int = 64, with_entropy: bool = False):
+    """log p(completion token t | prefix) as [R, T] (padding columns: finite junk; mask them)."""
+    hidden = completion_hidden_states(model, batch)
+    targets = batch.input_ids[:, batch.prompt_width:]
+    return chunked_logprobs(model.get_output_embeddings(), hidden, targets, chunk_size, with_entropy)

@@ -1,0 +1,307 @@
+"""Tests for context_opt.py: Pareto bookkeeping, guards, acceptance, budget and operators, all with plain
+Python callables in place of the model (scripted reflectors, deterministic scorers)."""
+import json
+import random
+import sys
+import types
+import zlib
+from collections import Counter
+from contextlib import contextmanager
+
+import pytest
+
+import context_opt as co
+from context_opt import Prompt, PromptPool, fast_round
+
+SEED = "Solve the problem step by step."
+
+
+def pool_from(matrix: dict[str, dict[str, float]]) -> tuple[PromptPool, dict[str, int]]:
+    """A pool whose prompt named X has the given per-problem scores; returns name -> id."""
+    pool = PromptPool()
+    ids = {name: pool.add(name, parent_id=None, step=0, operator="seed", scores=scores).id
+           for name, scores in matrix.items()}
+    return pool, ids
+
+
+def problems(n: int) -> list[dict]:
+    return [{"id": f"p{i:02d}", "question": f"Tom has {i} red apples and buys {i + 3} more. "
+             f"How many apples does Tom have now, problem number {i:02d}?", "answer": str(2 * i + 3)}
+            for i in range(n)]
+
+
+def scorer(reward_fn, log: list | None = None):
+    """evaluate() from reward_fn(prompt_text, problem) -> reward; logs every (prompt, problem) pair."""
+    def evaluate(texts, probs):
+        assert len(texts) == len(probs)
+        if log is not None:
+            log.extend(zip(texts, probs))
+        return [(f"output of {p['id']}", reward_fn(t, p), f"feedback on {p['id']}") for t, p in zip(texts, probs)]
+    return evaluate
+
+
+def fenced(text: str) -> str:
+    return f"Let me think about what failed.\n```text\n{text}\n```\n"
+
+
+# ---------------------------------------------------------------- Pareto bookkeeping
+MATRIX = {"A": {"q1": 1.0, "q2": 0.0, "q3": 0.5},
+          "B": {"q1": 1.0, "q2": 1.0, "q3": 0.0},
+          "C": {"q1": 0.0, "q2": 0.0, "q3": 0.5},    # dominated by A, yet tied on A's front for q3
+          "D": {"q1": 1.0, "q2": 0.0, "q3": 0.5}}    # identical to A: neither dominates the other
+
+
+def test_pareto_front_keeps_all_ties():
+    pool, i = pool_from(MATRIX)
+    assert pool.pareto_front(["q1", "q2", "q3"]) == {
+        "q1": {i["A"], i["B"], i["D"]}, "q2": {i["B"]}, "q3": {i["A"], i["C"], i["D"]}}
+
+
+def test_nondominated_drops_dominated_but_keeps_equal_prompts():
+    pool, i = pool_from(MATRIX)
+    assert {p.id for p in pool.nondominated()} == {i["A"], i["B"], i["D"]}
+    assert co.dominates(pool[i["A"]], pool[i["C"]], ["q1", "q2", "q3"])
+    assert not co.dominates(pool[i["A"]], pool[i["D"]], ["q1", "q2", "q3"])
+    assert pool.coverage() == {i["A"]: 2, i["B"]: 2, i["D"]: 2}
+
+
+def test_parent_sampling_follows_front_coverage():
+    pool, i = pool_from({"A": {"q1": 1, "q2": 1, "q3": 1, "q4": 0},
+                         "B": {"q1": 0, "q2": 0, "q3": 0, "q4": 1},
+                         "C": {"q1": 0, "q2": 0, "q3": 1, "q4": 0},     # dominated by A: never drawn
+                         "E": {"q1": 0.5, "q2": 0.5, "q3": 0.5, "q4": 0.5}})   # on no front: never drawn
+    rng, n = random.Random(0), 8000
+    counts = Counter(pool.sample_parent(rng).id for _ in range(n))
+    assert counts[i["C"]] == 0 and counts[i["E"]] == 0
+    assert abs(counts[i["A"]] / n - 0.75) < 0.02 and abs(counts[i["B"]] / n - 0.25) < 0.02
+
+
+def test_top_k_ranks_by_coverage_then_mean_and_marks_active():
+    pool, i = pool_from({"A": {"q1": 1, "q2": 0, "q3": 0}, "B": {"q1": 0, "q2": 1, "q3": 1},
+                         "C": {"q1": 0.9, "q2": 0.9, "q3": 0}, "D": {"q1": 0, "q2": 0, "q3": 0.9}})
+    # Fronts: q1 {A}, q2 {B}, q3 {B}; D is dominated by B; C is non-dominated but on no front.
+    assert [p.id for p in pool.top_k(2)] == [i["B"], i["A"]]
+    assert [p.in_top_k for p in pool] == [True, True, False, False]
+    assert pool.active_texts() == ["A", "B"]
+    assert pool.best().id == i["B"]
+    fresh = PromptPool(SEED)
+    assert fresh.active_texts() == [SEED] and fresh.sample_parent(random.Random(0)).text == SEED
+
+
+def test_pool_json_round_trip(tmp_path):
+    pool = PromptPool(SEED)
+    pool[0].scores = {"p00": 1.0, "p01": 0.25}
+    pool.add("child", parent_id=0, step=6, operator="reflect", scores={"p00": 0.5, "p01": 1 / 3})
+    pool.add("demo child", parent_id=1, step=12, operator="demo", scores={"p00": 0.0, "p01": 1.0})
+    pool.retain({0, 2})
+    pool.top_k(4)
+    again = PromptPool.from_json(json.loads(json.dumps(pool.to_json())))
+    assert list(again) == list(pool) and again.next_id == pool.next_id == 3
+    pool.save(tmp_path / "pool.json")
+    loaded = PromptPool.load(tmp_path / "pool.json")
+    assert list(loaded) == list(pool)
+    assert loaded[2] == Prompt(2, "demo child", 1, 12, "demo", {"p00": 0.0, "p01": 1.0}, True)
+    assert loaded.add("next", parent_id=2, step=18, operator="reflect").id == 3
+
+
+# ---------------------------------------------------------------- guards
+ANCHOR_Q = problems(3)[1]["question"]
+
+
+@pytest.mark.parametrize("raw, reason", [
+    ("", "empty"),
+    ("   \n ", "empty"),
+    ("```\n   \n```", "empty"),
+    ("Be careful and check units.", "no_fence"),
+    ("```\nBe careful and check units.", "no_fence"),                 # opened, never closed
+    (fenced("x" * 501), "too_long"),
+    (fenced("Check units.\n</think>\nBe careful."), "thinking"),
+    (fenced("<thinking>hmm</thinking> Be careful."), "thinking"),
+    (fenced("  Solve the problem\n step by   step. "), "same_as_parent"),
+    (fenced(f"Solve step by step. For instance: {ANCHOR_Q} Answer 5."), "copies_anchor"),
+])
+def test_guards_reject_malformed_proposals(raw, reason):
+    assert co.vet_reflection(raw, SEED, [ANCHOR_Q], max_chars=500) == (None, reason)
+
+
+def test_guards_let_a_good_proposal_through():
+    good = "Solve the problem step by step.\nAdd quantities bought to those owned; end with 'Answer: N'."
+    assert co.vet_reflection(fenced(good), SEED, [ANCHOR_Q], max_chars=500) == (good, None)
+    # A copy already in the parent (e.g. an old demo whose problem recurs) is not the child's doing.
+    parent = f"{SEED}\nExample:\nProblem: {ANCHOR_Q}"
+    assert co.check_proposal(parent + "\nCheck units.", parent, [ANCHOR_Q], 5000) is None
+
+
+def test_extract_prompt_takes_the_last_closed_block():
+    assert co.extract_prompt("```\ndraft\n```\nbetter:\n```markdown\nfinal\n```") == "final"
+    assert co.extract_prompt("````\nouter\n```python\nx = 1\n```\n````") == "outer\n```python\nx = 1\n```"
+    assert co.extract_prompt("```\nfinal\n```\n```\ntruncated") == "final"
+
+
+def test_reflection_prompt_shows_everything_the_reflector_needs():
+    text = co.build_reflection_prompt("PARENT PROMPT", [
+        {"question": "Q1 text", "output": "full output 1", "reward": 0.0, "feedback": "expected 18, got 16"}])
+    for part in ("PARENT PROMPT", "Q1 text", "full output 1", "0.00", "expected 18, got 16",
+                 "INCREMENTAL", "ONE fenced block"):
+        assert part in text
+
+
+# ---------------------------------------------------------------- fast rounds
+def magic(text, problem):
+    return 1.0 if "MAGIC" in text else 0.0
+
+
+def test_round_with_a_better_proposal_improves_the_pool_and_links_parent():
+    anchors, asked = problems(10), []
+    failing = {"p03", "p05", "p07"}    # the seed fails only these; the child fixes them
+
+    def reward(text, problem):
+        return 1.0 if "MAGIC" in text or problem["id"] not in failing else 0.0
+
+    def reflect(prompt):
+        asked.append(prompt)
+        return fenced(SEED + "\nMAGIC: add what is bought to what is owned.")
+
+    pool = PromptPool(SEED)
+    stats = fast_round(pool, anchors, evaluate=scorer(reward), reflect=reflect, step=6, budget=50,
+                       rng=random.Random(0))
+    assert stats["accepted"] == 1 and stats["accepted_by_operator"] == {"reflect": 1}
+    assert stats["best_score_before"] == 0.7 and stats["best_score_after"] == 1.0
+    child = pool.best()
+    assert (child.parent_id, child.born_step, child.operator, child.in_top_k) == (0, 6, "reflect", True)
+    assert list(pool) == [child]                     # the seed is dominated now, hence dropped
+    assert stats["accepted_prompts"] == [child.text] and pool.active_texts() == [child.text]
+    # The minibatch is exactly the parent's three failures, with outputs and feedback shown.
+    for p in anchors:
+        assert (p["question"] in asked[0]) == (p["id"] in failing)
+    assert "feedback on p03" in asked[0] and "output of p05" in asked[0]
+
+
+def test_acceptance_is_strict_a_tie_is_rejected():
+    half = lambda text, problem: 0.5 if "half" in text else 0.0  # noqa: E731
+    pool = PromptPool("Think half as hard.")
+    stats = fast_round(pool, problems(6), evaluate=scorer(half), reflect=lambda _: fenced("Try half the work."),
+                       step=6, budget=30, rng=random.Random(0))
+    assert stats["accepted"] == 0 and stats["rejected"]["not_better"] == stats["proposals"] == 8
+    assert [p.text for p in pool] == ["Think half as hard."]
+    assert stats["metric_calls"] == 6 + 8 * 3 == 30
+
+
+def test_garbage_reflector_leaves_pool_unchanged_and_counts_reasons():
+    garbage = ["", "no fence at all", fenced("y" * 9000), fenced("<think>unfinished"), fenced(SEED),
+               fenced(problems(4)[2]["question"] + " is the kind of problem.")]
+    replies = iter(garbage * 10)
+    pool = PromptPool(SEED)
+    before = co.PromptPool.from_json(pool.to_json())
+    stats = fast_round(pool, problems(4), evaluate=scorer(magic), reflect=lambda _: next(replies),
+                       step=6, budget=100, rng=random.Random(0), max_prompt_chars=2000, patience=12)
+    assert [p.text for p in pool] == [p.text for p in before] and stats["accepted"] == 0
+    assert stats["proposals"] == 12 and stats["metric_calls"] == 4        # patience ends the round
+    assert stats["rejected"] == {"empty": 2, "no_fence": 2, "too_long": 2, "thinking": 2,
+                                 "same_as_parent": 2, "copies_anchor": 2, "not_better": 0}
+
+
+def test_round_with_a_perfect_pool_stops_without_spending():
+    pool = PromptPool("MAGIC prompt")
+    stats = fast_round(pool, problems(5), evaluate=scorer(magic), reflect=pytest.fail, step=6,
+                       budget=1000, rng=random.Random(0))
+    assert stats["skipped"]["perfect_parent"] == 10 and stats["proposals"] == 0
+    assert stats["metric_calls"] == 5
+
+
+@pytest.mark.parametrize("budget", [20, 37, 64, 120])
+def test_budget_is_respected(budget):
+    anchors, log, counter = problems(12), [], iter(range(10 ** 6))
+
+    def noisy(text, problem):                       # deterministic but prompt-dependent coin flips
+        return float(zlib.crc32(f"{text}|{problem['id']}".encode()) % 3 == 0)
+
+    pool = PromptPool(SEED)
+    stats = fast_round(pool, anchors, evaluate=scorer(noisy, log), step=6, budget=budget,
+                       reflect=lambda _: fenced(f"{SEED} variant {next(counter)}"), rng=random.Random(1))
+    assert stats["metric_calls"] == len(log)
+    assert stats["metric_calls"] <= budget + len(anchors) - 3             # documented overshoot
+    assert stats["metric_calls"] > budget - 3                              # and it did spend it
+    assert stats["proposals"] == stats["accepted"] + stats["rejected"]["not_better"]
+    assert all(len(p.scores) == len(anchors) for p in pool) and 1 <= len(pool.active_texts()) <= 4
+
+
+def test_demo_operator_uses_only_rewarded_non_anchor_solutions():
+    anchors, log = problems(6), []
+    past = problems(9)[6:]                          # p06..p08: earlier RL problems, not anchors
+    buffer = [(anchors[0], "LEAKED anchor solution", 1.0),   # an anchor problem: never a demo
+              (past[0], "wrong solution", 0.0),              # unrewarded: never a demo
+              (past[1], "6 + 9 = 15. Answer: 15", 1.0)]
+
+    def reward(text, problem):                      # the demo helps everywhere but p05
+        return 1.0 if "Answer: 15" in text and problem["id"] != "p05" else 0.0
+
+    pool = PromptPool(SEED)
+    stats = fast_round(pool, anchors, evaluate=scorer(reward, log), reflect=pytest.fail, step=12, budget=60,
+                       rng=random.Random(0), operators=("demo",), demo_buffer=buffer)
+    child = pool.best()
+    assert stats["accepted_by_operator"] == {"demo": 1} and child.operator == "demo" and child.parent_id == 0
+    assert child.text == f"{SEED}\n\nExample:\nProblem: {past[1]['question']}\nSolution: 6 + 9 = 15. Answer: 15"
+    assert not any("LEAKED" in text or "wrong solution" in text for text, _ in log)
+    assert stats["skipped"]["no_demo"] >= 1         # the one good demo is in the child already
+
+
+def test_operators_cycle_and_are_counted():
+    pool = PromptPool(SEED)
+    buffer = [(problems(9)[8], "a worked solution", 1.0)]
+    stats = fast_round(pool, problems(6), evaluate=scorer(magic), reflect=lambda _: fenced("Plain prompt."),
+                       step=6, budget=40, rng=random.Random(0), operators=("reflect", "demo"),
+                       demo_buffer=buffer)
+    assert stats["proposals_by_operator"]["reflect"] >= 1 and stats["proposals_by_operator"]["demo"] >= 1
+    with pytest.raises(ValueError, match="unknown operators"):
+        fast_round(pool, problems(6), evaluate=scorer(magic), reflect=str, step=6, budget=40,
+                   rng=random.Random(0), operators=("crossover",))
+
+
+# ---------------------------------------------------------------- model-backed adapters, with fakes
+@pytest.fixture()
+def fake_stack(monkeypatch):
+    """Stand-ins for rollout/rewards that record calls, so the adapters' plumbing is checked model-free."""
+    calls = []
+
+    def sample(model, tokenizer, prompts, counts, **kw):
+        calls.append((prompts, counts, kw, getattr(model, "disabled", None)))
+        index = [i for i, c in enumerate(counts) for _ in range(c)]
+        texts = [f"{prompts[i][0]}#{k}" for i, c in enumerate(counts) for k in range(c)]
+        return types.SimpleNamespace(prompt_index=index, texts=texts)
+
+    monkeypatch.setitem(sys.modules, "rollout", types.SimpleNamespace(
+        encode_chat=lambda tok, messages: [" | ".join(m["content"] for m in messages)], sample=sample))
+    monkeypatch.setitem(sys.modules, "rewards", types.SimpleNamespace(
+        score_completion=lambda task, problem, text: (float(text.endswith("#0")), f"graded {problem['id']}")))
+    return calls
+
+
+def test_make_evaluate_dedupes_pairs_into_counts(fake_stack):
+    task = types.SimpleNamespace(messages=lambda problem, system: [
+        {"role": "system", "content": system}, {"role": "user", "content": problem["question"]}])
+    p1, p2 = {"id": "a", "question": "q1"}, {"id": "b", "question": "q2"}
+    evaluate = co.make_evaluate(None, None, task, max_new_tokens=8, temperature=0.7, top_p=0.9)
+    out = evaluate(["A", "A", "B", "A"], [p1, p1, p1, p2])
+    (prompts, counts, kw, _), = fake_stack
+    assert prompts == [["A | q1"], ["B | q1"], ["A | q2"]] and counts == [2, 1, 1]
+    assert kw["max_new_tokens"] == 8 and kw["temperature"] == 0.7 and kw["top_p"] == 0.9
+    assert out == [("A | q1#0", 1.0, "graded a"), ("A | q1#1", 0.0, "graded a"),
+                   ("B | q1#0", 1.0, "graded a"), ("A | q2#0", 1.0, "graded b")]
+
+
+def test_make_reflector_switches_the_adapter_off_only_when_asked(fake_stack):
+    class FakePeft:
+        disabled = False
+
+        @contextmanager
+        def disable_adapter(self):
+            self.disabled = True
+            yield
+            self.disabled = False
+
+    model = FakePeft()
+    assert co.make_reflector(model, None, use_adapter=False, max_new_tokens=4)("improve") == "improve#0"
+    co.make_reflector(model, None, use_adapter=True, max_new_tokens=4)("improve")
+    assert [c[3] for c in fake_stack] == [True, False] and model.disabled is False
+    co.make_reflector(object(), None, use_adapter=False, max_new_tokens=4)("plain model runs as is")

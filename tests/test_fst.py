@@ -1,0 +1,230 @@
+"""fst.py: config checking, group advantages, the four losses against hand computations,
+context mixing, GPU-recipe guard, QLoRA on CPU, and a short end-to-end run that resumes exactly."""
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fst
+from conftest import ROOT
+
+
+# --- config -------------------------------------------------------------------------------------
+
+def test_config_defaults_and_overrides():
+    cfg = fst.load_config("tiny.yaml", ["train.steps=7", "sampling.temperature=1", "mode=fst"])
+    assert cfg.train.steps == 7 and cfg.mode == "fst"
+    assert isinstance(cfg.sampling.temperature, float)  # ints widen to floats
+    assert fst.find_config("gsm8k.yaml") == ROOT / "configs" / "gsm8k.yaml"
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.stpes=3", "train.stpes"),              # unknown key
+    ("train.steps=three", "train.steps"),          # wrong type
+    ("train.steps=true", "train.steps"),           # a bool is not an int
+    ("train.loss=ppo", "train.loss"),              # not one of the choices
+    ("sampling.stop=oops", "sampling.stop"),       # not a list
+    ("bogus.x=1", "bogus"),                        # unknown section
+])
+def test_config_errors_name_the_key(override, named):
+    with pytest.raises(fst.ConfigError, match=f"'{named}'"):
+        fst.load_config("tiny.yaml", [override])
+
+
+def test_every_shipped_config_loads():
+    for path in (ROOT / "configs").glob("*.yaml"):
+        fst.load_config(str(path))
+
+
+def test_gpu_recipe_refuses_cpu_and_points_to_tiny(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = fst.load_config("gsm8k.yaml")
+    with pytest.raises(SystemExit, match="configs/tiny.yaml"):
+        fst.pick_device(cfg, "configs/gsm8k.yaml")
+
+
+# --- advantages and losses ----------------------------------------------------------------------
+
+def test_group_advantages_drop_zero_variance_groups():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    adv, keep = fst.group_advantages(rewards)
+    assert keep.tolist() == [True, False, True]
+    assert torch.all(adv[1] == 0)
+    std0 = torch.tensor([1.0, 0.0, 0.0, 1.0]).std().item()
+    assert adv[0].tolist() == pytest.approx([0.5 / (std0 + 1e-4), -0.5 / (std0 + 1e-4)] * 1 + [-0.5 / (std0 + 1e-4), 0.5 / (std0 + 1e-4)])
+    adv_dr, _ = fst.group_advantages(rewards, scale_by_std=False)
+    assert adv_dr[2].tolist() == pytest.approx([-0.25, -0.25, -0.25, 0.75])
+
+
+# A hand-sized batch: 3 rollouts (group 0: rows 0, 1; group 1: row 2), up to 2 tokens each.
+MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+GROUP = torch.tensor([0, 0, 1])
+ADV = torch.tensor([1.0, -1.0, 2.0])
+LOGP = [[-1.0, -2.0], [-0.5, -3.0], [-1.5, -0.2]]
+# log ratios: row 0 token 1 has rho = e^2 (> 1 + eps, < tau); row 2 token 0 has rho = e^1.5 = 4.48 > tau.
+OLD = [[-1.0, -4.0], [-0.5, -3.0], [-3.0, -0.2]]
+
+
+def _weights_by_hand(kind):
+    if kind == "cispo":  # group 0 has 3 tokens, group 1 has 2; 2 groups
+        return [[1 / 3 / 2, 1 / 3 / 2], [1 / 3 / 2, 0], [1 / 2 / 2, 1 / 2 / 2]]
+    if kind == "grpo":
+        return [[1 / 2 / 3, 1 / 2 / 3], [1 / 1 / 3, 0], [1 / 2 / 3, 1 / 2 / 3]]
+    if kind == "dr_grpo":  # max_new_tokens = 4
+        return [[1 / 4 / 3] * 2, [1 / 4 / 3, 0], [1 / 4 / 3] * 2]
+    return [[1 / 5, 1 / 5], [1 / 5, 0], [1 / 5, 1 / 5]]  # dapo: 5 tokens
+
+
+def _token_loss_and_grad(kind, lp, old, a):
+    """One token by hand: (loss, d loss / d logp)."""
+    rho = math.exp(lp - old)
+    if kind == "cispo":
+        w = min(rho, 4.0)
+        return -w * a * lp, -w * a
+    high = 0.28 if kind == "dapo" else 0.2
+    clipped = min(max(rho, 0.8), 1 + high)
+    unclipped_val, clipped_val = rho * a, clipped * a
+    if unclipped_val <= clipped_val:  # min picks the unclipped term: gradient flows
+        return -unclipped_val, -rho * a
+    return -clipped_val, 0.0
+
+
+@pytest.mark.parametrize("kind", ["cispo", "grpo", "dr_grpo", "dapo"])
+def test_loss_value_and_gradient_match_hand_computation(kind):
+    weights = fst.token_weights(kind, MASK, GROUP, max_new_tokens=4)
+    assert weights.tolist() == [pytest.approx(r) for r in _weights_by_hand(kind)]
+    logp = torch.tensor(LOGP, requires_grad=True)
+    loss = fst.policy_loss(kind, logp, torch.tensor(OLD), ADV, weights)
+    loss.backward()
+    want_loss, want_grad = 0.0, [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    hand_w = _weights_by_hand(kind)
+    for r in range(3):
+        for t in range(2):
+            value, grad = _token_loss_and_grad(kind, LOGP[r][t], OLD[r][t], ADV[r].item())
+            want_loss += hand_w[r][t] * value
+            want_grad[r][t] = hand_w[r][t] * grad
+    assert loss.item() == pytest.approx(want_loss, rel=1e-5)
+    assert logp.grad.tolist() == [pytest.approx(g, rel=1e-5, abs=1e-7) for g in want_grad]
+
+
+def test_kl_penalty_gradient_matches_hand_computation():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    base = torch.tensor([[-1.5, -1.0]])
+    w = torch.tensor([[0.5, 0.5]])
+    loss = fst.policy_loss("cispo", logp, logp.detach(), torch.tensor([0.0]), w, base_logp=base, kl_coef=0.1)
+    loss.backward()
+    # k3 = exp(b - l) - (b - l) - 1;  d/dl = -exp(b - l) + 1
+    for t, (l, b) in enumerate([(-1.0, -1.5), (-2.0, -1.0)]):
+        assert logp.grad[0, t].item() == pytest.approx(0.1 * 0.5 * (1 - math.exp(b - l)), rel=1e-5)
+    assert loss.item() == pytest.approx(0.05 * sum(math.exp(b - l) - (b - l) - 1 for l, b in [(-1.0, -1.5), (-2.0, -1.0)]), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cispo", "grpo", "dr_grpo", "dapo"])
+def test_on_policy_ratio_is_one_and_gradient_is_advantage_weighted(kind):
+    """With old = current (detached), every loss reduces to -sum w * A * logp in value of gradient."""
+    logp = torch.tensor(LOGP, requires_grad=True)
+    w = fst.token_weights(kind, MASK, GROUP, 4)
+    assert torch.all(torch.exp(logp - logp.detach()) == 1)
+    fst.policy_loss(kind, logp, logp.detach(), ADV, w).backward()
+    assert torch.allclose(logp.grad, -w * ADV[:, None])
+
+
+def test_zero_variance_group_contributes_nothing():
+    """Adding a group whose rollouts all scored the same leaves the update unchanged."""
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    adv, keep = fst.group_advantages(rewards)
+    logp = torch.tensor([[-1.0], [-2.0], [-0.5], [-0.7]], requires_grad=True)
+    group = torch.tensor([0, 0, 1, 1])
+    rows = keep[group].nonzero().view(-1)
+    mask = torch.ones(4, 1)
+    w = fst.token_weights("cispo", mask[rows], group[rows], 1)
+    fst.policy_loss("cispo", logp[rows], logp[rows].detach(), adv.view(-1)[rows], w).backward()
+    assert logp.grad[2:].abs().sum() == 0 and logp.grad[:2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["cispo", "grpo", "dr_grpo", "dapo"])
+def test_micro_batches_add_up_to_the_full_batch_loss(kind):
+    torch.manual_seed(0)
+    mask = (torch.rand(6, 5) > 0.3).float()
+    mask[:, 0] = 1
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    logp, old, adv = -torch.rand(6, 5), -torch.rand(6, 5), torch.randn(6)
+    w = fst.token_weights(kind, mask, group, 5)
+    full = fst.policy_loss(kind, logp, old, adv, w)
+    parts = sum(fst.policy_loss(kind, logp[s:s + 4], old[s:s + 4], adv[s:s + 4], w[s:s + 4]) for s in (0, 4))
+    assert parts.item() == pytest.approx(full.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("k, g", [(4, 8), (4, 6), (4, 2), (1, 8), (3, 3)])
+def test_assign_contexts_spreads_the_group_over_the_pool(k, g):
+    choice = fst.assign_contexts(k, g, random.Random(0))
+    assert len(choice) == g
+    counts = [choice.count(i) for i in range(k)]
+    if g >= k:
+        assert min(counts) >= g // k and max(counts) <= g // k + 1
+    else:
+        assert sorted(counts, reverse=True)[:g] == [1] * g and sum(counts) == g
+
+
+# --- model loading, QLoRA on CPU ----------------------------------------------------------------
+
+def test_qlora_4bit_forward_backward_and_sampling_on_cpu(tiny_model_dir):
+    pytest.importorskip("bitsandbytes")
+    import rollout
+    cfg = fst.ModelConfig(name=tiny_model_dir, dtype="bfloat16", quant="4bit", lora_r=4, lora_alpha=8)
+    model, tok = fst.load_model(cfg, torch.device("cpu"))
+    linear = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(linear).__name__ == "Linear4bit"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ids = rollout.encode_chat(tok, [{"role": "user", "content": "2+2?"}])
+    ro = rollout.sample(model, tok, [ids], [2], max_new_tokens=5, temperature=1.0,
+                        generator=torch.Generator().manual_seed(0))
+    batch = rollout.collate(ro.prompt_ids, ro.completion_ids, tok.pad_token_id, torch.device("cpu"))
+    logp = rollout.sequence_logprobs(model, batch)
+    (-(logp * batch.completion_mask).sum()).backward()
+    # lora_B starts at zero, so only lora_B gets a gradient on the first backward.
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# --- end to end: a few steps on a tiny random model, then resume == uninterrupted ---------------
+
+def _run(tmp_path, name, model_dir, steps, extra=(), resume=False):
+    run_dir = tmp_path / name
+    if resume:
+        args = ["--resume", str(run_dir), "--set", f"train.steps={steps}"]
+    else:
+        args = ["--config", "tiny.yaml", "--set", f"model.name={model_dir}", "--set", f"out_dir={tmp_path}",
+                "--set", f"run_name={name}", "--set", f"train.steps={steps}", "--set", "train.save_every=2",
+                "--set", "sampling.max_new_tokens=8", "--set", "train.batch_size=2", "--set", "sampling.group_size=4",
+                "--set", "train.lr=0.01", *extra]
+    fst.main(args)
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# Fields that depend on wall-clock time, not on the computation.
+TIMING = {"seconds_sampling", "seconds_base_kl", "seconds_training", "seconds_step", "tokens_per_s"}
+
+
+def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
+    import rewards
+    # Make some groups have mixed rewards on a random model: reward = fraction of even token ids.
+    class Parity(rewards.get_task("arithmetic").__class__):
+        def score(self, problem, completion):
+            return float(len(completion) % 2), "parity"
+    monkeypatch.setattr(rewards, "get_task", lambda name, **kw: Parity(**kw))
+    full = _run(tmp_path, "full", tiny_model_dir, 4)
+    assert [m["step"] for m in full] == [0, 1, 2, 3]
+    assert any(m["loss"] != 0 for m in full) and all(m["kl_to_base"] >= 0 for m in full)
+    part = _run(tmp_path, "part", tiny_model_dir, 2)
+    assert (tmp_path / "part" / "checkpoints" / "step_000001" / "adapter_model.safetensors").exists()
+    resumed = _run(tmp_path, "part", tiny_model_dir, 4, resume=True)
+    assert len(part) == 2 and [m["step"] for m in resumed] == [0, 1, 2, 3]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    assert strip(resumed) == strip(full)

@@ -1,0 +1,246 @@
+"""rollout.py: the sampler agrees with model.generate, its log-probs agree with the training-side
+recomputation, finished rows leave the batch, and chunked log-probs equal the full computation."""
+import pytest
+import torch
+
+import rollout
+
+QUESTIONS = ["Hi", "What is 2 + 3? Think step by step, then answer.", "Name a colour."]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a single thread avoids OpenMP wake-up latency, which dominates (and explodes
+    when other processes share the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def chat_prompts(tokenizer):
+    prompts = [rollout.encode_chat(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
+    return prompts
+
+
+def add_lora(model):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at zero (adapter = identity); randomise it so LoRA matters
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def favour_eos(model, eos):
+    """Make EOS the greedy choice whenever the raw argmax is divisible by 14: rows then finish at
+    different, deterministic steps (the hook sits on lm_head, so every consumer sees it)."""
+    def hook(module, args, out):
+        out = out.clone()
+        out[..., eos] += 1e3 * (out.argmax(-1) % 14 == 0)
+        return out
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
+def greedy_reference(model, tokenizer, prompt, n):
+    """One prompt at a time (no padding): the unambiguous reference."""
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         do_sample=False, max_new_tokens=n, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+def batch_sizes_spy(model):
+    sizes = []
+    handle = model.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: sizes.append(kwargs["input_ids"].shape), with_kwargs=True)
+    return sizes, handle
+
+
+def test_encode_chat(tokenizer):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ids = rollout.encode_chat(tokenizer, msgs)
+    assert isinstance(ids, list) and all(type(i) is int for i in ids)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_greedy_matches_generate(tiny_model, tokenizer, lora, monkeypatch):
+    monkeypatch.setattr(rollout._GrowingLayer, "block", 3)  # the KV buffers grow several times
+    prompts, counts, n = chat_prompts(tokenizer), [2, 1, 3], 16
+    model = add_lora(tiny_model) if lora else tiny_model
+    ro = rollout.sample(model, tokenizer, prompts, counts, max_new_tokens=n, temperature=0)
+    assert ro.prompt_index == [0, 0, 1, 2, 2, 2]
+    refs = [greedy_reference(model, tokenizer, p, n) for p in prompts]
+    for i, comp, reason in zip(ro.prompt_index, ro.completion_ids, ro.finish_reasons):
+        assert comp == refs[i]
+        assert reason == ("eos" if refs[i][-1] == tokenizer.eos_token_id else "length")
+    if lora:  # the adapter really changes the outputs, so the match above covers LoRA
+        with model.disable_adapter():
+            base = rollout.sample(model, tokenizer, prompts, counts, max_new_tokens=n, temperature=0)
+        assert base.completion_ids != ro.completion_ids
+
+
+def test_eos_rows_leave_the_batch_and_still_match_generate(tiny_model, tokenizer):
+    prompts, counts, n, eos = chat_prompts(tokenizer), [2, 2, 2], 14, tokenizer.eos_token_id
+    favour_eos(tiny_model, eos)
+    sizes, spy = batch_sizes_spy(tiny_model)
+    ro = rollout.sample(tiny_model, tokenizer, prompts, counts, max_new_tokens=n, temperature=0)
+    spy.remove()
+    assert set(ro.finish_reasons) == {"eos", "length"}  # ragged: some rows stop early
+    refs = [greedy_reference(tiny_model, tokenizer, p, n) for p in prompts]
+    for i, comp, reason, text in zip(ro.prompt_index, ro.completion_ids, ro.finish_reasons, ro.texts):
+        assert comp == refs[i]
+        assert (reason == "eos") == (comp[-1] == eos) and eos not in comp[:-1]
+        assert text == tokenizer.decode(comp, skip_special_tokens=True)
+    # sizes[0] is the prefill of 3 distinct prompts; decode steps then shrink as rows finish.
+    decode_rows = [s[0] for s in sizes[1:]]
+    assert sizes[0] == (3, max(map(len, prompts)))
+    assert decode_rows[0] == 6 and decode_rows == sorted(decode_rows, reverse=True)
+    assert sum(decode_rows) + 6 == ro.decode_tokens == sum(map(len, ro.completion_ids))
+    finished_at = [len(c) for c in ro.completion_ids]
+    assert decode_rows[-1] == sum(k == max(finished_at) for k in finished_at) < 6
+
+
+def test_stop_string_cuts_text_and_frees_rows(tiny_model, tokenizer):
+    prompts, counts, n = chat_prompts(tokenizer), [2, 1, 1], 12
+    free = rollout.sample(tiny_model, tokenizer, prompts, counts, max_new_tokens=n, temperature=0)
+    text0, dec = free.texts[0], lambda k: tokenizer.decode(free.completion_ids[0][:k])
+    # a stop string from inside token 2 to inside token 4: it spans three tokens and completes at the 5th
+    stop = text0[len(dec(2)) + 1:len(dec(5)) - 1]
+    assert len(stop) > 6 and not any(stop in t for t in free.texts[2:])
+    sizes, spy = batch_sizes_spy(tiny_model)
+    ro = rollout.sample(tiny_model, tokenizer, prompts, counts, max_new_tokens=n, temperature=0, stop=[stop])
+    spy.remove()
+    assert ro.finish_reasons == ["stop", "stop", "length", "length"]
+    cut = text0[:text0.find(stop) + len(stop)]
+    assert ro.texts[:2] == [cut, cut] and ro.texts[2:] == free.texts[2:]
+    assert ro.completion_ids[:2] == [free.completion_ids[0][:5]] * 2 and ro.completion_ids[2:] == free.completion_ids[2:]
+    assert [s[0] for s in sizes[1:]] == [4] * 4 + [2] * (n - 5)  # the two stopped rows left the batch
+
+
+def test_generation_config_eos_ids_also_end_rows(tiny_model, tokenizer):
+    prompts = chat_prompts(tokenizer)
+    free = rollout.sample(tiny_model, tokenizer, prompts, [1, 1, 1], max_new_tokens=8, temperature=0)
+    extra = free.completion_ids[0][3]  # say the model config declares a second end-of-turn token
+    tiny_model.generation_config.eos_token_id = [tokenizer.eos_token_id, extra]
+    ro = rollout.sample(tiny_model, tokenizer, prompts, [1, 1, 1], max_new_tokens=8, temperature=0)
+    k = free.completion_ids[0].index(extra) + 1
+    assert ro.completion_ids[0] == free.completion_ids[0][:k] and ro.finish_reasons[0] == "eos"
+
+
+def test_sampling_reproducible_counts_and_waves(tiny_model, tokenizer):
+    prompts, counts = chat_prompts(tokenizer), [3, 0, 2]
+    draw = lambda seed, **kw: rollout.sample(tiny_model, tokenizer, prompts, counts, max_new_tokens=8,
+                                             temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+    a, b, c = draw(0), draw(0), draw(1)
+    assert a.completion_ids == b.completion_ids and a.logprobs == b.logprobs
+    assert a.completion_ids != c.completion_ids
+    assert len(set(map(tuple, a.completion_ids[:3]))) > 1  # the group's samples differ
+    assert a.prompt_index == [0, 0, 0, 2, 2]
+    assert a.prompt_ids == [prompts[0]] * 3 + [prompts[2]] * 2
+    assert all(len(l) == len(t) for l, t in zip(a.logprobs, a.completion_ids))
+    assert a.prefill_tokens == len(prompts[0]) + len(prompts[2])  # one prefill per distinct prompt
+    assert a.decode_tokens == 5 * 8 and a.finish_reasons == ["length"] * 5 and a.seconds > 0
+    # identical prompts share one prefill row; waves (batch_size) give the same greedy samples
+    dup = rollout.sample(tiny_model, tokenizer, [prompts[1]] * 2, [1, 2], max_new_tokens=4, temperature=0)
+    assert dup.prefill_tokens == len(prompts[1]) and dup.prompt_index == [0, 1, 1]
+    greedy = lambda **kw: rollout.sample(tiny_model, tokenizer, prompts, [1, 2, 1], max_new_tokens=6,
+                                         temperature=0, **kw).completion_ids
+    ref = greedy()
+    assert greedy(batch_size=1, progress=True) == ref
+    # a model left in train mode with gradient checkpointing and use_cache=False still decodes with
+    # the cache, without dropout, and is handed back in train mode
+    tiny_model.config.use_cache = False
+    tiny_model.gradient_checkpointing_enable()
+    tiny_model.train()
+    assert greedy() == ref and tiny_model.training
+    tiny_model.eval()
+    # a vanishing nucleus is greedy
+    nucleus = rollout.sample(tiny_model, tokenizer, prompts, [1, 2, 1], max_new_tokens=6, temperature=1.0,
+                             top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    assert nucleus.completion_ids == ref
+
+
+@pytest.mark.parametrize("variant", ["plain", "eos", "lora"])
+def test_sampler_logprobs_equal_recomputed(tiny_model, tokenizer, variant):
+    model = add_lora(tiny_model) if variant == "lora" else tiny_model
+    if variant == "eos":
+        favour_eos(model, tokenizer.eos_token_id)
+    ro = rollout.sample(model, tokenizer, chat_prompts(tokenizer), [2, 1, 2], max_new_tokens=10,
+                        temperature=0.8, generator=torch.Generator().manual_seed(3))
+    if variant == "eos":
+        assert len(set(map(len, ro.completion_ids))) > 1  # ragged completions: right padding is used
+    batch = rollout.collate(ro.prompt_ids, ro.completion_ids, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logp, ent = rollout.sequence_logprobs(model, batch, chunk_size=4, with_entropy=True)
+    for r, lps in enumerate(ro.logprobs):
+        torch.testing.assert_close(logp[r, :len(lps)], torch.tensor(lps), atol=1e-4, rtol=0)
+    assert torch.isfinite(logp).all() and (ent > -1e-4).all()
+
+
+def test_sequence_logprobs_match_full_forward_with_grad_through_lora(tiny_model, tokenizer):
+    model = add_lora(tiny_model)
+    prompts = chat_prompts(tokenizer)
+    comps = [[5, 6, 7, 8], [9], [10, 11, tokenizer.eos_token_id]]
+    batch = rollout.collate(prompts, comps, tokenizer.pad_token_id, "cpu")
+    logp = rollout.sequence_logprobs(model, batch, chunk_size=2)
+    P, T = batch.prompt_width, batch.completion_mask.shape[1]
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
+    ref = full[:, P - 1:P - 1 + T].log_softmax(-1).gather(-1, batch.input_ids[:, P:, None]).squeeze(-1)
+    m = batch.completion_mask.bool()
+    torch.testing.assert_close(logp[m], ref[m], atol=1e-5, rtol=1e-5)
+    (logp * batch.completion_mask).sum().backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    with torch.no_grad(), model.disable_adapter():  # the adapter is live inside get_decoder()
+        assert not torch.allclose(rollout.sequence_logprobs(model, batch)[m], logp.detach()[m], atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunked_logprobs_equal_full_values_and_grads(chunk):
+    torch.manual_seed(0)
+    R, T, H, V = 3, 7, 16, 50
+    head = torch.nn.Linear(H, V, bias=False)
+    hidden = torch.randn(R, T, H, requires_grad=True)
+    y = torch.randint(0, V, (R, T))
+    w = torch.randn(R, T)  # arbitrary upstream gradient
+
+    saved = []  # sizes of tensors autograd keeps for backward (outside the checkpoints)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        logp, ent = rollout.chunked_logprobs(head, hidden, y, chunk, with_entropy=True)
+    (logp * w).sum().backward()
+    got = logp.detach(), ent, hidden.grad.clone(), head.weight.grad.clone()
+    assert not ent.requires_grad
+    assert max(saved, default=0) < R * T * V  # no [R, T, V] tensor is kept for backward
+
+    hidden.grad = head.weight.grad = None
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        full = head(hidden).log_softmax(-1)
+    assert max(saved) >= R * T * V  # the naive way does keep one (so the check above can fail)
+    (full.gather(-1, y[..., None]).squeeze(-1) * w).sum().backward()
+    ref_ent = -(full.exp() * full).sum(-1).detach()
+    want = full.gather(-1, y[..., None]).squeeze(-1).detach(), ref_ent, hidden.grad, head.weight.grad
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # and without grad
+        torch.testing.assert_close(rollout.chunked_logprobs(head, hidden, y, chunk), want[0], atol=1e-5, rtol=1e-5)
+
+
+def test_collate_layout():
+    b = rollout.collate([[1, 2, 3], [4]], [[5], [6, 7, 8]], pad_id=0, device="cpu")
+    assert b.prompt_width == 3
+    assert b.input_ids.tolist() == [[1, 2, 3, 5, 0, 0], [0, 0, 4, 6, 7, 8]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]
+    assert b.completion_mask.tolist() == [[1, 0, 0], [1, 1, 1]] and b.completion_mask.is_floating_point()
+
+
+def test_attn_implementation():
+    assert rollout.attn_implementation() in ("sdpa", "flash_attention_2")
+    if not torch.cuda.is_available():
+        assert rollout.attn_implementation() == "sdpa"
