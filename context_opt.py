@@ -133,6 +133,7 @@ class PromptPool:
 
     def save(self, path: str | Path) -> None:
         tmp = Path(f"{path}.tmp")                    # write then rename: a crash never leaves half a file
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(self.to_json(), indent=1))
         os.replace(tmp, path)
 

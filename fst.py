@@ -516,7 +516,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
                          "demo_buffer": demo_buffer})
 
     def validate(step):
-        """Held-out accuracy (mean@k, pass@k) of each task in play, seed prompt and pool's best."""
+        """Held-out accuracy (mean@k, pass@k) of each task in play, seed prompt and pool's best.
+        `step` here counts the updates done so far: 0 is the model before training."""
         import eval as evaluation
         prompts = {"seed": seed_prompt} | ({"best": pool.best().text} if cfg.mode != "rl" else {})
         for name, (task, problems) in val_sets.items():
@@ -528,6 +529,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
                                           generator=gen)
                 log({"kind": "eval", "step": step, "task": name, "prompt": which, **acc, **totals})
 
+    if cfg.eval.every and start == 0:
+        validate(0)
     stage_ends = list(itertools.accumulate(s.steps for s in stages))
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=cfg.mode)
     step = start - 1
@@ -627,7 +630,6 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
                 "tokens_per_s": ro.decode_tokens / max(t_sample, 1e-9),
                 "reward_by_prompt": {pid: reward[[i for i, p in enumerate(prompt_of) if p == pid]].mean().item()
                                      for pid in sorted(set(prompt_of))},
-                **totals,
             }
             for g in range(min(cfg.train.log_samples, len(problems))):
                 i = group_of.index(g)
@@ -660,13 +662,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
                 pool.save(run_dir / "pool" / f"step_{step:06d}.json")
                 t_fast = time.perf_counter() - t0
                 log({"kind": "fast", **stats, **totals})
-            row["seconds_fast"] = t_fast
-            row["seconds_step"] = time.perf_counter() - t_step
+            row.update(totals, seconds_fast=t_fast, seconds_step=time.perf_counter() - t_step)
             log(row)
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{kl:.4f}", s_step=f"{row['seconds_step']:.1f}")
 
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == total_steps):
-                validate(step)
+                validate(step + 1)
             if (step + 1) % cfg.train.save_every == 0 or step + 1 == total_steps:
                 checkpoint(step)
     except KeyboardInterrupt:

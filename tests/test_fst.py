@@ -209,22 +209,69 @@ def _run(tmp_path, name, model_dir, steps, extra=(), resume=False):
 
 
 # Fields that depend on wall-clock time, not on the computation.
-TIMING = {"seconds_sampling", "seconds_base_kl", "seconds_training", "seconds_step", "tokens_per_s"}
+TIMING = {"seconds_sampling", "seconds_base_kl", "seconds_training", "seconds_fast", "seconds_step",
+          "tokens_per_s", "seconds"}
 
 
-def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.fixture()
+def parity_rewards(monkeypatch):
+    """A random model never solves a task; score the parity of the completion's length instead, so
+    groups have mixed rewards and every part of the step (and the demo operator) has work to do."""
     import rewards
-    # Make some groups have mixed rewards on a random model: reward = fraction of even token ids.
-    class Parity(rewards.get_task("arithmetic").__class__):
-        def score(self, problem, completion):
-            return float(len(completion) % 2), "parity"
-    monkeypatch.setattr(rewards, "get_task", lambda name, **kw: Parity(**kw))
-    full = _run(tmp_path, "full", tiny_model_dir, 4)
-    assert [m["step"] for m in full] == [0, 1, 2, 3]
-    assert any(m["loss"] != 0 for m in full) and all(m["kl_to_base"] >= 0 for m in full)
-    part = _run(tmp_path, "part", tiny_model_dir, 2)
-    assert (tmp_path / "part" / "checkpoints" / "step_000001" / "adapter_model.safetensors").exists()
+
+    def get_task(name, **options):
+        parity = type(name, (rewards.TASKS[name],), {"score": lambda self, p, c: (float(len(c) % 2), "parity")})
+        return parity(**options)
+    monkeypatch.setattr(rewards, "get_task", get_task)
+
+
+@pytest.mark.parametrize("mode", ["rl", "fst"])
+def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity_rewards, mode):
+    extra = ["--set", f"mode={mode}", "--set", "fast.every=2", "--set", "fast.budget=2",
+             "--set", "fast.reflector_max_new_tokens=8", "--set", "fast.operators=[demo, reflect]"]
+    full = _run(tmp_path, "full", tiny_model_dir, 4, extra)
+    train_rows = [m for m in full if m["kind"] == "train"]
+    assert [m["step"] for m in train_rows] == [0, 1, 2, 3]
+    assert any(m["loss"] != 0 for m in train_rows) and all(m["kl_to_base"] >= 0 for m in train_rows)
+    assert train_rows[-1]["kl_to_base"] > 0  # the adapter moved away from the base
+    fast_rows = [m for m in full if m["kind"] == "fast"]
+    if mode == "fst":
+        assert [m["step"] for m in fast_rows] == [1, 3]
+        assert train_rows[-1]["rollouts_fast"] == sum(m["metric_calls"] for m in fast_rows) > 0
+        assert (tmp_path / "full" / "pool" / "step_000003.json").exists()
+    else:
+        assert not fast_rows and train_rows[-1]["rollouts_fast"] == 0
+    part = _run(tmp_path, "part", tiny_model_dir, 2, extra)
+    ckpt = tmp_path / "part" / "checkpoints" / "step_000001"
+    for name in ("adapter_model.safetensors", "pool.json", "best_prompt.txt", "trainer_state.pt"):
+        assert (ckpt / name).exists()
     resumed = _run(tmp_path, "part", tiny_model_dir, 4, resume=True)
-    assert len(part) == 2 and [m["step"] for m in resumed] == [0, 1, 2, 3]
+    assert len(part) == len([m for m in full if m["step"] <= 1])
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
     assert strip(resumed) == strip(full)
+
+
+def test_continual_schedule_validation_and_init_from(tmp_path, tiny_model_dir, parity_rewards):
+    """A two-stage schedule switches the task at the right step, validation covers both tasks,
+    and a plasticity probe (init_from) starts from exactly the trained adapter."""
+    import rollout
+    schedule = "schedule=[{name: arithmetic, steps: 2}, {name: countdown, steps: 1}]"
+    rows = _run(tmp_path, "cont", tiny_model_dir, 3, ["--set", schedule, "--set", "eval.every=2",
+                                                       "--set", "eval.n=2", "--set", "eval.k=2",
+                                                       "--set", "task.system_prompt=''"])
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [(r["step"], r["task"]) for r in train_rows] == [(0, "arithmetic"), (1, "arithmetic"), (2, "countdown")]
+    evals = {(r["step"], r["task"]) for r in rows if r["kind"] == "eval"}
+    assert evals == {(s, t) for s in (0, 2, 3) for t in ("arithmetic", "countdown")}
+
+    cfg = fst.load_config(str(tmp_path / "cont" / "config.yaml"))
+    trained, tok = fst.load_model(cfg.model, torch.device("cpu"), adapter_path=str(fst.resolve_checkpoint(str(tmp_path / "cont"))))
+    probe = _run(tmp_path, "probe", tiny_model_dir, 1, ["--set", f"init_from={tmp_path / 'cont'}",
+                                                         "--set", "task.name=countdown", "--set", "task.options={}",
+                                                         "--set", "train.lr=0"])
+    assert probe[0]["kl_to_base"] > 0  # it starts away from the base: the trained adapter is in
+    started, _ = fst.load_model(cfg.model, torch.device("cpu"),
+                                adapter_path=str(fst.resolve_checkpoint(str(tmp_path / "probe"))))
+    ids = torch.tensor([rollout.encode_chat(tok, [{"role": "user", "content": "hello"}])])
+    with torch.no_grad():  # lr 0: the probe's adapter is still the source checkpoint's
+        assert torch.allclose(trained(ids).logits, started(ids).logits, atol=1e-5)

@@ -1,0 +1,320 @@
+"""bench/gpu_check.py -- one job: the gsm8k recipe's GPU numbers on one lent GPU, in minutes, no downloads.
+
+    python bench/gpu_check.py                        # Qwen2.5-1.5B shapes, + Qwen3-8B shapes if bitsandbytes
+    python bench/gpu_check.py --cpu-smoke            # the same code path at toy shapes on a CPU (a self-test)
+
+Models are random-init from config objects with the real shapes, saved to a temp folder with a tokenizer
+built in code (a `tokenizers` WordLevel vocabulary "t0".."t151935" whose ids 151643/151645 are Qwen's
+<|endoftext|> (pad) / <|im_end|> (EOS)), then loaded by fst.load_model exactly as the recipe does: NF4 4-bit
+base with double quantisation, bf16 compute, LoRA r=16 on all linear layers, gradient checkpointing.
+Prompts are random token-id lists (120-200 tokens); a random-init model almost never samples EOS, so every
+rollout runs to max_new_tokens: the worst case for time and memory. Reported, as one JSON:
+  decode bound: bytes read per decode step (quantised weights + LoRA + lm_head; KV cache at the mean
+      context separately) over the copy bandwidth of a big device-to-device copy -> tokens/s ceiling;
+  sampler: rollout.sample tokens/s vs model.generate (prompts repeat_interleave'd, attention mask, cache);
+  step: one fst RL step (sample B*G=64 x 512 tokens, rewards drawn at random with both outcomes in every
+      group, base no-grad pass for KL, CISPO update in micro-batches of 8) replicated with fst's own pieces
+      (rollout.sample/collate/sequence_logprobs, fst.group_advantages/token_weights/policy_loss/k3_kl),
+      seconds per phase and peak allocated GPU memory per phase vs the 22 GiB budget.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PAD_ID, EOS_ID, GIB = 151643, 151645, 2**30
+SHAPES = {  # the real shapes; vocab 151936 everywhere
+    "qwen2.5-1.5b": ("Qwen2Config", dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                                         num_key_value_heads=2, intermediate_size=8960, tie_word_embeddings=True)),
+    "qwen3-8b": ("Qwen3Config", dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                                     num_key_value_heads=8, head_dim=128, intermediate_size=12288,
+                                     tie_word_embeddings=False)),
+    "smoke": ("Qwen2Config", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True)),
+}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def clock() -> float:
+    sync()
+    return time.perf_counter()
+
+
+def peak_gib(reset: bool = False):
+    if not torch.cuda.is_available():
+        return None
+    value = torch.cuda.max_memory_allocated() / GIB
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return round(value, 3)
+
+
+def build_folder(name: str, root: Path, device: str) -> Path:
+    """Random-init model of `name`'s shapes (bf16, built on `device`) + an in-code tokenizer, saved."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    cls, shape = SHAPES[name]
+    config = getattr(transformers, cls)(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                                        rms_norm_eps=1e-6, bos_token_id=PAD_ID, eos_token_id=EOS_ID,
+                                        pad_token_id=PAD_ID, **shape)
+    folder = root / name
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    special = {PAD_ID: "<|endoftext|>", EOS_ID: "<|im_end|>"}
+    vocab = {special.get(i, f"t{i}"): i for i in range(config.vocab_size)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=special[EOS_ID], pad_token=special[PAD_ID]).save_pretrained(folder)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return folder
+
+
+def decode_bytes(model) -> int:
+    """Bytes a decode step reads: every stored parameter once (4-bit packed + absmax stats), minus the
+    input embedding when it is not tied to lm_head (a lookup reads one row)."""
+    seen, total = set(), 0
+    emb = model.get_input_embeddings().weight
+    tied = emb.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+    for p in model.parameters():
+        if p.data_ptr() in seen or (p is emb and not tied):
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            total += qs.absmax.numel() * qs.absmax.element_size()
+            if getattr(qs, "state2", None) is not None:
+                total += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+    return total
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    """Bytes/s moved by a device-to-device copy (read + write counted), best of 5 after a warm-up."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    best = float("inf")
+    for _ in range(5):
+        t0 = clock()
+        y.copy_(x)
+        best = min(best, clock() - t0)
+    del x, y
+    return 2 * nbytes / best
+
+
+def make_prompts(n: int, seed: int, lo: int = 120, hi: int = 200) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(0, PAD_ID) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def sampler_vs_generate(model, tok, prompts, G, new_tokens, repeats, device) -> dict:
+    import rollout
+    P = max(map(len, prompts))
+    ids = torch.tensor([[PAD_ID] * (P - len(p)) + p for p in prompts], device=device).repeat_interleave(G, 0)
+    mask = (torch.arange(P, device=device)[None] >= torch.tensor([P - len(p) for p in prompts], device=device)[:, None])
+    mask = mask.long().repeat_interleave(G, 0)
+
+    def fst_side(n, seed):
+        ro = rollout.sample(model, tok, prompts, [G] * len(prompts), max_new_tokens=n, temperature=1.0,
+                            generator=torch.Generator(device=device).manual_seed(seed))
+        return ro.decode_tokens
+
+    @torch.inference_mode()
+    def gen_side(n, seed):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=n, eos_token_id=[EOS_ID], pad_token_id=PAD_ID, use_cache=True)
+        new = out[:, P:]
+        is_eos = new == EOS_ID
+        return int(torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, new.shape[1]).sum())
+
+    model.eval()
+    fst_side(8, 0), gen_side(8, 0)  # warm-up
+    rows = []
+    for r in range(repeats):
+        row = {}
+        for side, fn in (("fst", fst_side), ("generate", gen_side)):
+            t0 = clock()
+            n = fn(new_tokens, r + 1)
+            row[side] = n / (clock() - t0)
+        rows.append(row)
+        print(f"  sampler rep {r}: fst {row['fst']:.0f} tok/s, generate {row['generate']:.0f} tok/s", file=sys.stderr)
+    med = lambda k: sorted(x[k] for x in rows)[len(rows) // 2]
+    return {"rows": len(prompts) * G, "new_tokens": new_tokens, "fst_tokens_per_s": med("fst"),
+            "generate_tokens_per_s": med("generate"), "ratio": med("fst") / med("generate")}
+
+
+def rl_step(model, tok, optimizer, prompts, G, new_tokens, mb, chunk=64, kl_coef=1e-3, seed=0) -> dict:
+    """fst.train's steps 2-6 for one batch, timed and memory-measured phase by phase."""
+    import fst
+    import rollout
+    device = model.get_input_embeddings().weight.device
+    B, t, peaks = len(prompts), {}, {}
+    peak_gib(reset=True)
+    t0 = t_step = clock()
+    model.eval()
+    ro = rollout.sample(model, tok, prompts, [G] * B, max_new_tokens=new_tokens, temperature=1.0,
+                        generator=torch.Generator(device=device).manual_seed(seed))
+    t["seconds_sampling"], peaks["sampling"] = clock() - t0, peak_gib(reset=True)
+    g = torch.Generator().manual_seed(seed)
+    reward = (torch.rand(B, G, generator=g) < 0.5).float()
+    reward[:, 0], reward[:, 1] = 1.0, 0.0  # every group has both outcomes: every rollout is trained on
+    adv, keep = fst.group_advantages(reward)
+    adv, group = adv.view(-1), torch.arange(B).repeat_interleave(G)
+    t0 = clock()
+    batch = rollout.collate(ro.prompt_ids, ro.completion_ids, tok.pad_token_id, device)
+    mask = batch.completion_mask
+    sampler_logp = torch.zeros_like(mask)
+    for i, lp in enumerate(ro.logprobs):
+        sampler_logp[i, :len(lp)] = torch.tensor(lp)
+    base_logp = torch.zeros_like(mask)
+    with torch.no_grad(), model.disable_adapter():
+        for s in range(0, len(ro.texts), mb):
+            rows = torch.arange(s, min(s + mb, len(ro.texts)))
+            base_logp[rows] = rollout.sequence_logprobs(model, fst._select(batch, rows), chunk)
+    kl = ((fst.k3_kl(sampler_logp, base_logp) * mask).sum() / mask.sum()).item()
+    t["seconds_base_kl"], peaks["base_kl"] = clock() - t0, peak_gib(reset=True)
+    t0 = clock()
+    model.train()
+    train_rows = keep[group].nonzero().view(-1)
+    weights = fst.token_weights("cispo", mask[train_rows], group[train_rows], new_tokens)
+    optimizer.zero_grad(set_to_none=True)
+    for s in range(0, len(train_rows), mb):
+        rows = train_rows[s:s + mb]
+        logp, ent = rollout.sequence_logprobs(model, fst._select(batch, rows), chunk, with_entropy=True)
+        loss = fst.policy_loss("cispo", logp, logp.detach(), adv[rows].to(device), weights[s:s + mb].to(device),
+                               base_logp=base_logp[rows], kl_coef=kl_coef)
+        loss.backward()
+    optimizer.step()
+    t["seconds_training"], peaks["training"] = clock() - t0, peak_gib(reset=True)
+    t["seconds_step"] = clock() - t_step
+    return {**{k: round(v, 3) for k, v in t.items()}, "tokens_per_s": round(ro.decode_tokens / t["seconds_sampling"], 1),
+            "rollouts": len(ro.texts), "mean_completion": sum(map(len, ro.completion_ids)) / len(ro.texts),
+            "max_seq": int(batch.input_ids.shape[1]), "kl": kl, "peak_gib_by_phase": peaks,
+            "peak_gib": max(v for v in peaks.values()) if peaks["sampling"] is not None else None}
+
+
+def check_model(name: str, a, root: Path, device: str, quant: str) -> dict:
+    import fst
+    t0 = time.perf_counter()
+    folder = build_folder(name, root, device)
+    mcfg = fst.ModelConfig(name=str(folder), dtype="bfloat16" if device == "cuda" else "float32", quant=quant,
+                           lora_r=16, lora_alpha=32, lora_targets="all-linear", gradient_checkpointing=True)
+    model, tok = fst.load_model(mcfg, torch.device(device))
+    shutil.rmtree(folder, ignore_errors=True)
+    res = {"model": name, "quant": quant, "attn": model.config._attn_implementation,
+           "seconds_build_and_load": round(time.perf_counter() - t0, 1)}
+    print(f"[gpu_check] {name}: built and loaded in {res['seconds_build_and_load']}s ({quant}, {res['attn']})", file=sys.stderr)
+    rows = a.batch * a.group
+    wbytes = decode_bytes(model)
+    n_layers, cfg = model.config.num_hidden_layers, model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_per_token = 2 * n_layers * cfg.num_key_value_heads * head_dim * 2  # K and V, bf16
+    mean_ctx = 160 + a.new_tokens / 2
+    bw = copy_bandwidth(device, a.copy_gib * GIB if device == "cuda" else 2**26)
+    res["decode_bound"] = {
+        "weight_bytes_per_step_gib": round(wbytes / GIB, 3), "copy_bandwidth_gb_s": round(bw / 1e9, 1),
+        "kv_bytes_per_step_gib_at_mean_ctx": round(rows * mean_ctx * kv_per_token / GIB, 3),
+        "bound_tokens_per_s_weights": round(rows * bw / wbytes, 1),
+        "bound_tokens_per_s_weights_kv": round(rows * bw / (wbytes + rows * mean_ctx * kv_per_token), 1)}
+    res["sampler"] = sampler_vs_generate(model, tok, make_prompts(a.gen_prompts, 1), a.group, a.gen_tokens,
+                                         a.repeats if name != "qwen3-8b" else a.repeats_8b, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    rl_step(model, tok, optimizer, make_prompts(2, 2), 2, 16, a.micro_batch)  # warm-up: kernels, Adam state
+    res["step"] = rl_step(model, tok, optimizer, make_prompts(a.batch, 3), a.group, a.new_tokens, a.micro_batch)
+    res["step"]["fraction_of_decode_bound"] = round(
+        res["step"]["tokens_per_s"] / res["decode_bound"]["bound_tokens_per_s_weights_kv"], 3)
+    if res["step"]["peak_gib"] is not None:
+        res["step"]["within_budget"] = res["step"]["peak_gib"] <= a.budget_gib
+    print(f"[gpu_check] {name}: step {res['step']['seconds_step']}s, peak {res['step']['peak_gib']} GiB", file=sys.stderr)
+    del model, optimizer, params
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["qwen2.5-1.5b", "qwen3-8b"], choices=[m for m in SHAPES if m != "smoke"])
+    ap.add_argument("--batch", type=int, default=8, help="B problems per step")
+    ap.add_argument("--group", type=int, default=8, help="G rollouts per problem")
+    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--gen-prompts", type=int, default=8, help="prompts in the sampler-vs-generate check (x G rows)")
+    ap.add_argument("--gen-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating sampler/generate repeats (median)")
+    ap.add_argument("--repeats-8b", type=int, default=1)
+    ap.add_argument("--copy-gib", type=int, default=4)
+    ap.add_argument("--budget-gib", type=float, default=22.0)
+    ap.add_argument("--time-budget-s", type=float, default=450,
+                    help="the 8B part runs only if the 1.5B part took under a third of this")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    ap.add_argument("--cpu-smoke", action="store_true", help="toy shapes on CPU, unquantised: checks the code path")
+    a = ap.parse_args()
+    if a.cpu_smoke:
+        device, models = "cpu", ["smoke"]
+        quant = "4bit" if importlib.util.find_spec("bitsandbytes") else "none"
+        a.batch, a.group, a.new_tokens, a.micro_batch, a.gen_prompts, a.gen_tokens, a.repeats = 2, 2, 8, 2, 2, 8, 1
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench/gpu_check.py needs a CUDA GPU and none is visible here "
+                             "(torch.cuda.is_available() is False).\nOn a CPU run bench/step_vs_trl.py and "
+                             "bench/sampler_vs_generate.py, or this script's self-test: --cpu-smoke")
+        device, models = "cuda", a.models
+        quant = "4bit" if importlib.util.find_spec("bitsandbytes") else "none"
+    start, failed = time.perf_counter(), False
+    summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+               "settings": {k: v for k, v in vars(a).items() if k not in ("out", "models")}, "results": []}
+    shm = Path("/dev/shm")
+    root = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=shm if shm.is_dir() and shutil.disk_usage(shm).free > 20 * GIB else None))
+    try:
+        for name in models:
+            if name == "qwen3-8b" and quant != "4bit":
+                summary["results"].append({"model": name, "skipped": "bitsandbytes not installed (4-bit needed)"})
+                continue
+            spent = time.perf_counter() - start
+            if name == "qwen3-8b" and spent > a.time_budget_s / 3:  # the 8B part costs ~2-3x the 1.5B one
+                summary["results"].append({"model": name, "skipped": f"{spent:.0f}s spent of {a.time_budget_s}s"})
+                continue
+            try:
+                summary["results"].append(check_model(name, a, root, device, quant))
+            except Exception as e:  # report what was measured so far, then fail
+                summary["results"].append({"model": name, "error": f"{type(e).__name__}: {e}"})
+                failed = True
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    summary["seconds_total"] = round(time.perf_counter() - start, 1)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / f"gpu_check-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    if failed:
+        raise SystemExit("[gpu_check] a model check failed: see its \"error\" above")
+
+
+if __name__ == "__main__":
+    main()
