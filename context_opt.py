@@ -266,10 +266,11 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: E
 
     evaluate(prompt_texts, problems) scores aligned (prompt, problem) pairs, one rollout each, in one
     batched call -> [(completion, reward, feedback)]. reflect(prompt) -> the reflector's raw text.
-    Budget = metric calls (rollouts), all evaluations counted. Overshoot, documented: the initial
-    scoring always runs (RL needs the scores), and a proposal starts only while a minibatch still fits,
-    but an accepted child is always scored on the rest of the anchors. So, with L live prompts,
-    metric_calls <= max(budget + len(anchors) - minibatch, L * len(anchors)). `patience` consecutive
+    Budget = metric calls (rollouts) of the proposal loop (paper: 5 x anchors). Scoring the L live
+    prompts on the anchor set first is the round's step 2 and is counted in metric_calls but not
+    charged to the budget: with K = 4 it would otherwise eat 4/5 of it. A proposal starts only while
+    a minibatch still fits, but an accepted child is always scored on the rest of the anchors, so
+    metric_calls <= L * len(anchors) + budget + len(anchors) - minibatch. `patience` consecutive
     iterations that spend nothing (skips, guard rejections) end the round: reflecting costs time too.
     """
     if unknown := set(operators) - set(OPERATORS):
@@ -312,7 +313,8 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: E
 
     size = min(minibatch_size, len(anchors))
     idle = turn = 0
-    while stats["metric_calls"] + size <= budget and idle < patience:
+    scoring_calls = stats["metric_calls"]
+    while stats["metric_calls"] - scoring_calls + size <= budget and idle < patience:
         idle += 1                                    # reset below once this iteration spends budget
         parent = pool.sample_parent(rng, ids)
         operator = operators[turn % len(operators)]
@@ -341,8 +343,8 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: E
         idle = 0
         child_results = run([text] * len(batch), [anchors[i] for i in batch])
         # The parent's side of the test is its anchor scores from this round (same weights, one
-        # rollout each), not a fresh re-run: the budget is tight (K x anchors already went to
-        # scoring), and they are the very rollouts the reflector just read.
+        # rollout each), not a fresh re-run: it saves budget, and they are the very rollouts the
+        # reflector just read.
         if sum(r for _, r, _ in child_results) <= sum(parent.scores[ids[i]] for i in batch):
             stats["rejected"]["not_better"] += 1
             continue

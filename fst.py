@@ -533,7 +533,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
         validate(0)
     stage_ends = list(itertools.accumulate(s.steps for s in stages))
     bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=cfg.mode)
-    step = start - 1
+    step = last_done = start - 1
     try:
         for step in bar:
             t_step = time.perf_counter()
@@ -664,6 +664,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
                 log({"kind": "fast", **stats, **totals})
             row.update(totals, seconds_fast=t_fast, seconds_step=time.perf_counter() - t_step)
             log(row)
+            last_done = step  # the step's update, fast round and log line are all in
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{kl:.4f}", s_step=f"{row['seconds_step']:.1f}")
 
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == total_steps):
@@ -671,11 +672,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             if (step + 1) % cfg.train.save_every == 0 or step + 1 == total_steps:
                 checkpoint(step)
     except KeyboardInterrupt:
-        # Ctrl-C: save the last completed step. The interrupted step has read its batch (un-read
-        # it) and, unless Ctrl-C landed inside optimizer.step() itself, changed no weights.
-        last_done = step - 1
-        if last_done >= start:
+        # Ctrl-C: save the last completed step. An unfinished step has read its batch (un-read it)
+        # and, unless Ctrl-C landed inside optimizer.step() itself, changed no weights.
+        if last_done < step:
             streams[stage].load_state_dict(stream_before)
+        if last_done >= start:
             checkpoint(last_done)
             print(f"\n[fst] interrupted: saved step {last_done} in {run_dir}; "
                   f"resume with: python fst.py --resume {run_dir}", file=sys.stderr)

@@ -5,8 +5,10 @@ grad; prompt evolution samples completions to score candidate system prompts.
 
 sample():  each distinct prompt is prefilled ONCE (left-padded batch), its KV cache rows are repeated
            for its samples, then one token per live row per step; rows that finish leave the batch.
-sequence_logprobs(): decoder body once, then lm_head + log_softmax in checkpointed chunks over time, so
-           a full [R, T, V] float32 tensor never exists (V ~ 50-150k makes that the memory peak).
+sequence_logprobs(): the decoder body (each distinct prompt once, its KV cache expanded to its rows, then
+           the completion columns; one plain pass when nothing is shared), then lm_head + log_softmax in
+           checkpointed chunks over time, so a full [R, T, V] float32 tensor never exists (V ~ 50-150k
+           makes that the memory peak).
 """
 from __future__ import annotations
 
@@ -257,15 +259,64 @@ def collate(prompt_ids, completion_ids, pad_id: int, device=None) -> Batch:
                  torch.tensor(cm, device=device), P)
 
 
-def completion_hidden_states(model, batch: Batch) -> torch.Tensor:
+def _shared_prompt_groups(batch: Batch):
+    """(distinct prompt rows [U], row -> distinct index [R]) when some rows share a prompt, else None.
+    Rows are compared on their left-padded prompt ids AND mask (a prompt starting with the pad id
+    must not match a shorter one)."""
+    P, R = batch.prompt_width, batch.input_ids.shape[0]
+    if P == 0 or R < 2:
+        return None
+    key = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P].to(batch.input_ids.dtype)], dim=1)
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    if len(uniq) == R:
+        return None
+    first = torch.full((len(uniq),), R, dtype=torch.long, device=key.device)  # a representative row each
+    first.scatter_reduce_(0, inverse, torch.arange(R, device=key.device), reduce="amin")
+    return first, inverse
+
+
+def _can_share_prompts(body) -> bool:
+    """The two-pass path needs the decoder to honour past_key_values: HF drops the cache in layers that
+    checkpoint (gradient checkpointing + train mode), and only plain full-attention DynamicLayers are
+    known to expand and extend correctly (sliding windows / linear attention: use the single pass)."""
+    if any(getattr(m, "gradient_checkpointing", False) and m.training for m in body.modules()):
+        return False
+    try:
+        cache = DynamicCache(config=body.config)
+    except Exception:
+        return False
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def completion_hidden_states(model, batch: Batch, share_prompts: bool = True) -> torch.Tensor:
     """Final hidden states at the positions that predict completion tokens: columns P-1 .. P+T-2.
-    Runs only the decoder body (get_decoder() reaches through a peft wrapper; LoRA layers stay active)."""
+    Runs only the decoder body (get_decoder() reaches through a peft wrapper; LoRA layers stay active).
+
+    share_prompts: when rows share a prompt (an RL group), run the decoder on each distinct prompt once,
+    expand its KV cache to its rows (differentiable: gradients flow back to the prompt pass) and run the
+    completion columns on top. Falls back to one pass over [R, P+T] when no prompt is shared or the
+    decoder cannot use a cache (see _can_share_prompts)."""
     body = model.get_decoder()
-    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
-             use_cache=False).last_hidden_state                                              # [R, P+T, H]
     P, T = batch.prompt_width, batch.completion_mask.shape[1]
-    return h[:, P - 1:P - 1 + T]                                                              # [R, T, H]
+    pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    groups = _shared_prompt_groups(batch) if share_prompts else None
+    if groups is None or not _can_share_prompts(body):
+        h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
+                 use_cache=False).last_hidden_state                                          # [R, P+T, H]
+        return h[:, P - 1:P - 1 + T]                                                          # [R, T, H]
+
+    first, inverse = groups
+    cache = DynamicCache(config=body.config)  # plain torch.cat layers: autograd sees every update
+    hp = body(input_ids=batch.input_ids[first, :P], attention_mask=batch.attention_mask[first, :P],
+              position_ids=pos[first, :P], past_key_values=cache, use_cache=True).last_hidden_state  # [U, P, H]
+    h0 = hp[:, -1].index_select(0, inverse)[:, None]  # left padding: column P-1 is every prompt's last
+    if T == 1:
+        return h0                                                                             # [R, 1, H]
+    cache.batch_select_indices(inverse)  # [U, ...] -> [R, ...] by indexing, so grads sum back per prompt
+    # The last completion column predicts nothing, so columns P .. P+T-2 suffice.
+    hc = body(input_ids=batch.input_ids[:, P:P + T - 1], attention_mask=batch.attention_mask[:, :P + T - 1],
+              position_ids=pos[:, P:P + T - 1], past_key_values=cache, use_cache=True).last_hidden_state
+    return torch.cat([h0, hc], dim=1)                                                         # [R, T, H]
 
 
 def _chunk_logprobs(lm_head, h, y, with_entropy: bool):
@@ -297,8 +348,10 @@ def chunked_logprobs(lm_head, hidden, targets, chunk_size: int, with_entropy: bo
     return torch.cat([p[0] for p in pieces], 1), torch.cat([p[1] for p in pieces], 1)
 
 
-def sequence_logprobs(model, batch: Batch, chunk_size: int = 64, with_entropy: bool = False):
-    """log p(completion token t | prefix) as [R, T] (padding columns: finite junk; mask them)."""
-    hidden = completion_hidden_states(model, batch)
+def sequence_logprobs(model, batch: Batch, chunk_size: int = 64, with_entropy: bool = False,
+                      share_prompts: bool = True):
+    """log p(completion token t | prefix) as [R, T] (padding columns: finite junk; mask them).
+    share_prompts: prefill each distinct prompt once (see completion_hidden_states)."""
+    hidden = completion_hidden_states(model, batch, share_prompts)
     targets = batch.input_ids[:, batch.prompt_width:]
     return chunked_logprobs(model.get_output_embeddings(), hidden, targets, chunk_size, with_entropy)

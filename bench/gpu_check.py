@@ -258,7 +258,8 @@ def check_model(name: str, a, root: Path, device: str, quant: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["qwen2.5-1.5b", "qwen3-8b"], choices=[m for m in SHAPES if m != "smoke"])
+    ap.add_argument("--models", nargs="+", default=["qwen2.5-1.5b", "qwen3-8b"],
+                    choices=[m for m in SHAPES if m != "smoke"])
     ap.add_argument("--batch", type=int, default=8, help="B problems per step")
     ap.add_argument("--group", type=int, default=8, help="G rollouts per problem")
     ap.add_argument("--new-tokens", type=int, default=512)
@@ -272,11 +273,10 @@ def main():
     ap.add_argument("--time-budget-s", type=float, default=450,
                     help="the 8B part runs only if the 1.5B part took under a third of this")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
-    ap.add_argument("--cpu-smoke", action="store_true", help="toy shapes on CPU, unquantised: checks the code path")
+    ap.add_argument("--cpu-smoke", action="store_true", help="toy shapes on CPU (fp32 compute): checks the code path")
     a = ap.parse_args()
     if a.cpu_smoke:
         device, models = "cpu", ["smoke"]
-        quant = "4bit" if importlib.util.find_spec("bitsandbytes") else "none"
         a.batch, a.group, a.new_tokens, a.micro_batch, a.gen_prompts, a.gen_tokens, a.repeats = 2, 2, 8, 2, 2, 8, 1
     else:
         if not torch.cuda.is_available():
@@ -284,12 +284,13 @@ def main():
                              "(torch.cuda.is_available() is False).\nOn a CPU run bench/step_vs_trl.py and "
                              "bench/sampler_vs_generate.py, or this script's self-test: --cpu-smoke")
         device, models = "cuda", a.models
-        quant = "4bit" if importlib.util.find_spec("bitsandbytes") else "none"
+    quant = "4bit" if importlib.util.find_spec("bitsandbytes") else "none"  # the recipe's NF4 base
     start, failed = time.perf_counter(), False
     summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "settings": {k: v for k, v in vars(a).items() if k not in ("out", "models")}, "results": []}
     shm = Path("/dev/shm")
-    root = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=shm if shm.is_dir() and shutil.disk_usage(shm).free > 20 * GIB else None))
+    in_ram = shm.is_dir() and shutil.disk_usage(shm).free > 20 * GIB  # the 8B bf16 folder is ~16 GB
+    root = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=shm if in_ram else None))
     try:
         for name in models:
             if name == "qwen3-8b" and quant != "4bit":

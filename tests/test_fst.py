@@ -275,3 +275,30 @@ def test_continual_schedule_validation_and_init_from(tmp_path, tiny_model_dir, p
     ids = torch.tensor([rollout.encode_chat(tok, [{"role": "user", "content": "hello"}])])
     with torch.no_grad():  # lr 0: the probe's adapter is still the source checkpoint's
         assert torch.allclose(trained(ids).logits, started(ids).logits, atol=1e-5)
+
+
+def test_ctrl_c_saves_the_last_completed_step_and_resume_continues(tmp_path, tiny_model_dir):
+    import os
+    import signal
+    import time
+    run_dir = tmp_path / "interrupted"
+    args = [sys.executable, str(ROOT / "fst.py"), "--config", "tiny.yaml", "--set", f"model.name={tiny_model_dir}",
+            "--set", f"out_dir={tmp_path}", "--set", "run_name=interrupted", "--set", "train.steps=1000",
+            "--set", "train.save_every=1000", "--set", "sampling.max_new_tokens=4", "--set", "train.batch_size=1",
+            "--set", "sampling.group_size=2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    done = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+    ckpt = fst.latest_checkpoint(run_dir)
+    assert ckpt is not None and ckpt.name == f"step_{done[-1]:06d}"
+    assert b"resume with" in err
+    fst.main(["--resume", str(run_dir), "--set", f"train.steps={done[-1] + 2}"])
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+    assert steps == list(range(done[-1] + 2))

@@ -155,7 +155,7 @@ def test_sampling_reproducible_counts_and_waves(tiny_model, tokenizer):
     # a model left in train mode with gradient checkpointing and use_cache=False still decodes with
     # the cache, without dropout, and is handed back in train mode
     tiny_model.config.use_cache = False
-    tiny_model.gradient_checkpointing_enable()
+    tiny_model.activation_checkpointing_enable()
     tiny_model.train()
     assert greedy() == ref and tiny_model.training
     tiny_model.eval()
@@ -244,3 +244,104 @@ def test_attn_implementation():
     assert rollout.attn_implementation() in ("sdpa", "flash_attention_2")
     if not torch.cuda.is_available():
         assert rollout.attn_implementation() == "sdpa"
+
+
+# ------------------------------------------------------------------ shared-prompt log-prob passes
+def group_batch(tokenizer, layout):
+    """Rows of an RL step: groups of completions sharing a prompt, interleaved so the row -> prompt map
+    is not just contiguous blocks."""
+    p = chat_prompts(tokenizer)
+    eos = tokenizer.eos_token_id
+    if layout == "two_prompts":  # 2 prompts of different lengths x 3 completions of different lengths
+        prompts = [p[1], p[0], p[1], p[0], p[1], p[0]]
+        comps = [[5, 6, 7, 8, 9], [11, eos], [12, 13], [14, 15, 16, 17, 18, 19, 20], [21], [22, 23, 24, eos]]
+    elif layout == "no_padding":  # one prompt, equal lengths: no padding anywhere in the mask
+        prompts, comps = [p[2]] * 3, [[5, 6, 7], [8, 9, 10], [11, 12, eos]]
+    elif layout == "one_token":  # T == 1: only the prompt pass predicts anything
+        prompts, comps = [p[0], p[1], p[0], p[1]], [[5], [6], [eos], [7]]
+    else:  # "distinct": nothing to share
+        prompts, comps = p, [[5, 6], [7, 8, 9], [10]]
+    return rollout.collate(prompts, comps, tokenizer.pad_token_id, "cpu")
+
+
+def logprob_run(model, batch, share, grad=True):
+    """(logp, entropy, LoRA grads, decoder input shapes, LoRA input shapes) of one sequence_logprobs call."""
+    model.zero_grad(set_to_none=True)
+    sizes, spy = batch_sizes_spy(model)
+    lora_a = model.get_decoder().layers[0].self_attn.v_proj.lora_A["default"]
+    lora_sizes = []
+    spy_lora = lora_a.register_forward_hook(lambda m, args, out: lora_sizes.append(tuple(args[0].shape[:2])))
+    with torch.set_grad_enabled(grad):
+        logp, ent = rollout.sequence_logprobs(model, batch, chunk_size=3, with_entropy=True, share_prompts=share)
+    spy.remove()
+    spy_lora.remove()
+    grads = {}
+    if grad:
+        (logp * batch.completion_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    return logp.detach(), ent, grads, [tuple(s) for s in sizes], lora_sizes
+
+
+def assert_grads_close(got, want, name):
+    """rtol 1e-4, with an absolute floor of 1e-4 x the tensor's largest entry: float32 summation order
+    differs between the paths, so entries near zero carry ~1e-6 x max of rounding noise."""
+    scale = want.abs().max()
+    assert scale > 0, name
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale.item(),
+                               msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["two_prompts", "no_padding", "one_token", "distinct"])
+def test_shared_prompt_logprobs_equal_single_pass(tiny_model, tokenizer, layout):
+    model = add_lora(tiny_model).train()  # the training pass runs in train mode (lora_dropout is 0)
+    batch = group_batch(tokenizer, layout)
+    R, P, T = batch.input_ids.shape[0], batch.prompt_width, batch.completion_mask.shape[1]
+    U = len({tuple(r) for r in batch.input_ids[:, :P].tolist()})
+    shared, single = logprob_run(model, batch, True), logprob_run(model, batch, False)
+
+    # the shapes say which path ran: each distinct prompt once, then the completion columns (the last
+    # one predicts nothing); LoRA is live in both passes
+    assert single[3] == [(R, P + T)] and single[4] == [(R, P + T)]
+    if layout == "distinct":
+        assert shared[3] == shared[4] == [(R, P + T)]
+    else:
+        want = [(U, P)] + ([(R, T - 1)] if T > 1 else [])
+        assert U < R and shared[3] == want and shared[4] == want
+
+    m = batch.completion_mask.bool()
+    torch.testing.assert_close(shared[0][m], single[0][m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared[1][m], single[1][m], atol=1e-5, rtol=0)
+    assert shared[2].keys() == single[2].keys() and len(shared[2]) == 12
+    for name in single[2]:  # the gradients flow through the expanded cache back to the prompt pass
+        assert_grads_close(shared[2][name], single[2][name], name)
+
+
+def test_shared_prompt_logprobs_base_pass_and_checkpointing_fallback(tiny_model, tokenizer):
+    model = add_lora(tiny_model)
+    batch = group_batch(tokenizer, "two_prompts")
+    R, P, T = batch.input_ids.shape[0], batch.prompt_width, batch.completion_mask.shape[1]
+    m = batch.completion_mask.bool()
+    with torch.no_grad():
+        with_adapter = rollout.sequence_logprobs(model, batch)
+    # the base-model KL pass: no grad, adapter off -- in both passes of the shared path
+    with model.disable_adapter():
+        base_shared = logprob_run(model, batch, True, grad=False)
+        base_single = logprob_run(model, batch, False, grad=False)
+    assert base_shared[3] == [(2, P), (R, T - 1)] and base_shared[4] == []  # LoRA never ran
+    torch.testing.assert_close(base_shared[0][m], base_single[0][m], atol=1e-5, rtol=0)
+    assert not torch.allclose(base_shared[0][m], with_adapter[m], atol=1e-3)
+
+    # gradient checkpointing in train mode drops the cache: the single pass runs instead, and matches
+    tiny_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    tiny_model.enable_input_require_grads()
+    model.train()
+    ckpt = logprob_run(model, batch, True)
+    assert ckpt[3] == [(R, P + T)]
+    model.eval()  # checkpointing only acts in train mode, so eval may share
+    assert logprob_run(model, batch, True, grad=False)[3] == [(2, P), (R, T - 1)]
+    tiny_model.activation_checkpointing_disable()
+    model.train()
+    ref = logprob_run(model, batch, False)
+    torch.testing.assert_close(ckpt[0][m], ref[0][m], atol=1e-5, rtol=0)
+    for name in ref[2]:
+        assert_grads_close(ckpt[2][name], ref[2][name], name)
