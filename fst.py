@@ -569,8 +569,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             scored = [rewards.score_completion(task, problems[group_of[i]], ro.texts[i])
                       for i in range(len(ro.texts))]
             reward = torch.tensor([r for r, _ in scored], dtype=torch.float32)
+            # Only fully correct answers become demo candidates: partial credit (a format reward)
+            # would otherwise teach wrong worked examples.
             demo_buffer = (demo_buffer + [(problems[group_of[i]], ro.texts[i], r) for i, (r, _)
-                                          in enumerate(scored) if r > 0])[-cfg.fast.demo_buffer:]
+                                          in enumerate(scored) if r >= 1.0])[-cfg.fast.demo_buffer:]
 
             # 4. Advantages, once per problem across all its G rollouts, whatever prompt each used.
             adv, keep = group_advantages(reward.view(len(problems), G), scale_by_std=loss_kind != "dr_grpo")

@@ -74,11 +74,14 @@ def read_fst(workdir: Path, tag: str, a) -> dict:
     rows = [r for r in rows if r.get("kind") == "train"][a.warmup:]
     # fst skips the update when every group has equal rewards; TRL always runs forward+backward.
     # Like for like: time the steps that trained (all steps if none did, flagged in the JSON).
-    trained = [r for r in rows if r["dropped_group_frac"] < 1.0] or rows
+    trained = [r for r in rows if r["dropped_group_frac"] < 1.0]
+    if not trained:
+        print("  ! no timed fst step ran an update: its time is a lower bound (raise --steps)", file=sys.stderr)
+    trained = trained or rows
     return {"step_s": [r["seconds_step"] for r in trained], "step_s_all": [r["seconds_step"] for r in rows],
             "skipped_update_steps": sum(r["dropped_group_frac"] >= 1.0 for r in rows),
             "completion_len": statistics.mean(r["completion_len_mean"] for r in rows),
-            "parts_s": {k: statistics.median(r[k] for r in rows)
+            "parts_s": {k: statistics.median(r[k] for r in trained)
                         for k in ("seconds_sampling", "seconds_base_kl", "seconds_training")}}
 
 
@@ -176,12 +179,14 @@ def main():
                 data = read_fst(work, tag, a)
             if not data.get("step_s"):
                 raise SystemExit(f"[bench] {side} run {i} produced no step times (see {work / (tag + '.log')})")
-            res[side] = dict(data, peak_rss_gb=rss, step_s_median=statistics.median(data["step_s"]))
+            res[side] = dict(data, peak_rss_gb=rss, step_s_median=statistics.median(data["step_s"]),
+                             all_steps_median=statistics.median(data.get("step_s_all", data["step_s"])))
             print(f"  pair {i} {side}: {res[side]['step_s_median']:.2f} s/step, {rss:.2f} GB peak RSS, "
                   f"completion {data['completion_len']:.1f} tok, {data.get('skipped_update_steps', 0)} steps "
                   f"without update ({time.perf_counter() - t0:.0f}s wall)",
                   file=sys.stderr)
         res["time_ratio"] = res["fst"]["step_s_median"] / res["trl"]["step_s_median"]
+        res["time_ratio_all_steps"] = res["fst"]["all_steps_median"] / res["trl"]["step_s_median"]
         res["rss_ratio"] = res["fst"]["peak_rss_gb"] / res["trl"]["peak_rss_gb"]
         pairs.append(res)
 
@@ -196,7 +201,9 @@ def main():
         "trl_s_per_step": med(lambda p: p["trl"]["step_s_median"]),
         "fst_peak_rss_gb": med(lambda p: p["fst"]["peak_rss_gb"]),
         "trl_peak_rss_gb": med(lambda p: p["trl"]["peak_rss_gb"]),
+        "fst_s_per_step_all_steps": med(lambda p: p["fst"]["all_steps_median"]),
         "time_ratio_fst_over_trl": med(lambda p: p["time_ratio"]),
+        "time_ratio_all_steps": med(lambda p: p["time_ratio_all_steps"]),
         "rss_ratio_fst_over_trl": med(lambda p: p["rss_ratio"]),
         "pairs_detail": pairs, "versions": versions(),
     }
@@ -204,15 +211,20 @@ def main():
                               "rss_ratio<=1": summary["rss_ratio_fst_over_trl"] <= 1.0}
     path = out / f"step_vs_trl-{a.dtype}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(summary, indent=1))
-    print(f"\n{'pair':>4} {'fst s/step':>10} {'trl s/step':>10} {'time ratio':>10} "
+    print("\nfst s/step: steps that ran an update (like TRL's every step); 'all': every timed step")
+    print(f"{'pair':>4} {'fst s/step':>10} {'(all)':>6} {'trl s/step':>10} {'time ratio':>10} {'(all)':>6} "
           f"{'fst RSS GB':>10} {'trl RSS GB':>10} {'RSS ratio':>9} {'fst len':>7} {'trl len':>7}")
     for i, p in enumerate(pairs):
-        print(f"{i:>4} {p['fst']['step_s_median']:>10.2f} {p['trl']['step_s_median']:>10.2f} {p['time_ratio']:>10.3f} "
+        print(f"{i:>4} {p['fst']['step_s_median']:>10.2f} {p['fst']['all_steps_median']:>6.2f} "
+              f"{p['trl']['step_s_median']:>10.2f} {p['time_ratio']:>10.3f} {p['time_ratio_all_steps']:>6.3f} "
               f"{p['fst']['peak_rss_gb']:>10.2f} {p['trl']['peak_rss_gb']:>10.2f} {p['rss_ratio']:>9.3f} "
               f"{p['fst']['completion_len']:>7.1f} {p['trl']['completion_len']:>7.1f}")
     s = summary
-    print(f"{'med':>4} {s['fst_s_per_step']:>10.2f} {s['trl_s_per_step']:>10.2f} {s['time_ratio_fst_over_trl']:>10.3f} "
+    print(f"{'med':>4} {s['fst_s_per_step']:>10.2f} {s['fst_s_per_step_all_steps']:>6.2f} {s['trl_s_per_step']:>10.2f} "
+          f"{s['time_ratio_fst_over_trl']:>10.3f} {s['time_ratio_all_steps']:>6.3f} "
           f"{s['fst_peak_rss_gb']:>10.2f} {s['trl_peak_rss_gb']:>10.2f} {s['rss_ratio_fst_over_trl']:>9.3f}")
+    parts = {k: statistics.median(p["fst"]["parts_s"][k] for p in pairs) for k in pairs[0]["fst"]["parts_s"]}
+    print("fst phases (s, median): " + ", ".join(f"{k[8:]} {v:.2f}" for k, v in parts.items()))
     print(f"targets: fst/trl time <= 0.5: {s['targets_met']['time_ratio<=0.5']}; "
           f"fst/trl peak RSS <= 1: {s['targets_met']['rss_ratio<=1']}   -> {path}")
 
