@@ -705,10 +705,6 @@ def _task_options(tc: TaskConfig) -> dict:
     return {k: v for k, v in options.items() if k in accepted} | tc.options
 
 
-def _rows(batch, start: int, stop: int):
-    return _select(batch, torch.arange(start, min(stop, batch.input_ids.shape[0])))
-
-
 def _select(batch, rows: torch.Tensor):
     """The sub-batch of `rows`, trimmed to the columns those rows actually use."""
     import rollout
