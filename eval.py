@@ -129,7 +129,7 @@ def find_checkpoint(run: Path, step: int | None) -> Path:
     if step is None:
         ckpt = fst.latest_checkpoint(run)
         if ckpt is None:
-            raise SystemExit(f"{run}: no checkpoints/latest; has this run saved a checkpoint yet?")
+            raise SystemExit(f"{run}: no complete checkpoint; has this run saved one yet?")
         return ckpt
     ckpt = run / "checkpoints" / f"step_{step:06d}"
     if not ckpt.is_dir():
@@ -349,10 +349,10 @@ def compare(runs: list[Path], out_dir: Path) -> list[str]:
 
     # 5. Prompt lineage of fst/gepa runs: x = born step, y = mean anchor score, lines from parents.
     for lab, (run, _) in data.items():
-        ckpt = fst.latest_checkpoint(run)
-        pool_file = ckpt / "pool.json" if ckpt else None
-        if not pool_file or not pool_file.exists():
+        pool_files = sorted(run.glob("checkpoints/step_*[0-9]/pool.json"))
+        if not pool_files:
             continue
+        pool_file = pool_files[-1]
         prompts = {p["id"]: p for p in json.loads(pool_file.read_text())["prompts"]}
         score = {i: sum(p["scores"].values()) / len(p["scores"]) if p["scores"] else 0.0 for i, p in prompts.items()}
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -369,7 +369,7 @@ def compare(runs: list[Path], out_dir: Path) -> list[str]:
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("born at step")
         ax.set_ylabel("mean score on the last anchor set")
-        ax.set_title(f"{lab}: prompt lineage ({ckpt.name})")
+        ax.set_title(f"{lab}: prompt lineage ({pool_file.parent.name})")
         ax.legend(fontsize=8)
         save(fig, f"lineage_{run.name}.png")
 

@@ -297,6 +297,8 @@ def pick_device(cfg: Config, config_name: str = "this config") -> torch.device:
 def load_model(cfg: ModelConfig, device: torch.device, adapter_path: str | None = None):
     """Returns (peft model with a trainable LoRA adapter, tokenizer). The frozen base is reachable
     at any time through `model.disable_adapter()`: that is our reference model and our critic."""
+    if cfg.quant != "4bit":
+        _hide_bitsandbytes_kernel_warning()  # must run before peft imports bitsandbytes
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
     import rollout
@@ -335,7 +337,32 @@ def load_model(cfg: ModelConfig, device: torch.device, adapter_path: str | None 
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if cfg.quant == "4bit":
+        keep_4bit_layers_differentiable(model)
     return model, tok
+
+
+def keep_4bit_layers_differentiable(model) -> int:
+    """On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight into a CPU inference
+    layout the first time the layer runs in eval mode without grad (our sampler), and the matmul it
+    uses from then on has no autograd: every LoRA whose input comes through such a layer then gets a
+    zero gradient, silently. The repacking is decided per module by this attribute; turning it off
+    keeps every 4-bit layer on the differentiable kernel, on every CPU (GPUs never take that path).
+    Returns the number of 4-bit layers seen."""
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def _hide_bitsandbytes_kernel_warning():
+    """bitsandbytes logs 'Failed to load CPU gemm_4bit_forward from kernels-community' when it is
+    imported (peft imports it) on AVX512-BF16 CPUs. It only concerns 4-bit layers: hide it otherwise."""
+    import logging
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,28 +424,97 @@ def k3_kl(logp, base_logp):
 
 
 # ----------------------------------------------------------------------------------------------
+# Guards on the update: a run that cannot learn stops loudly instead of training nothing.
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (no gradient flow, repeated non-finite updates); the message says why."""
+
+
+def nonfinite_update(loss_value: float, params) -> str | None:
+    """'non-finite loss' / 'non-finite gradients' when this update must be skipped, else None."""
+    if not np.isfinite(loss_value):
+        return "non-finite loss"
+    if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
+        return "non-finite gradients"
+    return None
+
+
+def lora_gradient_problems(model) -> list[str]:
+    """After a backward: the LoRA tensors that got no gradient, a non-finite one, or (lora_B, which
+    every update must move) an all-zero one. lora_A is exempt from the zero test: while B is still
+    zero, as at initialisation, A's gradient is exactly zero."""
+    problems = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            problems.append(f"{name}: no gradient")
+        elif not torch.isfinite(p.grad).all():
+            problems.append(f"{name}: non-finite gradient")
+        elif "lora_B" in name and not p.grad.abs().sum() > 0:
+            problems.append(f"{name}: zero gradient")
+    return problems
+
+
+def check_gradient_flow(model, step: int):
+    """Stop the run on its first update if some LoRA layer does not learn."""
+    problems = lora_gradient_problems(model)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise TrainingError(
+            f"gradient-flow check failed on the first update (step {step}): {shown}. Likely causes: a base "
+            "layer whose kernel has no autograd (bitsandbytes 4-bit on CPU: see "
+            "keep_4bit_layers_differentiable), a module run under no_grad or detached, or frozen LoRA weights.")
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints: adapter (safetensors, loadable by peft) + trainer state, one folder per step.
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, pool, extra: dict):
     """checkpoints/step_N/: the adapter (peft safetensors), the prompt pool and its best prompt as
-    text, and trainer_state.pt (optimiser, scheduler, RNG, data position, counters)."""
+    text, and trainer_state.pt (optimiser, scheduler, RNG, data position, counters). Written into
+    step_N.tmp and renamed, so a kill at any moment leaves either the whole folder or none of it."""
     ckpt = run_dir / "checkpoints" / f"step_{step:06d}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
+    if tmp.exists():  # left by a run killed while saving this same step
+        shutil.rmtree(tmp)
     model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
     pool.save(tmp / "pool.json")
     (tmp / "best_prompt.txt").write_text(pool.best().text)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(), "prompts": pool.active_texts(), **extra}, tmp / "trainer_state.pt")
-    if ckpt.exists():
+    if ckpt.exists():  # a resumed run replaying a step it had saved before: same contents
         shutil.rmtree(ckpt)
-    tmp.rename(ckpt)  # a checkpoint folder is complete or absent, never half-written
-    (run_dir / "checkpoints" / "latest").write_text(ckpt.name)
+    tmp.rename(ckpt)
     return ckpt
 
 
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a file missing or unreadable), or None."""
+    for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_state.pt"):
+        if not (ckpt / name).is_file():
+            return f"{name} is missing"
+    from safetensors.torch import load_file
+    try:
+        load_file(ckpt / "adapter_model.safetensors")
+        torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
+        if (ckpt / "pool.json").exists():
+            json.loads((ckpt / "pool.json").read_text())
+    except Exception as e:  # truncated or corrupted: every reader raises something different
+        return f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    marker = run_dir / "checkpoints" / "latest"
-    return run_dir / "checkpoints" / marker.read_text().strip() if marker.exists() else None
+    """The newest checkpoint that can be resumed from. Folders a kill cut short (step_N.tmp) are not
+    candidates; a damaged one (truncated state, missing adapter) is skipped with a message, and the
+    one before it is used."""
+    for ckpt in sorted(Path(run_dir).glob("checkpoints/step_*[0-9]"), reverse=True):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        print(f"[fst] skipping damaged checkpoint {ckpt}: {problem}", file=sys.stderr)
+    return None
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -505,6 +601,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
     metrics_file = open(run_dir / "metrics.jsonl", "a")
     samples_file = open(run_dir / "samples.jsonl", "a")
     G, loss_kind, mb = cfg.sampling.group_size, cfg.train.loss, cfg.train.micro_batch
+    gradients_checked, bad_updates = False, []  # state of the two update guards
 
     def log(row):
         metrics_file.write(json.dumps(row) + "\n")
@@ -595,6 +692,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
 
             # 6. The update (not in gepa mode): loss over the kept groups, in micro-batches.
             t0 = time.perf_counter()
+            skipped = None  # why this step's update was skipped, if it was
             train_rows = keep[group].nonzero().view(-1) if cfg.mode != "gepa" else torch.zeros(0, dtype=torch.long)
             loss_value, entropy_sum = 0.0, 0.0
             if len(train_rows):
@@ -612,10 +710,24 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
                     loss.backward()
                     loss_value += loss.item()
                     entropy_sum += (ent * mask[rows]).sum().item()
-                if cfg.train.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                # Guards: a non-finite update is skipped (three in a row stop the run), and the
+                # first update of a (resumed) run proves that every LoRA layer receives a gradient.
+                skipped = nonfinite_update(loss_value, params)
+                if skipped:
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_updates.append(step)
+                    if len(bad_updates) >= 3:
+                        raise TrainingError(f"{skipped} at steps {bad_updates[-3:]}: stopped after three "
+                                            f"in a row; the last good checkpoint is {latest_checkpoint(run_dir)}")
+                else:
+                    bad_updates.clear()
+                    if not gradients_checked:
+                        check_gradient_flow(model, step)
+                        gradients_checked = True
+                    if cfg.train.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
             t_train = time.perf_counter() - t0
 
             # 7. Log: tqdm line, metrics.jsonl, a few samples.
@@ -627,7 +739,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
                 "entropy": entropy_sum / mask[train_rows].sum().item() if len(train_rows) else None,
                 "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
                 "truncation_rate": sum(f == "length" for f in ro.finish_reasons) / len(ro.finish_reasons),
-                "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr,
+                "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr, "update_skipped": skipped,
                 "seconds_sampling": t_sample, "seconds_base_kl": t_base, "seconds_training": t_train,
                 "tokens_per_s": ro.decode_tokens / max(t_sample, 1e-9),
                 "reward_by_prompt": {pid: reward[[i for i, p in enumerate(prompt_of) if p == pid]].mean().item()
@@ -713,11 +825,24 @@ def _select(batch, rows: torch.Tensor):
                          completion_mask=batch.completion_mask[rows], prompt_width=batch.prompt_width)
 
 
-def _truncate_jsonl(path: Path, first_dropped_step: int):
-    """On resume, drop lines written after the checkpoint so the log reads as one clean run."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] < first_dropped_step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+def _truncate_jsonl(path: Path, resume_step: int):
+    """On resume, drop the lines written after the checkpoint, so the log reads as one clean run:
+    rows of steps >= resume_step, and a last line that a kill cut in half. An eval row's `step`
+    counts updates done, so the row with step == resume_step was written before that checkpoint.
+    Rewritten through a temporary file: a kill during the rewrite loses nothing."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # only the last line can be half-written
+            continue
+        if row["step"] - (row.get("kind") == "eval") < resume_step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -746,9 +871,14 @@ def main(argv=None):
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp = run_dir / "config.yaml.tmp"  # replaced whole: a kill never leaves half a config behind
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, run_dir / "config.yaml")
     print(f"[fst] run folder: {run_dir}", file=sys.stderr)
-    train(cfg, run_dir, resume=bool(args.resume), config_name=config_name)
+    try:
+        train(cfg, run_dir, resume=bool(args.resume), config_name=config_name)
+    except TrainingError as e:
+        raise SystemExit(f"training error: {e}")
 
 
 if __name__ == "__main__":

@@ -51,3 +51,18 @@ def tiny_model(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
                                                  attn_implementation="sdpa")
     return model.eval()
+
+
+def parity_get_task(name, **options):
+    """rewards.get_task, but every task scores the parity of the completion's length: a random model
+    never solves a task, and this gives groups mixed rewards, so every part of the step (and the demo
+    operator) has work to do. Also used by kill_driver.py in its own process."""
+    import rewards
+    parity = type(name, (rewards.TASKS[name],), {"score": lambda self, p, c: (float(len(c) % 2), "parity")})
+    return parity(**options)
+
+
+@pytest.fixture()
+def parity_rewards(monkeypatch):
+    import rewards
+    monkeypatch.setattr(rewards, "get_task", parity_get_task)
