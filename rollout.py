@@ -12,6 +12,7 @@ sequence_logprobs(): the decoder body (each distinct prompt once, its KV cache e
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,19 @@ def attn_implementation() -> str:
     except Exception:  # missing, or built against another torch/CUDA (then import raises oddly)
         return "sdpa"
     return "flash_attention_2"
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() inside the block; the model's own train/eval mode again after it (also on errors).
+    Sampling and no-grad passes want eval mode: train mode turns on dropout, and gradient checkpointing
+    silently drops the KV cache."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def encode_chat(tokenizer, messages) -> list[int]:
@@ -144,49 +158,77 @@ def sample(model, tokenizer, prompts: list[list[int]], counts: list[int], *, max
     start, out = time.perf_counter(), Rollouts()
     opts = dict(eos=_eos_ids(model, tokenizer), max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, stop=[s for s in stop if s], generator=generator, progress=progress)
-    # eval(): train mode would turn on dropout, and gradient checkpointing silently drops the cache.
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         wave = batch_size or max(1, len(prompts))
         for w in range(0, len(prompts), wave):
             _sample_wave(model, tokenizer, prompts[w:w + wave], counts[w:w + wave], w, out, **opts)
-    finally:
-        model.train(was_training)
     out.seconds = time.perf_counter() - start
     return out
 
 
 def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, eos, max_new_tokens, temperature,
                  top_p, stop, generator, progress):
+    """Sample counts[i] completions of each prompts[i] and append them to `out` in sample order
+    (`offset`: this wave's first prompt index in the whole sample() call), in four phases:
+    1. rows: one row per sample; identical prompts share one distinct prompt;
+    2. prefill: each distinct prompt once, left-padded, its KV-cache rows repeated for its samples;
+    3. decode: one token per live row per step; a row leaves the batch at EOS or a stop string;
+    4. collect: token ids, log-probs, finish reasons and texts into `out`."""
     device = model.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    # Rows = samples in output order. Identical prompts share one prefill row too.
+
+    # 1. Rows = samples in output order; row_src[r] = the distinct prompt that row r continues.
     distinct: dict[tuple, int] = {}
     row_prompt, row_src = [], []
     for i, (p, c) in enumerate(zip(prompts, counts)):
         for _ in range(c):
             row_prompt.append(offset + i)
             row_src.append(distinct.setdefault(tuple(p), len(distinct)))
-    R = len(row_src)
-    if R == 0:
+    if not row_src:
         return
-    uniq = [list(p) for p in distinct]
+
+    # 2. Prefill each distinct prompt once; repeat its cache rows for its samples.
+    cache, logits, mask = _prefill(model, [list(p) for p in distinct], row_src, pad, device, out)
+
+    # 3. Decode until every row has finished or max_new_tokens.
+    comp, lps, reason = _decode(model, tokenizer, cache, logits, mask, out, eos=eos, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, stop=stop, generator=generator,
+                                progress=progress)
+
+    # 4. Collect the rows into `out`, in sample order.
+    for r in range(len(row_src)):
+        text = tokenizer.decode(comp[r], skip_special_tokens=True)
+        out.prompt_index.append(row_prompt[r])
+        out.prompt_ids.append(list(prompts[row_prompt[r] - offset]))
+        out.completion_ids.append(comp[r])
+        out.logprobs.append(lps[r])
+        out.finish_reasons.append(reason[r])
+        out.texts.append(_cut_at_stop(text, stop) if reason[r] == "stop" else text)
+
+
+def _prefill(model, uniq: list[list[int]], row_src: list[int], pad: int, device, out: Rollouts):
+    """The distinct prompts `uniq` in one left-padded forward -> (KV cache with one row per sample,
+    next-token logits [R, V], attention mask [R, P]); row r continues prompt uniq[row_src[r]]."""
     P = max(len(p) for p in uniq)
     ids = torch.tensor([[pad] * (P - len(p)) + p for p in uniq], device=device)            # [U, P]
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in uniq], device=device)  # [U, P]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's first token is position 0
-
     cache = _new_cache(model)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]                           # [U, V]
     out.prefill_tokens += int(mask.sum())
     src = torch.tensor(row_src, device=device)
-    if R != len(uniq):  # the shared prefill: repeat each prompt's cache rows for its samples
+    if len(row_src) != len(uniq):  # the shared prefill: repeat each prompt's cache rows for its samples
         cache.batch_select_indices(src)
-    logits, mask = logits[src], mask[src]                                                     # [R, .]
-    next_pos = mask.sum(-1, keepdim=True)                                                     # [R, 1]
+    return cache, logits[src], mask[src]                                                      # [R, .]
 
+
+def _decode(model, tokenizer, cache, logits, mask, out: Rollouts, *, eos, max_new_tokens, temperature, top_p,
+            stop, generator, progress):
+    """One token per live row per step from the prefilled `cache`; finished rows leave the batch, so
+    later steps compute live rows only. Returns per row: token ids, their log-probs, finish reason."""
+    device, R = mask.device, mask.shape[0]
+    next_pos = mask.sum(-1, keepdim=True)                                                     # [R, 1]
     comp, lps, reason = [[] for _ in range(R)], [[] for _ in range(R)], ["length"] * R
     live = list(range(R))  # live[b] = output row of batch row b
     # A stop string completed by the newest token lies within its last (bytes + margin) tokens,
@@ -216,7 +258,7 @@ def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, eos, max_new
             bar.set_postfix(live=len(keep), refresh=False)
         if not keep or step == max_new_tokens - 1:
             break
-        if len(keep) < len(live):  # finished rows leave the batch: later steps compute live rows only
+        if len(keep) < len(live):  # finished rows leave the batch
             k = torch.tensor(keep, device=device)
             cache.batch_select_indices(k)
             tok, mask, next_pos = tok[k], mask[k], next_pos[k]
@@ -227,15 +269,7 @@ def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, eos, max_new
         next_pos = next_pos + 1
     if bar is not None:
         bar.close()
-
-    for r in range(R):
-        text = tokenizer.decode(comp[r], skip_special_tokens=True)
-        out.prompt_index.append(row_prompt[r])
-        out.prompt_ids.append(list(prompts[row_prompt[r] - offset]))
-        out.completion_ids.append(comp[r])
-        out.logprobs.append(lps[r])
-        out.finish_reasons.append(reason[r])
-        out.texts.append(_cut_at_stop(text, stop) if reason[r] == "stop" else text)
+    return comp, lps, reason
 
 
 # ---------------------------------------------------------------------------------------- log-probs
@@ -245,6 +279,12 @@ class Batch:
     attention_mask: torch.Tensor   # [R, P+T]
     completion_mask: torch.Tensor  # [R, T] float, 1 on real completion tokens
     prompt_width: int              # P: every completion starts at column P
+
+    def rows(self, rows: torch.Tensor) -> Batch:
+        """The sub-batch of `rows` (e.g. one micro-batch), with the same columns."""
+        rows = rows.to(self.input_ids.device)
+        return Batch(input_ids=self.input_ids[rows], attention_mask=self.attention_mask[rows],
+                     completion_mask=self.completion_mask[rows], prompt_width=self.prompt_width)
 
 
 def collate(prompt_ids, completion_ids, pad_id: int, device=None) -> Batch:
