@@ -55,6 +55,17 @@ def get_task(name: str, **options):
     return TASKS[name](**options)
 
 
+def task_from_config(name: str, seed: int = 0, train_path: str | None = None, test_path: str | None = None,
+                     options: dict | None = None):
+    """A task from a config's task section: the one place where its keys become constructor arguments.
+    seed, train_path and test_path (keys every section has) go only to a constructor that takes them
+    (gsm8k takes the paths, a procedural task the seed); `options` are the task's own keywords and go
+    as given, overriding those three (get_task names an option the task does not take)."""
+    accepted = inspect.signature(TASKS[name]).parameters if name in TASKS else {}
+    common = {"seed": seed, "train_path": train_path, "test_path": test_path}
+    return get_task(name, **({k: v for k, v in common.items() if k in accepted} | dict(options or {})))
+
+
 def score_completion(task, problem: dict, completion: str) -> tuple[float, str]:
     """task.score that never raises: a broken scorer costs one sample's reward, not the run."""
     try:
