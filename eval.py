@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,15 +47,10 @@ def evaluate(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, 
     if not problems:
         return {"mean_at_k": float("nan"), "pass_at_k": float("nan"), "n": 0, "k": k}
     prompts = [rollout.encode_chat(tok, task.messages(p, system_prompt)) for p in problems]
-    was_training = model.training
-    model.eval()
-    try:
-        with _weights(model, use_adapter):
-            ro = rollout.sample(model, tok, prompts, [k] * len(problems), max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, stop=list(stop),
-                                generator=generator, batch_size=batch_size)
-    finally:
-        model.train(was_training)
+    with _weights(model, use_adapter):  # rollout.sample runs in eval mode and restores the model's mode
+        ro = rollout.sample(model, tok, prompts, [k] * len(problems), max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, stop=list(stop),
+                            generator=generator, batch_size=batch_size)
     reward = [rewards.score_completion(task, problems[i], text)[0]
               for i, text in zip(ro.prompt_index, ro.texts)]
     solved = {i for i, r in zip(ro.prompt_index, reward) if r >= 1.0}
@@ -99,30 +94,24 @@ def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_ne
     """Sample n_samples completions per problem from the TRAINED policy, then average the exact
     per-token KL(pi_trained || pi_base) over all completion tokens."""
     prompts = [rollout.encode_chat(tok, task.messages(p, system_prompt)) for p in problems]
-    was_training = model.training
-    model.eval()
-    try:
-        ro = rollout.sample(model, tok, prompts, [n_samples] * len(prompts), max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, stop=list(stop), generator=generator)
-        device = next(model.parameters()).device
-        total, tokens = 0.0, 0
+    ro = rollout.sample(model, tok, prompts, [n_samples] * len(prompts), max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, stop=list(stop), generator=generator)
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with rollout.eval_mode(model):
         for s in range(0, len(ro.texts), micro_batch):
             batch = rollout.collate(ro.prompt_ids[s:s + micro_batch], ro.completion_ids[s:s + micro_batch],
                                     tok.pad_token_id, device)
             total += exact_token_kl(model, batch, chunk_size).sum().item()
             tokens += int(batch.completion_mask.sum().item())
-    finally:
-        model.train(was_training)
     return total / max(tokens, 1)
 
 
 # ---------------------------------------------------------------------------------- one checkpoint
 def make_task(name: str, cfg):
-    """The run's own task gets its config options (paths, seed); other tasks get the seed only.
-    Options a task does not take are dropped (gsm8k has no seed)."""
-    opts = fst._task_options(cfg.task) if name == cfg.task.name else {"seed": cfg.task.seed}
-    accepted = inspect.signature(rewards.TASKS[name]).parameters
-    return rewards.get_task(name, **{k: v for k, v in opts.items() if k in accepted})
+    """The run's own task with its config section (paths, seed, options); another task with its
+    defaults and the run's task seed (rewards.task_from_config gives each only what it takes)."""
+    return fst.make_task(cfg.task if name == cfg.task.name else fst.TaskConfig(name=name, seed=cfg.task.seed))
 
 
 def find_checkpoint(run: Path, step: int | None) -> Path:
@@ -270,120 +259,152 @@ def _stage_starts(train_rows) -> list[tuple[int, str]]:
     return starts
 
 
+@dataclass
+class RunCurves:
+    """One run folder's rows, as the figures read them."""
+    folder: Path
+    rows: list[dict]     # every metrics.jsonl row
+    train: list[dict]    # its train rows
+    curve: list[dict]    # validation of the deployed policy on the first task (val_curve); [] if none
+
+
 def compare(runs: list[Path], out_dir: Path) -> list[str]:
     """Write PNG plots for `runs` into out_dir; return the lines printed (notes and steps-to-reach)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = {}  # label (the folder name, made unique) -> (run folder, metrics rows)
+    loaded = {}  # label (the folder name, made unique) -> (run folder, metrics rows)
     for i, run in enumerate(map(Path, runs)):
-        data[run.name if run.name not in data else f"{run.name} ({i})"] = (run, read_metrics(run))
-    train = {lab: [r for r in rows if r.get("kind", "train") == "train"] for lab, (_, rows) in data.items()}
-    task0 = next((r.get("task") for _, rows in data.values() for r in rows if r.get("kind") == "eval"), None)
-    curves = {lab: val_curve(rows, task0) for lab, (_, rows) in data.items()}
-    notes = [f"{lab}: no eval rows, plotting training reward instead" for lab, c in curves.items() if not c]
+        loaded[run.name if run.name not in loaded else f"{run.name} ({i})"] = (run, read_metrics(run))
+    task0 = next((r.get("task") for _, rows in loaded.values() for r in rows if r.get("kind") == "eval"), None)
+    data = {lab: RunCurves(run, rows, [r for r in rows if r.get("kind", "train") == "train"], val_curve(rows, task0))
+            for lab, (run, rows) in loaded.items()}
+    notes = [f"{lab}: no eval rows, plotting training reward instead" for lab, d in data.items() if not d.curve]
 
     def save(fig, name):
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
+        _pyplot().close(fig)
         notes.append(f"wrote {out_dir / name}")
 
-    # 1-2. Validation accuracy against steps, RL samples, and all samples (rl + fast rollouts).
+    save(plot_validation(data, task0), "val_accuracy.png")
+    save(plot_kl_vs_reward(data), "kl_vs_reward.png")
+    for lab, d in data.items():
+        fig = plot_continual(lab, d)
+        if fig is not None:
+            save(fig, f"continual_{d.folder.name}.png")
+    for lab, d in data.items():
+        fig = plot_lineage(lab, d)
+        if fig is not None:
+            save(fig, f"lineage_{d.folder.name}.png")
+    return notes + steps_to_reach_notes(data)
+
+
+def _pyplot():
+    import matplotlib  # here, not at the top: only the plots need it, and it is slow to import
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_validation(data: dict[str, RunCurves], task0):
+    """Validation accuracy against steps, RL samples, and all samples (RL + fast rollouts); a run
+    without eval rows shows its training reward, dotted; a dashed line is the seed prompt's accuracy
+    with the same weights (what the evolved prompt adds)."""
     xs = [("step", "step"), ("rollouts_rl", "RL samples"), ("rollouts_all", "all samples (RL + fast)")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for lab in data:
-        rows = curves[lab] or train[lab]
-        y = [r["mean_at_k"] if curves[lab] else r.get("reward_mean", float("nan")) for r in rows]
-        seed_rows = [r for r in data[lab][1] if r.get("kind") == "eval" and r.get("task") == task0
-                     and r.get("prompt") == "seed"] if curves[lab] and curves[lab][0].get("prompt") == "best" else []
+    fig, axes = _pyplot().subplots(1, 3, figsize=(15, 4))
+    for lab, d in data.items():
+        rows = d.curve or d.train
+        y = [r["mean_at_k"] if d.curve else r.get("reward_mean", float("nan")) for r in rows]
+        seed_rows = [r for r in d.rows if r.get("kind") == "eval" and r.get("task") == task0
+                     and r.get("prompt") == "seed"] if d.curve and d.curve[0].get("prompt") == "best" else []
         for ax, (key, xlabel) in zip(axes, xs):
             x_of = lambda rs: [r.get("rollouts_rl", 0) + r.get("rollouts_fast", 0) if key == "rollouts_all"  # noqa: E731
                                else r.get(key) for r in rs]
-            line, = ax.plot(x_of(rows), y, marker="o" if curves[lab] else None, ms=3,
-                            label=lab if curves[lab] else f"{lab} (train reward)", ls="-" if curves[lab] else ":")
-            if seed_rows:  # the same weights with the seed prompt: what the evolved prompt adds
+            line, = ax.plot(x_of(rows), y, marker="o" if d.curve else None, ms=3,
+                            label=lab if d.curve else f"{lab} (train reward)", ls="-" if d.curve else ":")
+            if seed_rows:
                 ax.plot(x_of(seed_rows), [r["mean_at_k"] for r in seed_rows], ls="--", lw=1,
                         color=line.get_color(), label=f"{lab} (seed prompt)")
             ax.set_xlabel(xlabel)
     axes[0].set_ylabel(f"validation mean@k{f' ({task0})' if task0 else ''}")
     axes[0].legend(fontsize=8)
-    save(fig, "val_accuracy.png")
+    return fig
 
-    # 3. Drift against reward (training rows), one colour per run.
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for lab, rows in train.items():
-        pts = [(r["reward_mean"], r["kl_to_base"]) for r in rows if "kl_to_base" in r and "reward_mean" in r]
+
+def plot_kl_vs_reward(data: dict[str, RunCurves]):
+    """Drift against reward (training rows), one colour per run."""
+    fig, ax = _pyplot().subplots(figsize=(5, 4))
+    for lab, d in data.items():
+        pts = [(r["reward_mean"], r["kl_to_base"]) for r in d.train if "kl_to_base" in r and "reward_mean" in r]
         if pts:
             ax.scatter(*zip(*pts), s=8, alpha=0.6, label=lab)
     ax.set_xlabel("training reward (mean)")
     ax.set_ylabel("KL(trained || base) per token")
     ax.legend(fontsize=8)
-    save(fig, "kl_vs_reward.png")
+    return fig
 
-    # 4. Continual runs: per-task curves with stage boundaries.
-    for lab, (run, rows) in data.items():
-        stages = _stage_starts(train[lab])
-        if len(stages) < 2:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name in dict.fromkeys(t for _, t in stages):
-            c = val_curve(rows, name)
-            if c:
-                ax.plot([r["step"] for r in c], [r["mean_at_k"] for r in c], marker="o", ms=3, label=name)
-            else:
-                pts = [r for r in train[lab] if r.get("task") == name]
-                ax.plot([r["step"] for r in pts], [r["reward_mean"] for r in pts], ls=":",
-                        label=f"{name} (train reward)")
-        for i, (step, name) in enumerate(stages):
-            if i:
-                ax.axvline(step - 0.5, color="grey", ls="--", lw=1)
-            ax.text(step, ax.get_ylim()[1], f" {name}", va="top", fontsize=8, color="grey")
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation mean@k")
-        ax.set_title(f"{lab}: continual, per task")
-        ax.legend(fontsize=8)
-        save(fig, f"continual_{run.name}.png")
 
-    # 5. Prompt lineage of fst/gepa runs: x = born step, y = mean anchor score, lines from parents.
-    for lab, (run, _) in data.items():
-        pool_files = sorted(run.glob("checkpoints/step_*[0-9]/pool.json"))
-        if not pool_files:
-            continue
-        pool_file = pool_files[-1]
-        prompts = {p["id"]: p for p in json.loads(pool_file.read_text())["prompts"]}
-        score = {i: sum(p["scores"].values()) / len(p["scores"]) if p["scores"] else 0.0 for i, p in prompts.items()}
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for i, p in prompts.items():
-            if p.get("parent_id") in prompts:
-                q = prompts[p["parent_id"]]
-                ax.plot([q["born_step"], p["born_step"]], [score[q["id"]], score[i]], color="grey", lw=1)
-        for top in (False, True):
-            pts = [i for i, p in prompts.items() if bool(p.get("in_top_k")) == top]
-            ax.scatter([prompts[i]["born_step"] for i in pts], [score[i] for i in pts], zorder=3,
-                       marker="*" if top else "o", s=90 if top else 30, label="in top-K" if top else "pool")
-        for i, p in prompts.items():
-            ax.annotate(f"{i} {p.get('operator', '')}", (p["born_step"], score[i]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("born at step")
-        ax.set_ylabel("mean score on the last anchor set")
-        ax.set_title(f"{lab}: prompt lineage ({pool_file.parent.name})")
-        ax.legend(fontsize=8)
-        save(fig, f"lineage_{run.name}.png")
+def plot_continual(lab: str, d: RunCurves):
+    """A continual run's per-task curves with its stage boundaries; None for a one-task run."""
+    stages = _stage_starts(d.train)
+    if len(stages) < 2:
+        return None
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
+    for name in dict.fromkeys(t for _, t in stages):
+        c = val_curve(d.rows, name)
+        if c:
+            ax.plot([r["step"] for r in c], [r["mean_at_k"] for r in c], marker="o", ms=3, label=name)
+        else:
+            pts = [r for r in d.train if r.get("task") == name]
+            ax.plot([r["step"] for r in pts], [r["reward_mean"] for r in pts], ls=":", label=f"{name} (train reward)")
+    for i, (step, name) in enumerate(stages):
+        if i:
+            ax.axvline(step - 0.5, color="grey", ls="--", lw=1)
+        ax.text(step, ax.get_ylim()[1], f" {name}", va="top", fontsize=8, color="grey")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation mean@k")
+    ax.set_title(f"{lab}: continual, per task")
+    ax.legend(fontsize=8)
+    return fig
 
-    # Steps each run needs to reach the first run's best validation accuracy.
+
+def plot_lineage(lab: str, d: RunCurves):
+    """The prompt lineage of an fst/gepa run from its last saved pool: x = born step, y = mean anchor
+    score, lines from parents, stars in the top K; None without a saved pool."""
+    pool_files = sorted(d.folder.glob("checkpoints/step_*[0-9]/pool.json"))
+    if not pool_files:
+        return None
+    pool_file = pool_files[-1]
+    prompts = {p["id"]: p for p in json.loads(pool_file.read_text())["prompts"]}
+    score = {i: sum(p["scores"].values()) / len(p["scores"]) if p["scores"] else 0.0 for i, p in prompts.items()}
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
+    for i, p in prompts.items():
+        if p.get("parent_id") in prompts:
+            q = prompts[p["parent_id"]]
+            ax.plot([q["born_step"], p["born_step"]], [score[q["id"]], score[i]], color="grey", lw=1)
+    for top in (False, True):
+        pts = [i for i, p in prompts.items() if bool(p.get("in_top_k")) == top]
+        ax.scatter([prompts[i]["born_step"] for i in pts], [score[i] for i in pts], zorder=3,
+                   marker="*" if top else "o", s=90 if top else 30, label="in top-K" if top else "pool")
+    for i, p in prompts.items():
+        ax.annotate(f"{i} {p.get('operator', '')}", (p["born_step"], score[i]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("born at step")
+    ax.set_ylabel("mean score on the last anchor set")
+    ax.set_title(f"{lab}: prompt lineage ({pool_file.parent.name})")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def steps_to_reach_notes(data: dict[str, RunCurves]) -> list[str]:
+    """The steps each run needs to reach the first run's best validation accuracy."""
     first = next(iter(data))
-    if curves[first]:
-        target = max(r["mean_at_k"] for r in curves[first])
-        notes.append(f"target: {first}'s best validation mean@k = {target:.3f}")
-        for lab, c in curves.items():
-            step = steps_to_reach(c, target) if c else None
-            notes.append(f"  {lab}: " + ("no eval rows" if not c else
-                                         "never" if step is None else f"step {step}"))
-    else:
-        notes.append(f"steps-to-reach skipped: {first} has no eval rows")
+    if not data[first].curve:
+        return [f"steps-to-reach skipped: {first} has no eval rows"]
+    target = max(r["mean_at_k"] for r in data[first].curve)
+    notes = [f"target: {first}'s best validation mean@k = {target:.3f}"]
+    for lab, d in data.items():
+        step = steps_to_reach(d.curve, target) if d.curve else None
+        notes.append(f"  {lab}: " + ("no eval rows" if not d.curve else "never" if step is None else f"step {step}"))
     return notes
 
 

@@ -20,21 +20,27 @@ What this file is, and what was simplified on purpose:
 - No vLLM, no trainer framework: sampling is rollout.py's batched group sampler, the loss is below.
 - Each step re-seeds from (seed, step), so a resumed run replays an uninterrupted one exactly.
 
-Layout: config -> model -> losses -> checkpoints -> the loop (`train`) -> command line.
+Layout: config -> model -> losses -> update guards -> checkpoints -> seeds -> the step's phases
+(one function each, which the benchmarks call too) -> the run: set-up and the loop (`train`) -> command line.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import bisect
+import contextlib
 import dataclasses
 import importlib.util
+import inspect
 import itertools
 import json
 import os
 import random
 import shutil
 import sys
+import textwrap
 import time
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +50,11 @@ from typing import Literal
 import numpy as np
 import torch
 import yaml
+from tqdm import tqdm
+
+import context_opt
+import rewards
+import rollout
 
 ROOT = Path(__file__).resolve().parent
 CACHE_DIR = Path(os.environ.get("FST_CACHE", Path.home() / ".cache" / "fst"))
@@ -70,7 +81,7 @@ class ModelConfig:
 class TaskConfig:
     name: str = "gsm8k"  # a name registered in rewards.py
     system_prompt: str = ""  # the seed prompt; "" = the task's own default
-    train_path: str | None = None  # gsm8k: local JSONL; None = hub openai/gsm8k
+    train_path: str | None = None  # gsm8k: local JSONL; null = hub openai/gsm8k
     test_path: str | None = None
     seed: int = 0  # procedural tasks: which problems get generated
     options: dict = field(default_factory=dict)  # any other keyword of the task's constructor
@@ -78,7 +89,7 @@ class TaskConfig:
 
 @dataclass
 class StageConfig(TaskConfig):
-    steps: int = 100  # continual learning: train on this task for this many steps, then the next
+    steps: int = 100  # continual learning: steps on this stage; a stage takes the task.* keys too
 
 
 @dataclass
@@ -109,6 +120,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 50  # checkpoint every N steps (and at the end, and on Ctrl-C)
     log_samples: int = 2  # completions per step written to samples.jsonl
+    keep_equal_groups: bool = False  # benchmarks: also train on groups whose rewards are all equal, as TRL does
 
 
 @dataclass
@@ -135,7 +147,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    mode: Literal["rl", "fst", "gepa"] = "rl"
+    mode: Literal["rl", "fst", "gepa"] = "rl"  # rl: the slow loop alone; fst: slow + fast; gepa: fast alone
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda = refuse to start without a GPU
     out_dir: str = "runs"
     run_name: str = ""  # "" = <config>-<mode>-<time>
@@ -230,6 +242,53 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_table() -> str:
+    """Every config key as a markdown table (key, default, meaning), made from the dataclasses and the
+    comments beside (or right above) their fields: the README's table is this (python fst.py --help-config)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, meaning in _config_rows(Config):
+        lines.append(f"| `{key}` | `{default}` | {meaning.replace('|', chr(92) + '|')} |")
+    return "\n".join(lines)
+
+
+def _config_rows(cls, prefix: str = ""):
+    comments = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):  # a section: its keys, prefixed
+            yield from _config_rows(hint, f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        yield prefix + f.name, _yaml_value(default), comments.get(f.name, "")
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+        if dataclasses.is_dataclass(item):  # a list of sections (schedule): the keys its class adds
+            own = set(item.__dict__.get("__annotations__", {}))
+            yield from (row for row in _config_rows(item, f"{prefix}{f.name}[i].")
+                        if row[0].rsplit(".", 1)[-1] in own)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """field name -> the comment on its line, else the comment lines right above it (joined)."""
+    lines = textwrap.dedent("".join(inspect.getsourcelines(cls)[0])).splitlines(keepends=True)
+    comment_at = {tok.start[0]: tok.string.lstrip("#").strip()
+                  for tok in tokenize.generate_tokens(iter(lines).__next__) if tok.type == tokenize.COMMENT}
+    out = {}
+    for node in ast.parse("".join(lines)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, n = [], node.lineno - 1
+            while n in comment_at and lines[n - 1].lstrip().startswith("#"):
+                above.insert(0, comment_at[n])
+                n -= 1
+            out[node.target.id] = comment_at.get(node.lineno) or " ".join(above)
+    return out
+
+
+def _yaml_value(value) -> str:
+    """A default as one writes it in YAML (1e-5, not 1e-05)."""
+    return repr(value).replace("e-0", "e-") if isinstance(value, float) else json.dumps(value)
+
+
 # ----------------------------------------------------------------------------------------------
 # Model: hub id / folder / GGUF -> (peft model with LoRA, tokenizer). 4-bit base via bitsandbytes.
 
@@ -301,7 +360,6 @@ def load_model(cfg: ModelConfig, device: torch.device, adapter_path: str | None 
         _hide_bitsandbytes_kernel_warning()  # must run before peft imports bitsandbytes
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
-    import rollout
 
     path = resolve_model_path(cfg.name)
     tok = load_tokenizer(path)
@@ -467,6 +525,33 @@ def check_gradient_flow(model, step: int):
             "keep_4bit_layers_differentiable), a module run under no_grad or detached, or frozen LoRA weights.")
 
 
+@dataclass
+class UpdateGuard:
+    """The guards' state across updates: the first update of a run (or of a resumed run) must reach
+    every LoRA layer, and a non-finite update is skipped, three in a row stop the run."""
+    run_dir: Path | None = None    # its last good checkpoint is named when the run stops
+    gradients_checked: bool = False
+    bad_updates: list[int] = field(default_factory=list)  # steps of the current streak of skipped updates
+
+    def check(self, model, params, loss_value: float, step: int, has_signal: bool = True) -> str | None:
+        """After the backward: why this update must be skipped, or None to take it. The gradient-flow
+        check waits for an update with a non-zero advantage (has_signal): at initialisation (lora_B = 0,
+        policy = base) one whose advantages are all zero has exactly zero gradients everywhere."""
+        skipped = nonfinite_update(loss_value, params)
+        if skipped:
+            self.bad_updates.append(step)
+            if len(self.bad_updates) >= 3:
+                last = latest_checkpoint(self.run_dir) if self.run_dir else None
+                raise TrainingError(f"{skipped} at steps {self.bad_updates[-3:]}: stopped after three "
+                                    f"in a row; the last good checkpoint is {last}")
+            return skipped
+        self.bad_updates.clear()
+        if not self.gradients_checked and has_signal:
+            check_gradient_flow(model, step)
+            self.gradients_checked = True
+        return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: adapter (safetensors, loadable by peft) + trainer state, one folder per step.
 
@@ -536,6 +621,26 @@ def _set_rng_state(state):
     torch.set_rng_state(state["torch"])
 
 
+# ----------------------------------------------------------------------------------------------
+# Seeds: every random stream of a run is a function of (seed, step, purpose), so a resumed run
+# replays the uninterrupted one exactly. Changing a row here changes every run's numbers.
+
+SEEDS = {  # purpose -> (seed, step, index) -> the integer that stream is seeded with
+    "init": lambda seed, step, i: seed,                                    # LoRA's initial A matrices
+    "stream": lambda seed, step, i: seed + i,                              # stage i's data order
+    "step": lambda seed, step, i: seed * 1_000_003 + step,                 # global RNGs and the sampler
+    "contexts": lambda seed, step, i: seed * 1_000_003 + step * 1000 + i,  # which pool prompts problem i gets
+    "fast": lambda seed, step, i: seed * 1_000_003 + step + 7,             # fast round: sampling, reflection
+    "fast_choices": lambda seed, step, i: seed * 1_000_003 + step,         # fast round: parents, minibatches
+    "validation": lambda seed, step, i: seed + 12345,                      # the same draws at every validation
+}
+
+
+def seed_for(purpose: str, seed: int, step: int = 0, index: int = 0) -> int:
+    """The seed of one random stream: `purpose` is a key of SEEDS, `seed` the run's train.seed."""
+    return SEEDS[purpose](seed, step, index)
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -543,7 +648,9 @@ def seed_everything(seed: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop.
+# One training step, in phases: 1-4 make_experience, 5 base_logprobs + mean_kl, 6 update,
+# 7 train_row + sample_rows, 8 fast_round_step. `train` below calls them in that order; the
+# benchmarks call the same functions.
 
 def assign_contexts(n_prompts: int, group_size: int, rng: random.Random) -> list[int]:
     """Which pool prompt each of a problem's G rollouts uses (mixing within the group):
@@ -554,251 +661,214 @@ def assign_contexts(n_prompts: int, group_size: int, rng: random.Random) -> list
     return sorted(choice)
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config"):
-    import context_opt
-    import rewards
-    import rollout
-    from tqdm import tqdm
+class RolloutPlan(typing.NamedTuple):
+    """What to sample (distinct chat prompts, a count each) and which problem and pool prompt each sample serves."""
+    chats: list[list[int]]   # token ids of each distinct (problem, pool prompt) chat
+    counts: list[int]        # samples of each chat
+    group: list[int]         # [R] the problem each sample answers, in sampling order
+    prompt_id: list[int]     # [R] the pool prompt each sample was written under
 
-    # --- set-up: device, model, tasks and their data streams, prompt pool, optimiser ----------
-    device = pick_device(cfg, config_name)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False) if ckpt else None
-    init = resolve_checkpoint(cfg.init_from) if cfg.init_from and not ckpt else None
-    seed_everything(cfg.train.seed)  # LoRA's A matrices are drawn from the global RNG
-    model, tok = load_model(cfg.model, device, adapter_path=str(ckpt or init) if (ckpt or init) else None)
-    stages = cfg.schedule or [StageConfig(**dataclasses.asdict(cfg.task), steps=cfg.train.steps)]
-    total_steps = sum(s.steps for s in stages)
-    tasks = [rewards.get_task(s.name, **_task_options(s)) for s in stages]
-    streams = [rewards.ProblemStream(t.load("train"), cfg.train.batch_size, cfg.train.seed + i)
-               for i, t in enumerate(tasks)]
-    # The seed prompt: the config's, else the task's own; a continual run starts task-agnostic.
-    seed_prompt = cfg.task.system_prompt or (rewards.TASK_AGNOSTIC_PROMPT if cfg.schedule
-                                             else tasks[0].default_system_prompt)
-    pool = context_opt.PromptPool(seed_prompt)
-    if init and cfg.init_pool and (init / "pool.json").exists():
-        pool = context_opt.PromptPool.load(init / "pool.json")
-    val_sets = {t.name: (t, t.load("test")[:cfg.eval.n]) for t in tasks} if cfg.eval.every else {}
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  weight_decay=cfg.train.weight_decay)
-    warmup = max(1, cfg.train.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    totals = {"rollouts_rl": 0, "rollouts_fast": 0, "reflector_calls": 0}
-    demo_buffer = []  # (problem, completion, reward) of past RL rollouts, for the demo operator
-    start = 0
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        for stream, s in zip(streams, state["streams"]):
-            stream.load_state_dict(s)
-        _set_rng_state(state["rng"])
-        pool = context_opt.PromptPool.load(ckpt / "pool.json")
-        totals, demo_buffer, start = state["totals"], state["demo_buffer"], state["step"] + 1
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            _truncate_jsonl(run_dir / name, start)
-        print(f"[fst] resumed from {ckpt} at step {start}", file=sys.stderr)
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
-    samples_file = open(run_dir / "samples.jsonl", "a")
-    G, loss_kind, mb = cfg.sampling.group_size, cfg.train.loss, cfg.train.micro_batch
-    gradients_checked, bad_updates = False, []  # state of the two update guards
 
-    def log(row):
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+def plan_rollouts(tok, task, problems: list[dict], prompts: list, group_size: int, seed: int,
+                  step: int) -> RolloutPlan:
+    """Step 1: each problem's G rollouts spread over the pool's active `prompts` (one group each)."""
+    plan = RolloutPlan([], [], [], [])
+    for g, problem in enumerate(problems):
+        choice = assign_contexts(len(prompts), group_size, random.Random(seed_for("contexts", seed, step, g)))
+        for k in sorted(set(choice)):
+            plan.chats.append(rollout.encode_chat(tok, task.messages(problem, prompts[k].text)))
+            plan.counts.append(choice.count(k))
+            plan.group.extend([g] * choice.count(k))
+            plan.prompt_id.extend([prompts[k].id] * choice.count(k))
+    return plan
 
-    def checkpoint(step):
-        save_checkpoint(run_dir, step, model, optimizer, scheduler, pool,
-                        {"streams": [s.state_dict() for s in streams], "totals": dict(totals),
-                         "demo_buffer": demo_buffer})
 
-    def validate(step):
-        """Held-out accuracy (mean@k, pass@k) of each task in play, seed prompt and pool's best.
-        `step` here counts the updates done so far: 0 is the model before training."""
-        import eval as evaluation
-        prompts = {"seed": seed_prompt} | ({"best": pool.best().text} if cfg.mode != "rl" else {})
-        for name, (task, problems) in val_sets.items():
-            for which, text in prompts.items():
-                gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 12345)  # same draws each time
-                acc = evaluation.evaluate(model, tok, task, problems, text, k=cfg.eval.k,
-                                          max_new_tokens=cfg.sampling.max_new_tokens,
-                                          temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                          generator=gen)
-                log({"kind": "eval", "step": step, "task": name, "prompt": which, **acc, **totals})
+@dataclass
+class Experience:
+    """One step's rollouts, everything row-aligned: row r is rollout r (R = B * G rows, the G rows of
+    each problem together)."""
+    problems: list[dict]              # the B problems
+    group: torch.Tensor               # [R] long: the problem row r answers
+    prompt_id: list[int]              # [R] the pool prompt row r was sampled under
+    rollouts: rollout.Rollouts        # [R] token ids, sampler log-probs, texts, finish reasons
+    scored: list[tuple[float, str]]   # [R] (reward, grader feedback) as the task returned them
+    reward: torch.Tensor              # [R] float32
+    advantage: torch.Tensor           # [R] one group per problem; 0 in dropped groups
+    keep: torch.Tensor                # [B] bool: the group's rewards differ (it carries signal)
+    batch: rollout.Batch              # the R rows collated on the device: ids, masks [R, P+T], [R, T]
+    sampler_logp: torch.Tensor        # [R, T] the sampler's log-prob of each token (0 on padding)
+    seconds_sampling: float = 0.0
 
-    if cfg.eval.every and start == 0:
-        validate(0)
-    stage_ends = list(itertools.accumulate(s.steps for s in stages))
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc=cfg.mode)
-    step = last_done = start - 1
-    try:
-        for step in bar:
-            t_step = time.perf_counter()
-            stage = bisect.bisect_right(stage_ends, step)  # continual learning: the task of this step
-            task, stream = tasks[stage], streams[stage]
-            stream_before = stream.state_dict()  # so Ctrl-C mid-step can un-read this step's batch
-            seed_everything(cfg.train.seed * 1_000_003 + step)  # replayable: resume == uninterrupted
-            gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step)
-            lr = optimizer.param_groups[0]["lr"]
 
-            # 1. B problems; each gets G rollouts spread over the pool's K prompts (one group each).
-            problems = stream.next_batch()
-            active = [p for p in pool if p.in_top_k]
-            chat, counts, group_of, prompt_of = [], [], [], []
-            for g, problem in enumerate(problems):
-                choice = assign_contexts(len(active), G, random.Random(cfg.train.seed * 1_000_003 + step * 1000 + g))
-                for k in sorted(set(choice)):
-                    chat.append(rollout.encode_chat(tok, task.messages(problem, active[k].text)))
-                    counts.append(choice.count(k))
-                    group_of += [g] * choice.count(k)
-                    prompt_of += [active[k].id] * choice.count(k)
+def make_experience(cfg: Config, run: Run, task, problems: list[dict], step: int) -> Experience:
+    """Steps 1-4: plan which pool prompt each rollout uses, sample all B*G completions (each distinct
+    prompt prefilled once), score them, and compute the advantages."""
+    plan = plan_rollouts(run.tok, task, problems, [p for p in run.pool if p.in_top_k],
+                         cfg.sampling.group_size, cfg.train.seed, step)
+    t0 = time.perf_counter()
+    gen = torch.Generator(device=run.device).manual_seed(seed_for("step", cfg.train.seed, step))
+    ro = rollout.sample(run.model, run.tok, plan.chats, plan.counts, max_new_tokens=cfg.sampling.max_new_tokens,
+                        temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                        stop=list(cfg.sampling.stop), generator=gen)
+    seconds = time.perf_counter() - t0
+    # A scorer that raises gives 0 and says why in the feedback.
+    scored = [rewards.score_completion(task, problems[g], text) for g, text in zip(plan.group, ro.texts)]
+    return experience_from(problems, plan.group, plan.prompt_id, ro, scored, scale_by_std=cfg.train.loss != "dr_grpo",
+                           pad_id=run.tok.pad_token_id, device=run.device, seconds_sampling=seconds)
 
-            # 2. Sample all B*G completions: each distinct prompt is prefilled once.
-            model.eval()
-            t0 = time.perf_counter()
-            ro = rollout.sample(model, tok, chat, counts, max_new_tokens=cfg.sampling.max_new_tokens,
-                                temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                stop=list(cfg.sampling.stop), generator=gen)
-            t_sample = time.perf_counter() - t0
-            totals["rollouts_rl"] += len(ro.texts)
 
-            # 3. Rewards and grader feedback (a scorer that raises gives 0 and says why).
-            scored = [rewards.score_completion(task, problems[group_of[i]], ro.texts[i])
-                      for i in range(len(ro.texts))]
-            reward = torch.tensor([r for r, _ in scored], dtype=torch.float32)
-            # Only fully correct answers become demo candidates: partial credit (a format reward)
-            # would otherwise teach wrong worked examples.
-            demo_buffer = (demo_buffer + [(problems[group_of[i]], ro.texts[i], r) for i, (r, _)
-                                          in enumerate(scored) if r >= 1.0])[-cfg.fast.demo_buffer:]
+def experience_from(problems, group: list[int], prompt_id: list[int], ro: rollout.Rollouts, scored, *,
+                    scale_by_std: bool, pad_id: int, device, seconds_sampling: float = 0.0) -> Experience:
+    """Step 4 and the tensors steps 5-6 read: advantages once per problem across all its G rollouts,
+    whatever prompt each used; the rows collated; the sampler's log-probs as a [R, T] tensor."""
+    reward = torch.tensor([r for r, _ in scored], dtype=torch.float32)
+    adv, keep = group_advantages(reward.view(len(problems), -1), scale_by_std=scale_by_std)
+    batch = rollout.collate(ro.prompt_ids, ro.completion_ids, pad_id, device)
+    sampler_logp = torch.zeros_like(batch.completion_mask)
+    for i, lp in enumerate(ro.logprobs):
+        sampler_logp[i, :len(lp)] = torch.tensor(lp)
+    return Experience(problems, torch.tensor(group), list(prompt_id), ro, list(scored), reward, adv.view(-1), keep,
+                      batch, sampler_logp, seconds_sampling)
 
-            # 4. Advantages, once per problem across all its G rollouts, whatever prompt each used.
-            adv, keep = group_advantages(reward.view(len(problems), G), scale_by_std=loss_kind != "dr_grpo")
-            adv, group = adv.view(-1), torch.tensor(group_of)
 
-            # 5. KL to base on every rollout: the sampler's log-probs vs one no-grad pass, adapter off.
-            t0 = time.perf_counter()
-            batch = rollout.collate(ro.prompt_ids, ro.completion_ids, tok.pad_token_id, device)
-            mask = batch.completion_mask
-            sampler_logp = torch.zeros_like(mask)
-            for i, lp in enumerate(ro.logprobs):
-                sampler_logp[i, :len(lp)] = torch.tensor(lp)
-            base_logp = torch.zeros_like(mask)
-            with torch.no_grad(), model.disable_adapter():
-                for s in range(0, len(ro.texts), mb):
-                    rows = torch.arange(s, min(s + mb, len(ro.texts)))
-                    base_logp[rows] = rollout.sequence_logprobs(model, _select(batch, rows), cfg.train.logprob_chunk)
-            kl = ((k3_kl(sampler_logp, base_logp) * mask).sum() / mask.sum().clamp(min=1)).item()
-            t_base = time.perf_counter() - t0
+@torch.no_grad()
+def base_logprobs(model, batch: rollout.Batch, micro_batch: int, chunk: int) -> torch.Tensor:
+    """Step 5: log p_base of every sampled token, [R, T]: one no-grad pass with the adapter off."""
+    base_logp = torch.zeros_like(batch.completion_mask)
+    n = batch.input_ids.shape[0]
+    with rollout.eval_mode(model), model.disable_adapter():
+        for s in range(0, n, micro_batch):
+            rows = torch.arange(s, min(s + micro_batch, n))
+            base_logp[rows] = rollout.sequence_logprobs(model, batch.rows(rows), chunk)
+    return base_logp
 
-            # 6. The update (not in gepa mode): loss over the kept groups, in micro-batches.
-            t0 = time.perf_counter()
-            skipped = None  # why this step's update was skipped, if it was
-            train_rows = keep[group].nonzero().view(-1) if cfg.mode != "gepa" else torch.zeros(0, dtype=torch.long)
-            loss_value, entropy_sum = 0.0, 0.0
-            if len(train_rows):
-                model.train()
-                weights = token_weights(loss_kind, mask[train_rows], group[train_rows], cfg.sampling.max_new_tokens)
-                optimizer.zero_grad(set_to_none=True)
-                for s in range(0, len(train_rows), mb):
-                    rows = train_rows[s:s + mb]
-                    logp, ent = rollout.sequence_logprobs(model, _select(batch, rows), cfg.train.logprob_chunk,
-                                                          with_entropy=True)
-                    loss = policy_loss(loss_kind, logp, logp.detach(), adv[rows].to(device),
-                                       weights[s:s + mb].to(device), base_logp=base_logp[rows],
-                                       kl_coef=cfg.train.kl_coef, cispo_tau=cfg.train.cispo_tau,
-                                       clip_eps=cfg.train.clip_eps, dapo_clip_high=cfg.train.dapo_clip_high)
-                    loss.backward()
-                    loss_value += loss.item()
-                    entropy_sum += (ent * mask[rows]).sum().item()
-                # Guards: a non-finite update is skipped (three in a row stop the run), and the
-                # first update of a (resumed) run proves that every LoRA layer receives a gradient.
-                skipped = nonfinite_update(loss_value, params)
-                if skipped:
-                    optimizer.zero_grad(set_to_none=True)
-                    bad_updates.append(step)
-                    if len(bad_updates) >= 3:
-                        raise TrainingError(f"{skipped} at steps {bad_updates[-3:]}: stopped after three "
-                                            f"in a row; the last good checkpoint is {latest_checkpoint(run_dir)}")
-                else:
-                    bad_updates.clear()
-                    if not gradients_checked:
-                        check_gradient_flow(model, step)
-                        gradients_checked = True
-                    if cfg.train.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-            t_train = time.perf_counter() - t0
 
-            # 7. Log: tqdm line, metrics.jsonl, a few samples.
-            lengths = mask.sum(1)
-            row = {
-                "kind": "train", "step": step, "mode": cfg.mode, "task": task.name,
-                "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
-                "accuracy": (reward >= 1.0).float().mean().item(), "kl_to_base": kl, "loss": loss_value,
-                "entropy": entropy_sum / mask[train_rows].sum().item() if len(train_rows) else None,
-                "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
-                "truncation_rate": sum(f == "length" for f in ro.finish_reasons) / len(ro.finish_reasons),
-                "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr, "update_skipped": skipped,
-                "seconds_sampling": t_sample, "seconds_base_kl": t_base, "seconds_training": t_train,
-                "tokens_per_s": ro.decode_tokens / max(t_sample, 1e-9),
-                "reward_by_prompt": {pid: reward[[i for i, p in enumerate(prompt_of) if p == pid]].mean().item()
-                                     for pid in sorted(set(prompt_of))},
-            }
-            for g in range(min(cfg.train.log_samples, len(problems))):
-                i = group_of.index(g)
-                samples_file.write(json.dumps({
-                    "step": step, "problem_id": problems[g]["id"], "prompt_id": prompt_of[i],
-                    "question": problems[g]["question"], "completion": ro.texts[i],
-                    "reward": scored[i][0], "feedback": scored[i][1]}) + "\n")
-            samples_file.flush()
+def mean_kl(exp: Experience, base_logp: torch.Tensor) -> float:
+    """KL(pi || base) per completion token: k3 on the sampled tokens, from the sampler's log-probs."""
+    mask = exp.batch.completion_mask
+    return ((k3_kl(exp.sampler_logp, base_logp) * mask).sum() / mask.sum().clamp(min=1)).item()
 
-            # 8. The fast loop (fst, gepa): every T steps, evolve the pool on the next T batches.
-            t_fast = 0.0
-            if cfg.mode != "rl" and (step + 1) % cfg.fast.every == 0:
-                t0 = time.perf_counter()
-                anchors = [p for b in stream.peek(cfg.fast.every) for p in b]
-                fast_gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + step + 7)
-                sampling = dict(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, generator=fast_gen)
-                evaluate = context_opt.make_evaluate(model, tok, task, max_new_tokens=cfg.sampling.max_new_tokens,
-                                                     **sampling)
-                reflect = _counted(context_opt.make_reflector(
-                    model, tok, use_adapter=cfg.fast.reflector == "policy",
-                    max_new_tokens=cfg.fast.reflector_max_new_tokens, temperature=cfg.fast.reflector_temperature,
-                    top_p=cfg.fast.reflector_top_p, generator=fast_gen), totals, "reflector_calls")
-                model.eval()
-                stats = context_opt.fast_round(
-                    pool, anchors, evaluate=evaluate, reflect=reflect, step=step,
-                    budget=int(cfg.fast.budget * len(anchors)), rng=random.Random(cfg.train.seed * 1_000_003 + step),
-                    operators=cfg.fast.operators, demo_buffer=demo_buffer, minibatch_size=cfg.fast.minibatch,
-                    top_k=cfg.fast.pool_size, max_prompt_chars=cfg.fast.max_prompt_chars)
-                totals["rollouts_fast"] += stats["metric_calls"]
-                pool.save(run_dir / "pool" / f"step_{step:06d}.json")
-                t_fast = time.perf_counter() - t0
-                log({"kind": "fast", **stats, **totals})
-            row.update(totals, seconds_fast=t_fast, seconds_step=time.perf_counter() - t_step)
-            log(row)
-            last_done = step  # the step's update, fast round and log line are all in
-            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{kl:.4f}", s_step=f"{row['seconds_step']:.1f}")
 
-            if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == total_steps):
-                validate(step + 1)
-            if (step + 1) % cfg.train.save_every == 0 or step + 1 == total_steps:
-                checkpoint(step)
-    except KeyboardInterrupt:
-        # Ctrl-C: save the last completed step. An unfinished step has read its batch (un-read it)
-        # and, unless Ctrl-C landed inside optimizer.step() itself, changed no weights.
-        if last_done < step:
-            streams[stage].load_state_dict(stream_before)
-        if last_done >= start:
-            checkpoint(last_done)
-            print(f"\n[fst] interrupted: saved step {last_done} in {run_dir}; "
-                  f"resume with: python fst.py --resume {run_dir}", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        metrics_file.close()
-        samples_file.close()
-    return run_dir
+@dataclass
+class UpdateStats:
+    """What step 6 did (the defaults: no update, as in gepa mode or when every group was dropped)."""
+    loss: float = 0.0              # the full-batch loss (the micro-batches' losses add up to it)
+    entropy: float | None = None   # mean per-token entropy of the trained rows; None: none trained
+    skipped: str | None = None     # why a guard dropped this update ("non-finite loss", ...)
+    rows: int = 0                  # rollouts trained on
+
+
+def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor, tc: TrainConfig,
+           max_new_tokens: int, guard: UpdateGuard, step: int) -> UpdateStats:
+    """Step 6: one optimiser step on the rows of the kept groups (all rows with tc.keep_equal_groups),
+    in micro-batches whose losses add up to the full-batch loss (token_weights over the whole batch).
+    The guard may skip it (non-finite) or stop the run (no gradient flow; three bad in a row)."""
+    group, mask = exp.group, exp.batch.completion_mask
+    train_rows = torch.arange(len(group)) if tc.keep_equal_groups else exp.keep[group].nonzero().view(-1)
+    if not len(train_rows):
+        return UpdateStats()
+    model.train()
+    weights = token_weights(tc.loss, mask[train_rows], group[train_rows], max_new_tokens)
+    optimizer.zero_grad(set_to_none=True)
+    loss_value, entropy_sum = 0.0, 0.0
+    for s in range(0, len(train_rows), tc.micro_batch):
+        rows = train_rows[s:s + tc.micro_batch]
+        logp, ent = rollout.sequence_logprobs(model, exp.batch.rows(rows), tc.logprob_chunk, with_entropy=True)
+        loss = policy_loss(tc.loss, logp, logp.detach(), exp.advantage[rows].to(mask.device),
+                           weights[s:s + tc.micro_batch].to(mask.device), base_logp=base_logp[rows],
+                           kl_coef=tc.kl_coef, cispo_tau=tc.cispo_tau, clip_eps=tc.clip_eps,
+                           dapo_clip_high=tc.dapo_clip_high)
+        loss.backward()
+        loss_value += loss.item()
+        entropy_sum += (ent * mask[rows]).sum().item()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    skipped = guard.check(model, params, loss_value, step, has_signal=bool(exp.advantage[train_rows].any()))
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        if tc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+    return UpdateStats(loss_value, entropy_sum / mask[train_rows].sum().item(), skipped, len(train_rows))
+
+
+def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: UpdateStats, lr: float,
+              seconds: dict) -> dict:
+    """Step 7: the step's metrics.jsonl row from what the phases returned (`seconds`: the base pass and
+    the update; the loop adds the counters and the fast round's time before writing it)."""
+    reward, lengths, ro = exp.reward, exp.batch.completion_mask.sum(1), exp.rollouts
+    return {
+        "kind": "train", "step": step, "mode": cfg.mode, "task": task.name,
+        "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
+        "accuracy": (reward >= 1.0).float().mean().item(), "kl_to_base": kl, "loss": upd.loss,
+        "entropy": upd.entropy,
+        "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
+        "truncation_rate": sum(f == "length" for f in ro.finish_reasons) / len(ro.finish_reasons),
+        "dropped_group_frac": 1.0 - exp.keep.float().mean().item(), "lr": lr, "update_skipped": upd.skipped,
+        "seconds_sampling": exp.seconds_sampling, "seconds_base_kl": seconds["seconds_base_kl"],
+        "seconds_training": seconds["seconds_training"],
+        "tokens_per_s": ro.decode_tokens / max(exp.seconds_sampling, 1e-9),
+        "reward_by_prompt": {pid: reward[[i for i, p in enumerate(exp.prompt_id) if p == pid]].mean().item()
+                             for pid in sorted(set(exp.prompt_id))},
+    }
+
+
+def sample_rows(exp: Experience, step: int, n: int) -> list[dict]:
+    """Step 7: samples.jsonl rows: the first rollout of each of the first n problems."""
+    group, rows = exp.group.tolist(), []
+    for g in range(min(n, len(exp.problems))):
+        i = group.index(g)
+        rows.append({"step": step, "problem_id": exp.problems[g]["id"], "prompt_id": exp.prompt_id[i],
+                     "question": exp.problems[g]["question"], "completion": exp.rollouts.texts[i],
+                     "reward": exp.scored[i][0], "feedback": exp.scored[i][1]})
+    return rows
+
+
+def fast_round_due(cfg: Config, step: int) -> bool:
+    return cfg.mode != "rl" and (step + 1) % cfg.fast.every == 0
+
+
+def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> float:
+    """Step 8 (fst, gepa; every T steps): evolve the pool on the problems of the next T batches (the
+    anchor set), the same model as critic; logs the round's "fast" row and returns its seconds."""
+    t0 = time.perf_counter()
+    anchors = [p for b in stream.peek(cfg.fast.every) for p in b]
+    gen = torch.Generator(device=run.device).manual_seed(seed_for("fast", cfg.train.seed, step))
+    evaluate = context_opt.make_evaluate(run.model, run.tok, task, max_new_tokens=cfg.sampling.max_new_tokens,
+                                         temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                                         generator=gen)
+    reflect = _counted(context_opt.make_reflector(
+        run.model, run.tok, use_adapter=cfg.fast.reflector == "policy",
+        max_new_tokens=cfg.fast.reflector_max_new_tokens, temperature=cfg.fast.reflector_temperature,
+        top_p=cfg.fast.reflector_top_p, generator=gen), run.totals, "reflector_calls")
+    with rollout.eval_mode(run.model):
+        stats = context_opt.fast_round(
+            run.pool, anchors, evaluate=evaluate, reflect=reflect, step=step,
+            budget=int(cfg.fast.budget * len(anchors)),
+            rng=random.Random(seed_for("fast_choices", cfg.train.seed, step)),
+            operators=cfg.fast.operators, demo_buffer=run.demo_buffer, minibatch_size=cfg.fast.minibatch,
+            top_k=cfg.fast.pool_size, max_prompt_chars=cfg.fast.max_prompt_chars)
+    run.totals["rollouts_fast"] += stats["metric_calls"]
+    run.pool.save(run.run_dir / "pool" / f"step_{step:06d}.json")
+    seconds = time.perf_counter() - t0
+    log({"kind": "fast", **stats, **run.totals})
+    return seconds
+
+
+def validate(cfg: Config, run: Run, step: int, log):
+    """Held-out accuracy (mean@k, pass@k) of each task in play, seed prompt and pool's best.
+    `step` here counts the updates done so far: 0 is the model before training."""
+    import eval as evaluation  # eval.py imports this file: at the top this import would be circular
+    prompts = {"seed": run.seed_prompt} | ({"best": run.pool.best().text} if cfg.mode != "rl" else {})
+    for name, (task, problems) in run.val_sets.items():
+        for which, text in prompts.items():
+            gen = torch.Generator(device=run.device).manual_seed(seed_for("validation", cfg.train.seed))
+            acc = evaluation.evaluate(run.model, run.tok, task, problems, text, k=cfg.eval.k,
+                                      max_new_tokens=cfg.sampling.max_new_tokens,
+                                      temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                                      generator=gen)
+            log({"kind": "eval", "step": step, "task": name, "prompt": which, **acc, **run.totals})
 
 
 def _counted(fn, totals: dict, key: str):
@@ -808,21 +878,187 @@ def _counted(fn, totals: dict, key: str):
     return wrapped
 
 
-def _task_options(tc: TaskConfig) -> dict:
-    """The TaskConfig fields this task's constructor takes (gsm8k has paths, procedural tasks a seed)."""
-    import inspect
-    import rewards
-    accepted = inspect.signature(rewards.TASKS[tc.name]).parameters if tc.name in rewards.TASKS else {}
-    options = {"seed": tc.seed, "train_path": tc.train_path, "test_path": tc.test_path}
-    return {k: v for k, v in options.items() if k in accepted} | tc.options
+# ----------------------------------------------------------------------------------------------
+# The run: set-up (a fresh run or a resumed one), then the loop.
+
+@dataclass
+class Run:
+    """What a run carries from step to step: built by start_run, saved by checkpoint()."""
+    run_dir: Path
+    device: torch.device
+    model: typing.Any                  # peft model: the LoRA adapter (trainable) on the base
+    tok: typing.Any
+    optimizer: torch.optim.Optimizer
+    scheduler: typing.Any
+    tasks: list                        # one task per stage (one stage unless cfg.schedule)
+    streams: list                      # each task's training batches (rewards.ProblemStream)
+    stage_ends: list[int]              # the step each stage ends before
+    seed_prompt: str
+    pool: context_opt.PromptPool       # the fast weights
+    val_sets: dict                     # task name -> (task, held-out problems); {} without eval.every
+    guard: UpdateGuard
+    totals: dict = field(default_factory=lambda: {"rollouts_rl": 0, "rollouts_fast": 0, "reflector_calls": 0})
+    demo_buffer: list = field(default_factory=list)  # (problem, completion, reward) for the demo operator
+    start: int = 0                     # the first step this process runs
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage_ends[-1]
+
+    def stage(self, step: int):
+        """(task, data stream) of `step` (continual learning: the stage it falls in)."""
+        i = bisect.bisect_right(self.stage_ends, step)
+        return self.tasks[i], self.streams[i]
+
+    def remember(self, exp: Experience, demo_buffer_size: int):
+        """Count the step's rollouts; keep its fully correct answers as demo candidates (partial credit,
+        a format reward, would otherwise teach wrong worked examples)."""
+        self.totals["rollouts_rl"] += len(exp.rollouts.texts)
+        demos = [(exp.problems[g], text, r) for g, text, (r, _) in
+                 zip(exp.group.tolist(), exp.rollouts.texts, exp.scored) if r >= 1.0]
+        self.demo_buffer = (self.demo_buffer + demos)[-demo_buffer_size:]
+
+    def checkpoint(self, step: int):
+        save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.pool,
+                        {"streams": [s.state_dict() for s in self.streams], "totals": dict(self.totals),
+                         "demo_buffer": self.demo_buffer})
+
+    def restore(self, ckpt: Path):
+        """Continue from `ckpt`: optimiser, scheduler, data positions, RNG, pool and counters as saved;
+        the log files lose the lines written after it."""
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for stream, s in zip(self.streams, state["streams"]):
+            stream.load_state_dict(s)
+        _set_rng_state(state["rng"])
+        self.pool = context_opt.PromptPool.load(ckpt / "pool.json")
+        self.totals, self.demo_buffer, self.start = state["totals"], state["demo_buffer"], state["step"] + 1
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            _truncate_jsonl(self.run_dir / name, self.start)
+        print(f"[fst] resumed from {ckpt} at step {self.start}", file=sys.stderr)
 
 
-def _select(batch, rows: torch.Tensor):
-    """The sub-batch of `rows`, trimmed to the columns those rows actually use."""
-    import rollout
-    rows = rows.to(batch.input_ids.device)
-    return rollout.Batch(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows],
-                         completion_mask=batch.completion_mask[rows], prompt_width=batch.prompt_width)
+def make_optimizer(model, tc: TrainConfig):
+    """(AdamW over the trainable LoRA weights, linear warm-up to tc.lr then constant)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    warmup = max(1, tc.warmup_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+
+def make_task(tc: TaskConfig):
+    """The task of a config's task section (or a schedule stage)."""
+    return rewards.task_from_config(tc.name, tc.seed, tc.train_path, tc.test_path, tc.options)
+
+
+def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config") -> Run:
+    """Set-up: device, model (a fresh adapter, the run's last checkpoint, or init_from's), the tasks and
+    their data streams, the prompt pool, the optimiser; on resume, all of it as the checkpoint left it."""
+    device = pick_device(cfg, config_name)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    init = resolve_checkpoint(cfg.init_from) if cfg.init_from and not ckpt else None
+    seed_everything(seed_for("init", cfg.train.seed))  # LoRA's A matrices are drawn from the global RNG
+    model, tok = load_model(cfg.model, device, adapter_path=str(ckpt or init) if (ckpt or init) else None)
+    stages = cfg.schedule or [StageConfig(**dataclasses.asdict(cfg.task), steps=cfg.train.steps)]
+    tasks = [make_task(s) for s in stages]
+    streams = [rewards.ProblemStream(t.load("train"), cfg.train.batch_size, seed_for("stream", cfg.train.seed, index=i))
+               for i, t in enumerate(tasks)]
+    # The seed prompt: the config's, else the task's own; a continual run starts task-agnostic.
+    seed_prompt = cfg.task.system_prompt or (rewards.TASK_AGNOSTIC_PROMPT if cfg.schedule
+                                             else tasks[0].default_system_prompt)
+    pool = context_opt.PromptPool(seed_prompt)
+    if init and cfg.init_pool and (init / "pool.json").exists():
+        pool = context_opt.PromptPool.load(init / "pool.json")
+    val_sets = {t.name: (t, t.load("test")[:cfg.eval.n]) for t in tasks} if cfg.eval.every else {}
+    optimizer, scheduler = make_optimizer(model, cfg.train)
+    run = Run(run_dir, device, model, tok, optimizer, scheduler, tasks, streams,
+              list(itertools.accumulate(s.steps for s in stages)), seed_prompt, pool, val_sets,
+              UpdateGuard(run_dir))
+    if ckpt:
+        run.restore(ckpt)
+    return run
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config"):
+    """The loop: set up (or resume), then per step 1-4 experience, 5 KL to base, 6 update, 7 log,
+    8 fast round; validation and checkpoints on their schedules; Ctrl-C saves the last whole step."""
+    run = start_run(cfg, run_dir, resume, config_name)
+    metrics_file, samples_file = open(run_dir / "metrics.jsonl", "a"), open(run_dir / "samples.jsonl", "a")
+
+    def log(row):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+
+    def log_samples(rows):
+        samples_file.write("".join(json.dumps(row) + "\n" for row in rows))
+        samples_file.flush()
+
+    if cfg.eval.every and run.start == 0:
+        validate(cfg, run, 0, log)
+    bar = tqdm(range(run.start, run.total_steps), initial=run.start, total=run.total_steps, desc=cfg.mode)
+    step = last_done = run.start - 1
+    try:
+        for step in bar:
+            t_step, seconds = time.perf_counter(), {}
+            task, stream = run.stage(step)  # continual learning: the task of this step
+            stream_before = stream.state_dict()  # so Ctrl-C mid-step can un-read this step's batch
+            seed_everything(seed_for("step", cfg.train.seed, step))  # replayable: resume == uninterrupted
+            lr = run.optimizer.param_groups[0]["lr"]
+
+            # 1-4. B problems x G rollouts over the pool's prompts: sampled, scored, advantages per problem.
+            exp = make_experience(cfg, run, task, stream.next_batch(), step)
+            run.remember(exp, cfg.fast.demo_buffer)
+
+            # 5. KL to base on every rollout: the sampler's log-probs vs one no-grad pass, adapter off.
+            with _timed(seconds, "seconds_base_kl"):
+                base_logp = base_logprobs(run.model, exp.batch, cfg.train.micro_batch, cfg.train.logprob_chunk)
+                kl = mean_kl(exp, base_logp)
+
+            # 6. The update (not in gepa mode): the loss over the kept groups, in micro-batches, guarded.
+            with _timed(seconds, "seconds_training"):
+                upd = (update(run.model, run.optimizer, run.scheduler, exp, base_logp, cfg.train,
+                              cfg.sampling.max_new_tokens, run.guard, step) if cfg.mode != "gepa" else UpdateStats())
+
+            # 7. Log: the metrics row (written after step 8, whose counters it includes), a few samples.
+            row = train_row(cfg, step, task, exp, kl, upd, lr, seconds)
+            log_samples(sample_rows(exp, step, cfg.train.log_samples))
+
+            # 8. The fast loop (fst, gepa): every T steps, evolve the pool on the next T batches.
+            t_fast = fast_round_step(cfg, run, task, stream, step, log) if fast_round_due(cfg, step) else 0.0
+
+            row.update(run.totals, seconds_fast=t_fast, seconds_step=time.perf_counter() - t_step)
+            log(row)
+            last_done = step  # the step's update, fast round and log line are all in
+            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{kl:.4f}", s_step=f"{row['seconds_step']:.1f}")
+            if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == run.total_steps):
+                validate(cfg, run, step + 1, log)
+            if (step + 1) % cfg.train.save_every == 0 or step + 1 == run.total_steps:
+                run.checkpoint(step)
+    except KeyboardInterrupt:
+        # Ctrl-C: save the last completed step. An unfinished step has read its batch (un-read it)
+        # and, unless Ctrl-C landed inside optimizer.step() itself, changed no weights.
+        if last_done < step:
+            stream.load_state_dict(stream_before)
+        if last_done >= run.start:
+            run.checkpoint(last_done)
+            print(f"\n[fst] interrupted: saved step {last_done} in {run_dir}; "
+                  f"resume with: python fst.py --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        metrics_file.close()
+        samples_file.close()
+    return run_dir
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict, key: str):
+    """seconds[key] = the wall time of the block."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = time.perf_counter() - t0
 
 
 def _truncate_jsonl(path: Path, resume_step: int):
@@ -855,7 +1091,12 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set train.steps=20 (repeatable)")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    ap.add_argument("--help-config", action="store_true",
+                    help="print every config key with its default and meaning (the README's table) and exit")
     args = ap.parse_args(argv)
+    if args.help_config:
+        print(config_table())
+        return
     if not args.config and not args.resume:
         ap.error("give --config (a new run) or --resume RUN_DIR")
     try:

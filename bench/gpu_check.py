@@ -13,8 +13,8 @@ rollout runs to max_new_tokens: the worst case for time and memory. Reported, as
       context separately) over the copy bandwidth of a big device-to-device copy -> tokens/s ceiling;
   sampler: rollout.sample tokens/s vs model.generate (prompts repeat_interleave'd, attention mask, cache);
   step: one fst RL step (sample B*G=64 x 512 tokens, rewards drawn at random with both outcomes in every
-      group, base no-grad pass for KL, CISPO update in micro-batches of 8) replicated with fst's own pieces
-      (rollout.sample/collate/sequence_logprobs, fst.group_advantages/token_weights/policy_loss/k3_kl),
+      group, base no-grad pass for KL, CISPO update in micro-batches of 8) run by the phase functions
+      fst.train calls (rollout.sample, fst.experience_from, fst.base_logprobs, fst.mean_kl, fst.update),
       seconds per phase and peak allocated GPU memory per phase vs the 22 GiB budget.
 """
 from __future__ import annotations
@@ -35,6 +35,9 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import fst  # noqa: E402
+import rollout  # noqa: E402
+
 PAD_ID, EOS_ID, GIB = 151643, 151645, 2**30
 SHAPES = {  # the real shapes; vocab 151936 everywhere
     "qwen2.5-1.5b": ("Qwen2Config", dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
@@ -130,7 +133,6 @@ def make_prompts(n: int, seed: int, lo: int = 120, hi: int = 200) -> list[list[i
 
 
 def sampler_vs_generate(model, tok, prompts, G, new_tokens, repeats, device) -> dict:
-    import rollout
     P = max(map(len, prompts))
     ids = torch.tensor([[PAD_ID] * (P - len(p)) + p for p in prompts], device=device).repeat_interleave(G, 0)
     mask = (torch.arange(P, device=device)[None] >= torch.tensor([P - len(p) for p in prompts], device=device)[:, None])
@@ -166,58 +168,40 @@ def sampler_vs_generate(model, tok, prompts, G, new_tokens, repeats, device) -> 
             "generate_tokens_per_s": med("generate"), "ratio": med("fst") / med("generate")}
 
 
-def rl_step(model, tok, optimizer, prompts, G, new_tokens, mb, chunk=64, kl_coef=1e-3, seed=0) -> dict:
-    """fst.train's steps 2-6 for one batch, timed and memory-measured phase by phase."""
-    import fst
-    import rollout
+def rl_step(model, tok, optimizer, scheduler, guard, prompts, G, new_tokens, mb, chunk=64, kl_coef=1e-3,
+            seed=0) -> dict:
+    """Steps 2-6 of fst.train for one batch, through the loop's own phase functions, each phase timed
+    and memory-measured. Rewards are drawn at random with both outcomes in every group (a random model
+    solves nothing), so every rollout is trained on."""
     device = model.get_input_embeddings().weight.device
     B, t, peaks = len(prompts), {}, {}
     peak_gib(reset=True)
     t0 = t_step = clock()
-    model.eval()
     ro = rollout.sample(model, tok, prompts, [G] * B, max_new_tokens=new_tokens, temperature=1.0,
                         generator=torch.Generator(device=device).manual_seed(seed))
     t["seconds_sampling"], peaks["sampling"] = clock() - t0, peak_gib(reset=True)
-    g = torch.Generator().manual_seed(seed)
-    reward = (torch.rand(B, G, generator=g) < 0.5).float()
-    reward[:, 0], reward[:, 1] = 1.0, 0.0  # every group has both outcomes: every rollout is trained on
-    adv, keep = fst.group_advantages(reward)
-    adv, group = adv.view(-1), torch.arange(B).repeat_interleave(G)
+    reward = (torch.rand(B, G, generator=torch.Generator().manual_seed(seed)) < 0.5).float()
+    reward[:, 0], reward[:, 1] = 1.0, 0.0
+    exp = fst.experience_from([{"id": i} for i in range(B)], [g for g in range(B) for _ in range(G)], [0] * B * G,
+                              ro, [(r, "") for r in reward.view(-1).tolist()], scale_by_std=True,
+                              pad_id=tok.pad_token_id, device=device)
     t0 = clock()
-    batch = rollout.collate(ro.prompt_ids, ro.completion_ids, tok.pad_token_id, device)
-    mask = batch.completion_mask
-    sampler_logp = torch.zeros_like(mask)
-    for i, lp in enumerate(ro.logprobs):
-        sampler_logp[i, :len(lp)] = torch.tensor(lp)
-    base_logp = torch.zeros_like(mask)
-    with torch.no_grad(), model.disable_adapter():
-        for s in range(0, len(ro.texts), mb):
-            rows = torch.arange(s, min(s + mb, len(ro.texts)))
-            base_logp[rows] = rollout.sequence_logprobs(model, fst._select(batch, rows), chunk)
-    kl = ((fst.k3_kl(sampler_logp, base_logp) * mask).sum() / mask.sum()).item()
+    base_logp = fst.base_logprobs(model, exp.batch, mb, chunk)
+    kl = fst.mean_kl(exp, base_logp)
     t["seconds_base_kl"], peaks["base_kl"] = clock() - t0, peak_gib(reset=True)
     t0 = clock()
-    model.train()
-    train_rows = keep[group].nonzero().view(-1)
-    weights = fst.token_weights("cispo", mask[train_rows], group[train_rows], new_tokens)
-    optimizer.zero_grad(set_to_none=True)
-    for s in range(0, len(train_rows), mb):
-        rows = train_rows[s:s + mb]
-        logp, ent = rollout.sequence_logprobs(model, fst._select(batch, rows), chunk, with_entropy=True)
-        loss = fst.policy_loss("cispo", logp, logp.detach(), adv[rows].to(device), weights[s:s + mb].to(device),
-                               base_logp=base_logp[rows], kl_coef=kl_coef)
-        loss.backward()
-    optimizer.step()
+    tc = fst.TrainConfig(loss="cispo", micro_batch=mb, logprob_chunk=chunk, kl_coef=kl_coef)
+    upd = fst.update(model, optimizer, scheduler, exp, base_logp, tc, new_tokens, guard, step=0)
     t["seconds_training"], peaks["training"] = clock() - t0, peak_gib(reset=True)
     t["seconds_step"] = clock() - t_step
     return {**{k: round(v, 3) for k, v in t.items()}, "tokens_per_s": round(ro.decode_tokens / t["seconds_sampling"], 1),
-            "rollouts": len(ro.texts), "mean_completion": sum(map(len, ro.completion_ids)) / len(ro.texts),
-            "max_seq": int(batch.input_ids.shape[1]), "kl": kl, "peak_gib_by_phase": peaks,
+            "rollouts": len(ro.texts), "trained_rollouts": upd.rows, "update_skipped": upd.skipped,
+            "mean_completion": sum(map(len, ro.completion_ids)) / len(ro.texts),
+            "max_seq": int(exp.batch.input_ids.shape[1]), "kl": kl, "loss": upd.loss, "peak_gib_by_phase": peaks,
             "peak_gib": max(v for v in peaks.values()) if peaks["sampling"] is not None else None}
 
 
 def check_model(name: str, a, root: Path, device: str, quant: str) -> dict:
-    import fst
     t0 = time.perf_counter()
     folder = build_folder(name, root, device)
     mcfg = fst.ModelConfig(name=str(folder), dtype="bfloat16" if device == "cuda" else "float32", quant=quant,
@@ -241,16 +225,17 @@ def check_model(name: str, a, root: Path, device: str, quant: str) -> dict:
         "bound_tokens_per_s_weights_kv": round(rows * bw / (wbytes + rows * mean_ctx * kv_per_token), 1)}
     res["sampler"] = sampler_vs_generate(model, tok, make_prompts(a.gen_prompts, 1), a.group, a.gen_tokens,
                                          a.repeats if name != "qwen3-8b" else a.repeats_8b, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    rl_step(model, tok, optimizer, make_prompts(2, 2), 2, 16, a.micro_batch)  # warm-up: kernels, Adam state
-    res["step"] = rl_step(model, tok, optimizer, make_prompts(a.batch, 3), a.group, a.new_tokens, a.micro_batch)
+    optimizer, scheduler = fst.make_optimizer(model, fst.TrainConfig(lr=1e-5))
+    guard = fst.UpdateGuard()  # its gradient-flow check runs on the warm-up step
+    rl_step(model, tok, optimizer, scheduler, guard, make_prompts(2, 2), 2, 16, a.micro_batch)  # warm-up: kernels, Adam
+    res["step"] = rl_step(model, tok, optimizer, scheduler, guard, make_prompts(a.batch, 3), a.group, a.new_tokens,
+                          a.micro_batch)
     res["step"]["fraction_of_decode_bound"] = round(
         res["step"]["tokens_per_s"] / res["decode_bound"]["bound_tokens_per_s_weights_kv"], 3)
     if res["step"]["peak_gib"] is not None:
         res["step"]["within_budget"] = res["step"]["peak_gib"] <= a.budget_gib
     print(f"[gpu_check] {name}: step {res['step']['seconds_step']}s, peak {res['step']['peak_gib']} GiB", file=sys.stderr)
-    del model, optimizer, params
+    del model, optimizer, scheduler
     if device == "cuda":
         torch.cuda.empty_cache()
     return res

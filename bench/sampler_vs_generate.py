@@ -25,12 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import fst  # noqa: E402
-import rewards  # noqa: E402
 import rollout  # noqa: E402
 
 
 def prompts_for(cfg, tok, n: int) -> list[list[int]]:
-    task = rewards.get_task(cfg.task.name, **fst._task_options(cfg.task))
+    task = fst.make_task(cfg.task)
     problems = task.load("test")[:n]
     return [rollout.encode_chat(tok, task.messages(p, cfg.task.system_prompt)) for p in problems]
 
