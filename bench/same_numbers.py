@@ -7,7 +7,7 @@
 For a refactor: each version is a copy of the code (`git archive REV` unpacked in a temp folder; the
 default `--new .` is this working tree as it is) and runs, in its own process, a short run of
 configs/tiny.yaml in rl and in fst mode: 3 steps, a fast round after step 1, validation before step 0
-and after step 3, groups of 4 and shorter completions than the tiny config, so it takes minutes on a
+and after step 3, completions of at most 48 tokens (the tiny config: 64), so it takes minutes on a
 CPU. Then metrics.jsonl, samples.jsonl and pool/*.json of the two versions are compared row by row with
 the timing fields left out. Exit status 0 when everything agrees; else the first difference of each
 file is printed.
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Fields that depend on wall-clock time, not on the computation.
 TIMING = {"seconds_sampling", "seconds_base_kl", "seconds_training", "seconds_fast", "seconds_step",
           "tokens_per_s", "seconds"}
-SETTINGS = {"train.steps": 3, "train.save_every": 100, "sampling.group_size": 4, "sampling.max_new_tokens": 32,
+SETTINGS = {"train.steps": 3, "train.save_every": 100, "sampling.group_size": 8, "sampling.max_new_tokens": 48,
             "fast.every": 2, "fast.budget": 2, "fast.reflector_max_new_tokens": 48,
             "eval.every": 3, "eval.n": 2, "eval.k": 2}
 
