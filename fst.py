@@ -380,14 +380,17 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: floa
     return adv * keep[:, None], keep
 
 
-def token_weights(loss: str, mask: torch.Tensor, group: torch.Tensor, max_new_tokens: int):
+def token_weights(loss: str, mask: torch.Tensor, group: torch.Tensor, max_new_tokens: int,
+                  batch_total=lambda count: count):
     """mask [R, T] completion tokens, group [R] group index -> weights [R, T] such that
     loss = sum(weights * per_token_loss). Precomputing them over the whole batch is what lets
-    micro-batches add up to exactly the full-batch loss."""
+    micro-batches add up to exactly the full-batch loss. Under torchrun each rank holds whole groups
+    of the batch; `batch_total` sums a count over the ranks (Dist.total), so the normalisers that
+    depend on the whole batch (groups, rows, tokens) are the one-process ones."""
     mask = mask.float()
-    n_rows = mask.shape[0]
+    n_rows = batch_total(torch.tensor(float(mask.shape[0])))
     if loss == "cispo":  # token mean within each group, then mean over groups (paper)
-        n_groups = int(group.unique().numel())
+        n_groups = batch_total(torch.tensor(float(group.unique().numel())))
         tokens_per_group = torch.zeros(int(group.max()) + 1).index_add_(0, group, mask.sum(1))
         return mask / tokens_per_group[group][:, None].clamp(min=1) / n_groups
     if loss == "grpo":  # mean over each sequence's tokens, then over sequences
@@ -395,7 +398,7 @@ def token_weights(loss: str, mask: torch.Tensor, group: torch.Tensor, max_new_to
     if loss == "dr_grpo":  # a constant normaliser: no length bias
         return mask / (max_new_tokens * n_rows)
     if loss == "dapo":  # token-level: every token of the batch counts the same
-        return mask / mask.sum().clamp(min=1)
+        return mask / batch_total(mask.sum()).clamp(min=1)
     raise ValueError(f"unknown loss {loss!r}")
 
 
@@ -421,6 +424,83 @@ def k3_kl(logp, base_logp):
     d = log base - log pi. Non-negative, unbiased, low variance (Schulman's k3)."""
     d = base_logp - logp
     return torch.exp(d) - d - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# More than one process: `torchrun --nproc_per_node N fst.py ...`. Every rank runs the same loop
+# (SPMD) on its share of each batch's problems, a group never spanning ranks; the few numbers that
+# depend on the whole batch are summed over ranks, LoRA gradients are summed once after the
+# micro-batches (an explicit all-reduce rather than DDP: the base-model pass, sampling and the
+# reflector all run the model outside a DDP wrapper, and one reduction per optimiser step is what
+# DDP's no_sync + last micro-batch would do anyway). Lists of independent work (rollouts to score,
+# reflections to write, problems to validate) are split over ranks and gathered, so every rank sees
+# the same results and takes the same decisions: the prompt pool stays identical without being sent.
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:  # rank 0 writes files and draws progress bars
+        return self.rank == 0
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of a tensor over ranks (the value itself in one process)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+        out = value.detach().clone().float()
+        dist.all_reduce(out)
+        return out
+
+    def shard(self, items: list) -> list:
+        """This rank's contiguous slice of `items`: sizes differ by at most one, rank order = item order."""
+        n, r = divmod(len(items), self.world)
+        start = self.rank * n + min(self.rank, r)
+        return items[start:start + n + (self.rank < r)]
+
+    def gather(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order, on every rank (picklable items)."""
+        if self.world == 1:
+            return list(items)
+        import torch.distributed as dist
+        parts = [None] * self.world
+        dist.all_gather_object(parts, list(items))
+        return [x for part in parts for x in part]
+
+    def map(self, fn, items: list) -> list:
+        """fn over a list of independent items, split over ranks; every rank gets all results in order."""
+        mine = self.shard(items)
+        return self.gather(fn(mine) if mine else [])
+
+    def sum_gradients(self, params):
+        """Sum every parameter's gradient over ranks, in one flat buffer (one collective call)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g)
+            offset += g.numel()
+
+
+def init_distributed() -> Dist:
+    """Dist() in a plain process; under torchrun (WORLD_SIZE > 1) joins the process group: NCCL with one
+    GPU per rank (LOCAL_RANK), gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
 
 
 # ----------------------------------------------------------------------------------------------
