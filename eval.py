@@ -410,9 +410,12 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set device=cpu --set model.quant=none")
     args = ap.parse_args(argv)
-    out = report(args.run, step=args.step, tasks=args.tasks, forgetting=args.forgetting, n=args.n, k=args.k,
-                 max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-                 overrides=args.set)
+    try:
+        out = report(args.run, step=args.step, tasks=args.tasks, forgetting=args.forgetting, n=args.n, k=args.k,
+                     max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+                     overrides=args.set)
+    except fst.ConfigError as e:  # a bad --set or a folder that is not a run: one line, like fst.py
+        raise SystemExit(f"config error: {e}")
     print(markdown(out))
     print(f"[eval] wrote {out['json_path']}", file=sys.stderr)
 

@@ -30,8 +30,10 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -52,6 +54,9 @@ CACHE_DIR = Path(os.environ.get("FST_CACHE", Path.home() / ".cache" / "fst"))
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass tree, loaded from YAML; unknown keys and wrong types fail at start-up.
 # Defaults follow the paper (fst-method.md) unless a comment says why not.
+# Each class's `ranges` gives every number its allowed values, checked by validate() at start-up:
+# ">= 1", "> 0", an interval "(0, 1]" / "[0, 1)", or "any". A list (betas) is checked per element.
+# A new numeric key needs its line there (tests/test_config.py checks that none is missing).
 
 @dataclass
 class ModelConfig:
@@ -65,6 +70,8 @@ class ModelConfig:
     lora_targets: str = "all-linear"
     gradient_checkpointing: bool = False  # trade compute for memory on long completions
 
+    ranges = {"lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)"}
+
 
 @dataclass
 class TaskConfig:
@@ -75,10 +82,14 @@ class TaskConfig:
     seed: int = 0  # procedural tasks: which problems get generated
     options: dict = field(default_factory=dict)  # any other keyword of the task's constructor
 
+    ranges = {"seed": "any"}
+
 
 @dataclass
 class StageConfig(TaskConfig):
     steps: int = 100  # continual learning: train on this task for this many steps, then the next
+
+    ranges = TaskConfig.ranges | {"steps": ">= 1"}
 
 
 @dataclass
@@ -88,6 +99,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)  # extra stop strings besides EOS
+
+    ranges = {"group_size": ">= 2",  # a group of one has no variance: every group would be dropped
+              "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]"}  # temperature 0 = greedy
 
 
 @dataclass
@@ -110,6 +124,12 @@ class TrainConfig:
     save_every: int = 50  # checkpoint every N steps (and at the end, and on Ctrl-C)
     log_samples: int = 2  # completions per step written to samples.jsonl
 
+    ranges = {"steps": ">= 1", "batch_size": ">= 1", "lr": "> 0", "warmup_steps": ">= 0", "betas": "[0, 1)",
+              "weight_decay": ">= 0", "max_grad_norm": ">= 0", "cispo_tau": "> 0",
+              "clip_eps": "(0, 1)",  # the ratio is clipped to [1 - eps, 1 + eps]: 1 - eps must stay > 0
+              "dapo_clip_high": "> 0", "kl_coef": ">= 0", "micro_batch": ">= 1", "logprob_chunk": ">= 1",
+              "seed": "any", "save_every": ">= 1", "log_samples": ">= 0"}
+
 
 @dataclass
 class FastConfig:
@@ -125,12 +145,19 @@ class FastConfig:
     reflector_temperature: float = 0.7
     reflector_top_p: float = 0.95
 
+    ranges = {"every": ">= 1", "pool_size": ">= 1", "budget": "> 0", "minibatch": ">= 1",
+              "demo_buffer": ">= 1",  # the buffer keeps its last N entries: N = 0 would keep them all
+              "max_prompt_chars": ">= 1", "reflector_max_new_tokens": ">= 1",
+              "reflector_temperature": ">= 0", "reflector_top_p": "(0, 1]"}
+
 
 @dataclass
 class EvalConfig:
     every: int = 0  # validate every N steps (0 = never during training)
     n: int = 100  # held-out problems per task
     k: int = 4  # samples per problem: mean@k and pass@k
+
+    ranges = {"every": ">= 0", "n": ">= 1", "k": ">= 1"}
 
 
 @dataclass
@@ -154,6 +181,9 @@ class Config:
 
 class ConfigError(ValueError):
     pass
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(value, hint, key: str):
@@ -183,6 +213,8 @@ def _coerce(value, hint, key: str):
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 2e-4 (no dot in the mantissa) as a string
     if hint is dict and isinstance(value, dict):
         return value
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -199,19 +231,65 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
 
 
+def in_range(value: float, spec: str) -> bool:
+    """Does `value` satisfy a `ranges` spec: "any", ">= a", "> a", "<= a", "< a", or an interval
+    "(a, b]" with [ or ( and ] or ) for closed or open ends? NaN and infinities satisfy only "any"."""
+    if spec == "any":
+        return True
+    if not math.isfinite(value):
+        return False
+    if spec[0] in "([":
+        low, high = (float(x) for x in spec[1:-1].split(","))
+        above = value >= low if spec[0] == "[" else value > low
+        below = value <= high if spec[-1] == "]" else value < high
+        return above and below
+    op, bound = spec.split()
+    return {">=": value >= float(bound), ">": value > float(bound),
+            "<=": value <= float(bound), "<": value < float(bound)}[op]
+
+
+def validate(node, prefix: str = "") -> None:
+    """Range-check every number of a config tree against its class's `ranges`; the first value out
+    of range raises ConfigError naming its key (`schedule[1].steps`) and the allowed range."""
+    ranges = getattr(type(node), "ranges", {})
+    for f in dataclasses.fields(node):
+        key, value = prefix + f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                validate(item, f"{key}[{i}].")
+        elif f.name in ranges:
+            spec = ranges[f.name]
+            for name, v in ([(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list)
+                            else [(key, value)]):
+                if not in_range(v, spec):
+                    where = f"in {spec}" if spec[0] in "([" else spec
+                    raise ConfigError(f"config key '{name}' must be {where}, got {v!r}")
+    if isinstance(node, TrainConfig) and len(node.betas) != 2:  # a shape, which `ranges` cannot say
+        raise ConfigError(f"config key '{prefix}betas' must be two numbers [beta1, beta2], got {node.betas}")
+
+
 def find_config(path: str) -> Path:
     """`gsm8k.yaml`, as users type it, also finds configs/gsm8k.yaml."""
     for candidate in (Path(path), ROOT / "configs" / path, ROOT / "configs" / f"{path}.yaml"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"config {path!r} not found (looked in . and {ROOT / 'configs'})")
+    raise ConfigError(f"config file {path!r} not found (looked in . and {ROOT / 'configs'})")
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
-    """YAML file (optional) + `a.b=value` overrides (values parsed as YAML) -> a checked Config."""
+    """YAML file (optional) + `a.b=value` overrides (values parsed as YAML) -> a Config whose keys,
+    types and ranges are checked (ConfigError names the first bad key)."""
     data = {}
     if path:
-        data = yaml.safe_load(find_config(path).read_text()) or {}
+        file = find_config(path)
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{file}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a mapping of config keys, got {type(data).__name__}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -222,8 +300,13 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
-        node[leaf] = yaml.safe_load(raw)
-    return _build(Config, data)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: the value is not valid YAML") from None
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -928,6 +1011,36 @@ def _truncate_jsonl(path: Path, resume_step: int):
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
+def check_paths_and_tasks(cfg: Config) -> None:
+    """What load_config cannot see in the keys alone, checked before a run folder exists: each task
+    (and schedule stage) is registered, takes the options given, and its data files exist; init_from
+    holds a checkpoint. Raises ConfigError (SystemExit for init_from) naming the key."""
+    import inspect
+    import rewards
+    for key, tc in [("task", cfg.task)] + [(f"schedule[{i}]", s) for i, s in enumerate(cfg.schedule)]:
+        if tc.name not in rewards.TASKS:
+            raise ConfigError(f"config key '{key}.name': unknown task {tc.name!r}; "
+                              f"registered tasks: {', '.join(sorted(rewards.TASKS))}")
+        accepted = inspect.signature(rewards.TASKS[tc.name]).parameters
+        for option in tc.options:
+            if option not in accepted:
+                raise ConfigError(f"config key '{key}.options.{option}': task {tc.name!r} takes no option "
+                                  f"{option!r}; its options are: {', '.join(accepted) or 'none'}")
+        for name in ("train_path", "test_path"):
+            path = getattr(tc, name)
+            if path is not None and name not in accepted:
+                raise ConfigError(f"config key '{key}.{name}': task {tc.name!r} reads no data files "
+                                  "(it generates its problems); remove the key")
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"config key '{key}.{name}': file not found: {path}")
+        try:
+            rewards.get_task(tc.name, **_task_options(tc))  # the constructor checks its option values
+        except Exception as e:  # whatever a task's constructor raises about its options
+            raise ConfigError(f"config key '{key}.options': task {tc.name!r} refused them: {e}") from None
+    if cfg.init_from:
+        resolve_checkpoint(cfg.init_from)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -938,16 +1051,25 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.config and not args.resume:
         ap.error("give --config (a new run) or --resume RUN_DIR")
+    # Every check that can fail runs here, before the run folder exists: one line, no traceback.
     try:
         if args.resume:
             run_dir = Path(args.resume)
-            cfg = load_config(str(run_dir / "config.yaml"), args.set)
             config_name = str(run_dir / "config.yaml")
+            if not (run_dir / "config.yaml").is_file():
+                raise SystemExit(f"--resume {run_dir}: not a run folder (no config.yaml in it)")
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None or not ckpt.is_dir():
+                raise SystemExit(f"--resume {run_dir}: no checkpoint saved there, nothing to resume; "
+                                 f"start it afresh with --config {config_name}")
+            cfg = load_config(config_name, args.set)
         else:
             cfg = load_config(args.config, args.set)
             config_name = str(find_config(args.config))
             name = cfg.run_name or f"{Path(args.config).stem}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
             run_dir = Path(cfg.out_dir) / name
+        check_paths_and_tasks(cfg)
+        pick_device(cfg, config_name)  # a GPU recipe on a CPU machine stops here too
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,7 @@ class GeneratedTask(Task):
 
 # ---------------------------------------------------------------- final answers
 _ANSWER_LINE = re.compile(r"\banswer\s*\**\s*:[ \t]*(.*)", re.IGNORECASE)
+_HASH_ANSWER = re.compile(r"####[ \t]*(.*)")  # GSM8K's own '#### 18'
 
 
 def boxed_contents(text: str) -> list[tuple[int, str]]:
@@ -157,10 +158,17 @@ def boxed_contents(text: str) -> list[tuple[int, str]]:
     return found
 
 
-def final_answer(text: str) -> str | None:
+def final_answer(text: str, hashes: bool = False) -> str | None:
     r"""The model's final answer: the last \boxed{...} or 'Answer: ...' line, whichever comes last
-    (so 'Answer: \boxed{7}' gives 7). An empty 'Answer:' line takes the next non-empty line."""
+    (so 'Answer: \boxed{7}' gives 7). An empty 'Answer:' line takes the next non-empty line.
+    hashes=True also reads GSM8K's '#### N', but only where N is a plain number ('#### 1,450,000',
+    '#### $18'), so a markdown heading ('#### Step 1', '#### 1. Compute') is never an answer."""
     candidates = boxed_contents(text)
+    if hashes:
+        for match in _HASH_ANSWER.finditer(text):
+            value = match.group(1).strip().strip("*").strip()
+            if re.fullmatch(_EXACT, _clean_number_text(value)):
+                candidates.append((match.start(), value))
     for match in _ANSWER_LINE.finditer(text):
         value = match.group(1).strip()
         if not value:
@@ -249,7 +257,7 @@ class GSM8K(Task):
         return problems
 
     def score(self, problem: dict, completion: str) -> tuple[float, str]:
-        gold, given = problem["answer"], final_answer(completion)
+        gold, given = problem["answer"], final_answer(completion, hashes=True)  # '#### N': GSM8K's own form
         reference = f"\nReference solution:\n{problem['solution']}" if problem.get("solution") else ""
         if given is None:
             return 0.0, _no_answer("\\boxed{N} or a line 'Answer: N'", gold) + reference

@@ -17,9 +17,10 @@ from conftest import ROOT
 # --- config -------------------------------------------------------------------------------------
 
 def test_config_defaults_and_overrides():
-    cfg = fst.load_config("tiny.yaml", ["train.steps=7", "sampling.temperature=1", "mode=fst"])
+    cfg = fst.load_config("tiny.yaml", ["train.steps=7", "sampling.temperature=1", "mode=fst", "train.lr=2e-4"])
     assert cfg.train.steps == 7 and cfg.mode == "fst"
     assert isinstance(cfg.sampling.temperature, float)  # ints widen to floats
+    assert cfg.train.lr == 2e-4  # YAML 1.1 reads '2e-4' as a string; a float key takes it as the number
     assert fst.find_config("gsm8k.yaml") == ROOT / "configs" / "gsm8k.yaml"
 
 
@@ -266,12 +267,12 @@ def test_continual_schedule_validation_and_init_from(tmp_path, tiny_model_dir, p
     trained, tok = fst.load_model(cfg.model, torch.device("cpu"), adapter_path=str(fst.resolve_checkpoint(str(tmp_path / "cont"))))
     probe = _run(tmp_path, "probe", tiny_model_dir, 1, ["--set", f"init_from={tmp_path / 'cont'}",
                                                          "--set", "task.name=countdown", "--set", "task.options={}",
-                                                         "--set", "train.lr=0"])
+                                                         "--set", "mode=gepa"])
     assert probe[0]["kl_to_base"] > 0  # it starts away from the base: the trained adapter is in
     started, _ = fst.load_model(cfg.model, torch.device("cpu"),
                                 adapter_path=str(fst.resolve_checkpoint(str(tmp_path / "probe"))))
     ids = torch.tensor([rollout.encode_chat(tok, [{"role": "user", "content": "hello"}])])
-    with torch.no_grad():  # lr 0: the probe's adapter is still the source checkpoint's
+    with torch.no_grad():  # gepa never updates the weights: the probe's adapter is the source checkpoint's
         assert torch.allclose(trained(ids).logits, started(ids).logits, atol=1e-5)
 
 

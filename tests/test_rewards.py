@@ -60,6 +60,41 @@ def test_gsm8k_thousands_separators(gsm8k, completion):
     assert score_completion(task, problems[2], completion)[0] == 1.0
 
 
+def test_gsm8k_gold_solutions_themselves_score_one(gsm8k):
+    """GSM8K's own final-answer form, '#### N', is an answer: every reference solution of the test
+    split, as written in the file (calculator notes and all), gets full reward."""
+    task, problems = gsm8k
+    lines = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()]
+    assert lines[0]["answer"].endswith("\n#### 18")
+    failed = [i for i, (line, problem) in enumerate(zip(lines, problems))
+              if score_completion(task, problem, line["answer"]) != (1.0, f"Correct: {problem['answer']}.")]
+    assert not failed
+
+
+@pytest.mark.parametrize("completion, reward", [
+    ("#### 18", 1.0), ("9 * 2 = 18\n#### 18", 1.0), ("#### $18", 1.0), ("#### 18.00", 1.0), ("####18", 1.0),
+    ("#### **18**", 1.0), ("She makes $18. #### 18", 1.0), ("#### 17", 0.0),
+    # the last of \boxed{}, 'Answer:' and '####' wins
+    ("Answer: 17\n#### 18", 1.0), ("#### 17\nAnswer: 18", 1.0), ("\\boxed{17}\n#### 18", 1.0),
+    ("#### 18\n\\boxed{17}", 0.0), ("Answer: 18\n#### 17", 0.0), ("#### 17\n\\boxed{18}", 1.0),
+    # markdown headings are not answers: '#### N' counts only when N is a plain number
+    ("#### Step 1: eggs left\n16 - 3 - 4 = 9\n#### Step 2: money\nAnswer: 18", 1.0),
+    ("Answer: 18\n#### Step 2: check the answer", 1.0),
+    ("#### 18. Check\nShe has 9 eggs left.", 0.0),
+])
+def test_gsm8k_hash_answers_and_which_answer_wins(gsm8k, completion, reward):
+    task, problems = gsm8k
+    assert score_completion(task, problems[0], completion)[0] == reward
+
+
+def test_gsm8k_hash_answer_with_thousands_separators(gsm8k):
+    task, problems = gsm8k
+    assert problems[611]["answer"] == "1450000"
+    assert score_completion(task, problems[611], "So the total is 1,450,000.\n#### 1,450,000")[0] == 1.0
+    reward, feedback = score_completion(task, problems[611], "#### 1. Add the costs\nThe total is 1,450,000.")
+    assert reward == 0.0 and feedback.startswith("No final answer found")
+
+
 def test_gsm8k_wrong_answer_feedback_names_both_and_shows_reference(gsm8k):
     task, problems = gsm8k
     reward, feedback = score_completion(task, problems[0], "so she makes 16 * 2 = 32\nAnswer: 32")
@@ -158,6 +193,9 @@ def test_final_answer_extraction():
     assert rewards.final_answer("**Answer:** 72") == rewards.final_answer("**Answer: 72**") == "72"
     assert rewards.final_answer("no answer here") is None
     assert rewards.final_answer("\\boxed{unclosed") is None
+    # '#### N' is read only when asked (gsm8k): other tasks' answers are not numbers after hashes
+    assert rewards.final_answer("#### 18") is None and rewards.final_answer("#### 18", hashes=True) == "18"
+    assert rewards.final_answer("#### 1,450,000\nAnswer: 3", hashes=True) == "3"
 
 
 # ---------------------------------------------------------------- procedural tasks
