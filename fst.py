@@ -307,7 +307,7 @@ def load_model(cfg: ModelConfig, device: torch.device, adapter_path: str | None 
     attn = rollout.attn_implementation() if cfg.attn == "auto" else cfg.attn
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise SystemExit("model.attn=flash_attention_2 but flash-attn is not installed "
-                         "(pip install -r requirements-gpu.txt), or use model.attn=auto")
+                         "(pip install --no-build-isolation -r requirements-gpu.txt), or use model.attn=auto")
     kwargs = dict(dtype=dtype, attn_implementation=attn)
     if cfg.quant != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
