@@ -488,9 +488,14 @@ class _TensorBoardTracker:
     def __init__(self, run_dir: Path, config: dict, first_step: int, project: str):
         from torch.utils.tensorboard import SummaryWriter
         # The event file sits in the run folder, so `tensorboard --logdir runs/` names curves by run.
-        # purge_step: a resumed run hides what the interrupted one logged after its checkpoint.
+        # purge_step: a resumed run hides what the interrupted one logged from its first step on...
         self.writer = SummaryWriter(str(run_dir), purge_step=first_step or None)
         self.text("config", yaml.safe_dump(config, sort_keys=False), first_step)
+        metrics = run_dir / "metrics.jsonl"
+        if first_step and metrics.exists():  # ...but rows metrics.jsonl kept there (validation) come back
+            for row in map(json.loads, metrics.read_text().splitlines()):
+                if row["step"] >= first_step:
+                    self.log(tracker_scalars(row), row["step"])
 
     def log(self, scalars: dict, step: int):
         for name, value in scalars.items():

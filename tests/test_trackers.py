@@ -60,18 +60,22 @@ def test_tensorboard_event_file_holds_rows_prompts_and_config(tmp_path):
 
 
 def test_tensorboard_after_resume_shows_the_replayed_steps_once(tmp_path):
-    """An interrupted run logged steps 0-3 but saved at step 1; the resumed run replays 2-3."""
+    """An interrupted run logged steps 0-3 but saved after step 1; the resumed run replays 2-3. A row
+    that metrics.jsonl kept at the resume step (validation after the checkpoint's update) stays."""
     pytest.importorskip("tensorboard")
+    kept_eval = {"kind": "eval", "step": 2, "task": "gsm8k", "prompt": "seed", "pass_at_k": 0.5}
     first = fst.Trackers(fst.LogConfig(report_to=["tensorboard"]), tmp_path, CONFIG)
-    for step in range(4):
-        first.log({"kind": "train", "step": step, "loss": float(step)})
+    for row in [{"kind": "train", "step": step, "loss": float(step)} for step in range(4)] + [kept_eval]:
+        first.log(row)
     first.close()
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(kept_eval) + "\n")  # as the resume left it
     resumed = fst.Trackers(fst.LogConfig(report_to=["tensorboard"]), tmp_path, CONFIG, first_step=2)
     for step in (2, 3):
         resumed.log({"kind": "train", "step": step, "loss": 10.0 + step})
     resumed.close()
     scalars, _ = _tensorboard_events(tmp_path)
-    assert scalars == {("train/loss", 0): 0.0, ("train/loss", 1): 1.0, ("train/loss", 2): 12.0, ("train/loss", 3): 13.0}
+    assert scalars == {("train/loss", 0): 0.0, ("train/loss", 1): 1.0, ("train/loss", 2): 12.0, ("train/loss", 3): 13.0,
+                       ("eval/gsm8k/seed/pass_at_k", 2): 0.5}
     # What tells every TensorBoard reader to drop the old steps 2-3: a session start at step 2.
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.compat.proto.event_pb2 import SessionLog
