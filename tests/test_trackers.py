@@ -109,7 +109,7 @@ def _wandb_records(path):
 
 
 def test_wandb_offline_run_holds_rows_prompts_and_config(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     for var, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": tmp_path / "cfg",
                        "WANDB_CACHE_DIR": tmp_path / "cache", "WANDB_DATA_DIR": tmp_path / "data"}.items():
         monkeypatch.setenv(var, str(value))
@@ -119,6 +119,7 @@ def test_wandb_offline_run_holds_rows_prompts_and_config(tmp_path, monkeypatch):
     for row in (TRAIN_ROW, FAST_ROW, EVAL_ROW):
         trackers.log(row)
     trackers.close()
+    wandb.teardown()  # run.finish() can return before W&B's service has written the whole file
     [offline_run] = (run_dir / "wandb").glob("offline-run-*")
     records = _wandb_records(next(offline_run.glob("run-*.wandb")))
     history = {}
