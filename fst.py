@@ -20,7 +20,8 @@ What this file is, and what was simplified on purpose:
 - No vLLM, no trainer framework: sampling is rollout.py's batched group sampler, the loss is below.
 - Each step re-seeds from (seed, step), so a resumed run replays an uninterrupted one exactly.
 
-Layout: config -> model -> losses -> checkpoints -> the loop (`train`) -> command line.
+Layout: config -> model -> losses -> checkpoints -> live curves (trackers) -> the loop (`train`)
+-> command line.
 """
 from __future__ import annotations
 
@@ -161,6 +162,13 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    # Live curves: any of tensorboard, wandb, trackio (optional installs); metrics.jsonl is always written.
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+    project: str = "fst"  # the W&B / trackio project the run goes to
+
+
+@dataclass
 class Config:
     mode: Literal["rl", "fst", "gepa"] = "rl"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda = refuse to start without a GPU
@@ -172,6 +180,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     fast: FastConfig = field(default_factory=FastConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # Continual learning: a list of stages {name: <task>, steps: N, ...}; replaces task/train.steps.
     schedule: list[StageConfig] = field(default_factory=list)
     # Plasticity probe: start from a trained adapter (RUN_DIR or a checkpoint folder), fresh optimiser.
@@ -392,7 +401,7 @@ def load_model(cfg: ModelConfig, device: torch.device, adapter_path: str | None 
     attn = rollout.attn_implementation() if cfg.attn == "auto" else cfg.attn
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise SystemExit("model.attn=flash_attention_2 but flash-attn is not installed "
-                         "(pip install -r requirements-gpu.txt), or use model.attn=auto")
+                         "(pip install --no-build-isolation -r requirements-gpu.txt), or use model.attn=auto")
     kwargs = dict(dtype=dtype, attn_implementation=attn)
     if cfg.quant != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -706,6 +715,162 @@ def seed_everything(seed: int):
 
 
 # ----------------------------------------------------------------------------------------------
+# Live curves: every metrics.jsonl row also goes to the trackers in `log.report_to` (TensorBoard,
+# W&B, trackio), as `<kind>/<key>` numbers, with the fast loop's accepted prompts as text and the
+# run's config. metrics.jsonl stays the record: a tracker is an optional install, and one that
+# fails mid-run is dropped with one warning while the run goes on.
+
+def tracker_scalars(row: dict) -> dict[str, float]:
+    """A metrics row -> {name: number}: `train/kl_to_base`, nested dicts flattened with '/'
+    (`train/reward_by_prompt/3`), eval rows under their task and prompt (`eval/gsm8k/best/pass_at_k`).
+    Strings, lists, None and the step itself (the x axis) are left out."""
+    kind = row.get("kind", "train")
+    prefix = f"eval/{row.get('task')}/{row.get('prompt')}" if kind == "eval" else kind
+    out = {}
+
+    def add(name, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{name}/{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+
+    for key, value in row.items():
+        if key not in ("kind", "step"):
+            add(f"{prefix}/{key}", value)
+    return out
+
+
+class _TensorBoardTracker:
+    package = "tensorboard"  # torch.utils.tensorboard, which writes the event files, needs it
+
+    def __init__(self, run_dir: Path, config: dict, first_step: int, project: str):
+        from torch.utils.tensorboard import SummaryWriter
+        # The event file sits in the run folder, so `tensorboard --logdir runs/` names curves by run.
+        # purge_step: a resumed run hides what the interrupted one logged from its first step on...
+        self.writer = SummaryWriter(str(run_dir), purge_step=first_step or None)
+        self.text("config", yaml.safe_dump(config, sort_keys=False), first_step)
+        metrics = run_dir / "metrics.jsonl"
+        if first_step and metrics.exists():  # ...but rows metrics.jsonl kept there (validation) come back
+            for row in map(json.loads, metrics.read_text().splitlines()):
+                if row["step"] >= first_step:
+                    self.log(tracker_scalars(row), row["step"])
+
+    def log(self, scalars: dict, step: int):
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()  # live: a row a step is cheap to write now
+
+    def text(self, name: str, text: str, step: int):
+        # TensorBoard renders markdown; indented lines show the prompt verbatim.
+        self.writer.add_text(name, "\n".join("    " + line for line in text.splitlines()), step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class _WandbTracker:
+    package = "wandb"
+
+    def __init__(self, run_dir: Path, config: dict, first_step: int, project: str):
+        import wandb
+        self.wandb = wandb
+        # --resume continues the same W&B run: its id is kept next to W&B's own files.
+        id_file = run_dir / "wandb" / "fst_run_id"
+        resuming = first_step > 0 and id_file.exists()
+        self.run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir), config=config,
+                              id=id_file.read_text().strip() if resuming else None,
+                              resume="allow" if resuming else None,
+                              settings=wandb.Settings(console="off"))  # leave stdout and tqdm alone
+        id_file.parent.mkdir(exist_ok=True)
+        id_file.write_text(self.run.id)
+
+    def log(self, scalars: dict, step: int):
+        self.run.log(scalars, step=step)
+
+    def text(self, name: str, text: str, step: int):
+        self.run.log({name: self.wandb.Table(columns=["step", "text"], data=[[step, text]])}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class _TrackioTracker:
+    package = "trackio"
+
+    def __init__(self, run_dir: Path, config: dict, first_step: int, project: str):
+        import trackio
+        self.trackio = trackio
+        self.run = trackio.init(project=project, name=run_dir.name, config=config,
+                                resume="allow" if first_step > 0 else "never")
+
+    def log(self, scalars: dict, step: int):
+        self.run.log(scalars, step=step)
+
+    def text(self, name: str, text: str, step: int):
+        if hasattr(self.trackio, "Markdown"):  # text panels arrived in later trackio releases
+            self.run.log({name: self.trackio.Markdown(f"```\n{text}\n```")}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+TRACKERS = {"tensorboard": _TensorBoardTracker, "wandb": _WandbTracker, "trackio": _TrackioTracker}
+
+
+def check_trackers(names) -> None:
+    """Start-up check, before the run folder exists: every requested tracker is installed."""
+    for name in names:
+        package = TRACKERS[name].package
+        if importlib.util.find_spec(package) is None:
+            raise SystemExit(f"log.report_to lists {name}, which is not installed: pip install {package} "
+                             f"(or drop it from log.report_to)")
+
+
+class Trackers:
+    """The trackers of `log.report_to` behind one call per metrics row. A tracker that cannot start
+    stops the run at once (better than hours without curves); one that raises later is dropped with
+    one warning, and the run goes on (metrics.jsonl has everything)."""
+
+    def __init__(self, cfg: LogConfig, run_dir: Path, config: dict, first_step: int = 0):
+        check_trackers(cfg.report_to)
+        self.active = {}
+        for name in dict.fromkeys(cfg.report_to):
+            try:
+                self.active[name] = TRACKERS[name](run_dir, config, first_step, cfg.project)
+            except Exception as e:
+                self.close()
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise SystemExit(f"log.report_to: {name} could not start: {type(e).__name__}: {reason}") from e
+
+    def log(self, row: dict):
+        step = int(row.get("step", 0))
+        self._each("log", tracker_scalars(row), step)
+        if row.get("accepted_prompts"):  # a fast round's new prompts, readable next to the curves
+            self.text("fast/accepted_prompts", "\n\n----\n\n".join(row["accepted_prompts"]), step)
+
+    def text(self, name: str, text: str, step: int):
+        self._each("text", name, text, step)
+
+    def close(self):
+        self._each("close")
+        self.active = {}
+
+    def _each(self, method: str, *args):
+        for name in list(self.active):
+            self._each_one(name, method, *args)
+
+    def _each_one(self, name: str, method: str, *args):
+        try:
+            getattr(self.active[name], method)(*args)
+        except Exception as e:
+            del self.active[name]
+            print(f"[fst] warning: {name} failed ({type(e).__name__}: {e}); it gets nothing more from "
+                  f"this run, which goes on (metrics.jsonl has every row)", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop.
 
 def assign_contexts(n_prompts: int, group_size: int, rng: random.Random) -> list[int]:
@@ -761,6 +926,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
         for name in ("metrics.jsonl", "samples.jsonl"):
             _truncate_jsonl(run_dir / name, start)
         print(f"[fst] resumed from {ckpt} at step {start}", file=sys.stderr)
+    trackers = Trackers(cfg.log, run_dir, config_to_dict(cfg), first_step=start)  # log.report_to
     metrics_file = open(run_dir / "metrics.jsonl", "a")
     samples_file = open(run_dir / "samples.jsonl", "a")
     G, loss_kind, mb = cfg.sampling.group_size, cfg.train.loss, cfg.train.micro_batch
@@ -769,6 +935,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
     def log(row):
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
+        trackers.log(row)
 
     def checkpoint(step):
         save_checkpoint(run_dir, step, model, optimizer, scheduler, pool,
@@ -961,6 +1128,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
     finally:
         metrics_file.close()
         samples_file.close()
+        trackers.close()
     return run_dir
 
 
@@ -1072,6 +1240,7 @@ def main(argv=None):
         pick_device(cfg, config_name)  # a GPU recipe on a CPU machine stops here too
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
+    check_trackers(cfg.log.report_to)  # a missing tracker stops us before the run folder exists
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "config.yaml.tmp"  # replaced whole: a kill never leaves half a config behind
     tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

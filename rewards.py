@@ -231,25 +231,31 @@ def _no_answer(form: str, expected: str) -> str:
 
 
 # ---------------------------------------------------------------- gsm8k
+GSM8K_HUB_ID = "openai/gsm8k"  # config "main", splits train/test, columns question/answer
+
+
 @register_task
 class GSM8K(Task):
     name = "gsm8k"
     default_system_prompt = ("Solve the math word problem. Reason step by step, briefly, then give the "
                              "final answer as a number on a last line 'Answer: <number>'.")
 
-    def __init__(self, train_path: str | None = None, test_path: str | None = None):
+    def __init__(self, train_path: str | None = None, test_path: str | None = None,
+                 dataset: str = GSM8K_HUB_ID):
         self.paths = {"train": train_path, "test": test_path}
+        self.dataset = dataset  # a split without a JSONL path comes from here (hub id or local copy)
 
     def load(self, split: str) -> list[dict]:
         if split not in self.paths:
             raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
         path = self.paths[split]
-        rows = read_jsonl(path, required=("question", "answer")) if path else _gsm8k_from_hub(split)
+        rows = (read_jsonl(path, required=("question", "answer")) if path
+                else load_hub_dataset(self.dataset, "main", split, required=("question", "answer")))
         problems = []
         for i, row in enumerate(rows):
             solution, sep, gold = row["answer"].rpartition("####")
             if not sep:
-                raise ValueError(f"{path or 'openai/gsm8k'}: problem {i}: answer has no '#### <gold>'")
+                raise ValueError(f"{path or self.dataset}: problem {i}: answer has no '#### <gold>'")
             problems.append({"id": f"gsm8k-{split}-{i}", "question": row["question"],
                              "answer": gold.strip().replace(",", ""),
                              # the worked solution, minus calculator notes <<48/2=24>>: reflection reads it
@@ -266,13 +272,26 @@ class GSM8K(Task):
         return 0.0, f"Expected {gold}, but your final answer was {_short(given)}." + reference
 
 
-def _gsm8k_from_hub(split: str) -> list[dict]:
+def load_hub_dataset(name: str, config: str, split: str, required: tuple[str, ...] = ()) -> list[dict]:
+    """One split of a `datasets` dataset as a list of dicts: a hub id (downloaded once, then read
+    from the HF cache; HF_DATASETS_OFFLINE=1 reads the cache only) or a local folder laid out like
+    the hub repository (README.md naming the configs, parquet/JSON files). Same call for both."""
     try:
         from datasets import load_dataset
     except ImportError as e:
-        raise ImportError("gsm8k without train_path/test_path loads openai/gsm8k from the Hugging Face "
-                          "hub, which needs `pip install datasets`; or pass local JSONL paths") from e
-    return [dict(row) for row in load_dataset("openai/gsm8k", "main", split=split)]
+        raise ImportError(f"loading {name!r} needs the `datasets` package (pip install -r requirements.txt); "
+                          "or pass local JSONL paths (task.train_path / task.test_path)") from e
+    try:
+        data = load_dataset(name, config, split=split)
+    except Exception as e:  # no network, unknown id, missing split: say what was asked and the way out
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise RuntimeError(f"could not load {name!r} (config {config!r}, split {split!r}) with `datasets`: "
+                           f"{type(e).__name__}: {reason}. Offline? Pass local JSONL paths "
+                           "(task.train_path / task.test_path)") from e
+    missing = [c for c in required if c not in data.column_names]
+    if missing:
+        raise ValueError(f"{name} ({config}, {split}): missing column(s) {', '.join(missing)}")
+    return [dict(row) for row in data]
 
 
 # ---------------------------------------------------------------- safe arithmetic on expressions
