@@ -145,6 +145,13 @@ class FastConfig:
     reflector_max_new_tokens: int = 1024
     reflector_temperature: float = 0.7
     reflector_top_p: float = 0.95
+    reflector_format: Literal["fenced", "free"] = "fenced"  # fenced: reply starts in the block, stops at its end
+    wave: int = 4  # children proposed at once (reflections and scoring batched); 1 = one at a time
+    rescore_parent: bool = True  # judge a child against a fresh rollout of its parent (fair); false = reuse
+
+    def __post_init__(self):
+        if self.wave < 1:
+            raise ConfigError(f"config key 'fast.wave' must be >= 1, got {self.wave}")
 
     ranges = {"every": ">= 1", "pool_size": ">= 1", "budget": "> 0", "minibatch": ">= 1",
               "demo_buffer": ">= 1",  # the buffer keeps its last N entries: N = 0 would keep them all
@@ -1095,13 +1102,15 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
                 reflect = _counted(context_opt.make_reflector(
                     model, tok, use_adapter=cfg.fast.reflector == "policy",
                     max_new_tokens=cfg.fast.reflector_max_new_tokens, temperature=cfg.fast.reflector_temperature,
-                    top_p=cfg.fast.reflector_top_p, generator=fast_gen), totals, "reflector_calls")
+                    top_p=cfg.fast.reflector_top_p, generator=fast_gen, reply_format=cfg.fast.reflector_format),
+                    totals, "reflector_calls")
                 model.eval()
                 stats = context_opt.fast_round(
                     pool, anchors, evaluate=evaluate, reflect=reflect, step=step,
                     budget=int(cfg.fast.budget * len(anchors)), rng=random.Random(cfg.train.seed * 1_000_003 + step),
                     operators=cfg.fast.operators, demo_buffer=demo_buffer, minibatch_size=cfg.fast.minibatch,
-                    top_k=cfg.fast.pool_size, max_prompt_chars=cfg.fast.max_prompt_chars)
+                    top_k=cfg.fast.pool_size, max_prompt_chars=cfg.fast.max_prompt_chars, wave=cfg.fast.wave,
+                    rescore_parent=cfg.fast.rescore_parent)
                 totals["rollouts_fast"] += stats["metric_calls"]
                 pool.save(run_dir / "pool" / f"step_{step:06d}.json")
                 t_fast = time.perf_counter() - t0
@@ -1133,9 +1142,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
 
 
 def _counted(fn, totals: dict, key: str):
-    def wrapped(*args, **kwargs):
-        totals[key] += 1
-        return fn(*args, **kwargs)
+    """fn(items, ...) that adds len(items) to totals[key]: a batched call counts each item."""
+    def wrapped(items, *args, **kwargs):
+        totals[key] += len(items)
+        return fn(items, *args, **kwargs)
     return wrapped
 
 

@@ -219,7 +219,7 @@ def _run(tmp_path, name, model_dir, steps, extra=(), resume=False):
 
 # Fields that depend on wall-clock time, not on the computation.
 TIMING = {"seconds_sampling", "seconds_base_kl", "seconds_training", "seconds_fast", "seconds_step",
-          "tokens_per_s", "seconds"}
+          "tokens_per_s", "seconds", "seconds_reflecting", "seconds_scoring", "seconds_demo"}
 
 
 
