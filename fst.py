@@ -149,11 +149,7 @@ class FastConfig:
     wave: int = 4  # children proposed at once (reflections and scoring batched); 1 = one at a time
     rescore_parent: bool = True  # judge a child against a fresh rollout of its parent (fair); false = reuse
 
-    def __post_init__(self):
-        if self.wave < 1:
-            raise ConfigError(f"config key 'fast.wave' must be >= 1, got {self.wave}")
-
-    ranges = {"every": ">= 1", "pool_size": ">= 1", "budget": "> 0", "minibatch": ">= 1",
+    ranges = {"every": ">= 1", "pool_size": ">= 1", "budget": "> 0", "minibatch": ">= 1", "wave": ">= 1",
               "demo_buffer": ">= 1",  # the buffer keeps its last N entries: N = 0 would keep them all
               "max_prompt_chars": ">= 1", "reflector_max_new_tokens": ">= 1",
               "reflector_temperature": ">= 0", "reflector_top_p": "(0, 1]"}
