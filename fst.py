@@ -714,9 +714,13 @@ def _select(batch, rows: torch.Tensor):
 
 
 def _truncate_jsonl(path: Path, first_dropped_step: int):
-    """On resume, drop lines written after the checkpoint so the log reads as one clean run."""
+    """On resume, drop lines written after the checkpoint so the log reads as one clean run.
+    An eval row's step counts the updates done, so the validation of the checkpoint's own weights
+    (step == first_dropped_step) was written before the checkpoint and stays."""
     if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] < first_dropped_step]
+        rows = [(ln, json.loads(ln)) for ln in path.read_text().splitlines()]
+        keep = [ln for ln, r in rows if r["step"] < first_dropped_step
+                or (r.get("kind") == "eval" and r["step"] == first_dropped_step)]
         path.write_text("".join(ln + "\n" for ln in keep))
 
 
