@@ -1,4 +1,4 @@
-"""eval.py: exact chunked KL against a full-logits reference, mean@k / pass@k against hand counts,
+"""eval.py: exact chunked KL against a full-logits reference, mean@k / accuracy / pass@k against hand counts,
 the 2x2 table on a stub, plots from synthetic run folders, and the CLI end to end on a tiny model."""
 import json
 
@@ -139,6 +139,7 @@ def test_evaluate_counts_mean_and_pass_at_k(monkeypatch, tiny_model, tokenizer):
     assert len(calls) == 1 and calls[0][1] == [2, 2, 2] and len(calls[0][0]) == 3
     assert calls[0][2]["temperature"] == 0.5 and calls[0][2]["max_new_tokens"] == 5
     assert out["mean_at_k"] == pytest.approx(3.5 / 6)
+    assert out["accuracy"] == pytest.approx(3 / 6)  # the "maybe" (0.5) is partial credit, not a success
     assert out["pass_at_k"] == pytest.approx(2 / 3)
     assert out["n"] == 3
 
