@@ -186,11 +186,13 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
                                       use_adapter=w == "trained", batch_size=batch_size, **sampling)
             return cache[key]
         table = two_by_two(lambda w, p: cell(w, p)["mean_at_k"])
+        table_acc = two_by_two(lambda w, p: cell(w, p)["accuracy"])
         table_pass = two_by_two(lambda w, p: cell(w, p)["pass_at_k"])
         drift = {p: kl_to_base(model, tok, task, problems, prompt[p], generator=gen(),
                                chunk_size=cfg.train.logprob_chunk, **sampling) for p in PROMPTS}
         out["tasks"][name] = {"seed_prompt": prompt["seed"], "accuracy": cell("trained", "evolved"),
-                              "two_by_two_mean_at_k": table, "two_by_two_pass_at_k": table_pass,
+                              "two_by_two_mean_at_k": table, "two_by_two_accuracy": table_acc,
+                              "two_by_two_pass_at_k": table_pass,
                               "kl_to_base": {"seed_prompt": drift["seed"], "evolved_prompt": drift["evolved"]}}
 
     others = forgetting if forgetting is not None else [t for t in rewards.TASKS if t not in tasks]

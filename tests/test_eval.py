@@ -270,9 +270,10 @@ def test_cli_report_on_a_tiny_run(tmp_path, tiny_model_dir, monkeypatch, capsys)
     out = json.loads((run / "eval" / "step_3.json").read_text())
     assert out["step"] == 3 and out["n"] == 2 and out["k"] == 2 and out["evolved_prompt"] == "Evolved: answer fast."
     t = out["tasks"]["arithmetic"]
-    for table in (t["two_by_two_mean_at_k"], t["two_by_two_pass_at_k"]):
+    for table in (t["two_by_two_mean_at_k"], t["two_by_two_accuracy"], t["two_by_two_pass_at_k"]):
         assert all(0 <= table[w][p] <= 1 for w in ("base", "trained") for p in ("seed", "evolved"))
     assert t["accuracy"]["mean_at_k"] == t["two_by_two_mean_at_k"]["trained"]["evolved"]
+    assert t["accuracy"]["accuracy"] == t["two_by_two_accuracy"]["trained"]["evolved"]
     assert t["kl_to_base"]["seed_prompt"] > 0 and t["kl_to_base"]["evolved_prompt"] > 0
     assert set(out["forgetting"]["countdown"]) == {"base", "trained", "delta_mean_at_k"}
     assert "no hub here" in out["forgetting"]["gsm8k"]["skipped"]
