@@ -405,7 +405,8 @@ def test_example_task_generator_agrees_with_checker(name):
 def test_example_tasks_hand_made_cases_and_default_sizes():
     """Feedback names the expected answer and the reason; the default split sizes can be generated."""
     compare = get_task("compare")
-    problem = {"id": "c", "question": "Which number is larger, 47 or 74?", "answer": "74", "rule": "74 is larger than 47"}
+    problem = {"id": "c", "question": "Which number is larger, 47 or 74?", "answer": "74",
+               "rule": "74 is larger than 47"}
     assert score_completion(compare, problem, "Answer: 47") == (
         0.0, "Expected 74, but your final answer was 47: 74 is larger than 47.")
     alpha = get_task("alphabetical")
