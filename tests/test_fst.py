@@ -227,7 +227,8 @@ TIMING = {"seconds_sampling", "seconds_base_kl", "seconds_training", "seconds_fa
 @pytest.mark.parametrize("mode", ["rl", "fst"])
 def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity_rewards, mode):
     extra = ["--set", f"mode={mode}", "--set", "fast.every=2", "--set", "fast.budget=2",
-             "--set", "fast.reflector_max_new_tokens=8", "--set", "fast.operators=[demo, reflect]"]
+             "--set", "fast.reflector_max_new_tokens=8", "--set", "fast.operators=[demo, reflect]",
+             "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2"]
     full = _run(tmp_path, "full", tiny_model_dir, 4, extra)
     train_rows = [m for m in full if m["kind"] == "train"]
     assert [m["step"] for m in train_rows] == [0, 1, 2, 3]
@@ -245,8 +246,11 @@ def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity
     for name in ("adapter_model.safetensors", "pool.json", "best_prompt.txt", "trainer_state.pt"):
         assert (ckpt / name).exists()
     resumed = _run(tmp_path, "part", tiny_model_dir, 4, resume=True)
-    assert len(part) == len([m for m in full if m["step"] <= 1])
+    assert len(part) == len([m for m in full if m["step"] <= 1 or (m["kind"] == "eval" and m["step"] == 2)])
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    # validation at 0, 2 (the checkpoint's own weights: kept on resume) and 4, as in one run
+    assert [(r["step"], r["prompt"]) for r in resumed if r["kind"] == "eval"] == \
+        [(s, p) for s in (0, 2, 4) for p in (["seed", "best"] if mode == "fst" else ["seed"])]
     assert strip(resumed) == strip(full)
 
 

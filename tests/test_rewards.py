@@ -397,3 +397,74 @@ def test_a_user_task_is_one_small_class(monkeypatch):
         get_task("capitals", uppercase=True)
     with pytest.raises(ValueError, match="already registered"):
         rewards.register_task("named")(Capitals)
+
+
+# ---------------------------------------------------------------- one-step tasks with an example turn
+EXAMPLE_TASKS = ["compare", "add", "word_count", "alphabetical"]
+
+
+def recompute(name, question):
+    """The answer worked out again from the question text alone, independently of the generator."""
+    import re
+    numbers = [int(n) for n in re.findall(r"\d+", question)]
+    words = re.findall(r"[a-z]+", question.split(":", 1)[-1])
+    if name == "compare":
+        return str(max(numbers) if "larger" in question else min(numbers))
+    if name == "add":
+        return str(sum(numbers))
+    if name == "word_count":
+        return str(len(words))
+    return sorted(words)[0]  # alphabetical
+
+
+@pytest.mark.parametrize("name", EXAMPLE_TASKS)
+def test_example_task_generator_agrees_with_checker(name):
+    """Every generated gold equals the answer recomputed from the question, scores 1 in the forms a
+    model writes it, and a wrong answer gets the format credit only, with the rule in the feedback."""
+    task = small(name, format_reward=0.1)
+    train, test = task.load("train"), task.load("test")
+    assert small(name).load("test") == test and len(train) == 300 and len(test) == 60
+    questions = [p["question"] for p in train + test]
+    assert len(set(questions)) == len(questions)
+    for problem in train + test:
+        gold = problem["answer"]
+        assert gold == recompute(name, problem["question"]), problem
+        for completion in [f"Let me think.\nAnswer: {gold}", f"\\boxed{{{gold}}}", f"Answer: **{gold}**."]:
+            assert score_completion(task, problem, completion) == (1.0, f"Correct: {problem['rule']}.")
+        reward, feedback = score_completion(task, problem, "I am not sure.")
+        assert reward == 0.0 and feedback.startswith("No final answer found") and gold in feedback
+        wrong = ("apple" if gold != "apple" else "zebra") if name == "alphabetical" else str(int(gold) + 1)
+        reward, feedback = score_completion(task, problem, f"Answer: {wrong}")
+        assert reward == 0.1  # well formed, wrong: the format credit only
+        assert feedback == f"Expected {gold}, but your final answer was {wrong}: {problem['rule']}."
+        assert score_completion(task, problem, "Answer: no idea at all")[0] == 0.0  # malformed: nothing
+
+
+def test_example_tasks_hand_made_cases_and_default_sizes():
+    """Feedback names the expected answer and the reason; the default split sizes can be generated."""
+    compare = get_task("compare")
+    problem = {"id": "c", "question": "Which number is larger, 47 or 74?", "answer": "74",
+               "rule": "74 is larger than 47"}
+    assert score_completion(compare, problem, "Answer: 47") == (
+        0.0, "Expected 74, but your final answer was 47: 74 is larger than 47.")
+    alpha = get_task("alphabetical")
+    problem = {"id": "a", "question": "...", "answer": "cloud", "rule": "cloud comes first"}
+    assert score_completion(alpha, problem, "Answer: Cloud.")[0] == 1.0  # case and a full stop do not matter
+    asks = [p["question"].split(",")[0] for p in compare.load("test")]
+    assert 150 < asks.count("Which number is smaller") < 350  # both directions are asked
+    for name in EXAMPLE_TASKS:
+        task = get_task(name)
+        assert len(task.load("train")) == 5000 and len(task.load("test")) == 500
+
+
+@pytest.mark.parametrize("name", EXAMPLE_TASKS)
+def test_example_turn_comes_before_the_problem_under_any_system_prompt(name):
+    task = small(name)
+    problem = task.load("test")[0]
+    question, solution = task.example
+    assert task.messages(problem, "Be brief.") == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": question},
+        {"role": "assistant", "content": solution}, {"role": "user", "content": problem["question"]}]
+    assert task.messages(problem)[0]["content"] == task.default_system_prompt
+    # the example's own answer is what the example's question asks for, in the form the scorer reads
+    assert rewards.final_answer(solution) == recompute(name, question)
