@@ -1,8 +1,9 @@
 """context_opt.py -- the fast weights: keep and improve a small Pareto pool of system prompts.
 
 Every T RL steps `fast_round` re-scores the pool on a fresh anchor set, proposes children of
-Pareto-sampled parents (GEPA-style reflective mutation, or a bootstrapped worked example), guards
-against malformed proposals, and keeps a child only if it strictly beats its parent on a minibatch.
+Pareto-sampled parents (GEPA-style reflective mutation, or a bootstrapped worked example) in waves
+of several at once, guards against malformed proposals, and keeps a child only if it strictly beats
+its parent, re-run beside it, on a minibatch.
 The core is model-free: it calls two plain callables, `evaluate` and `reflect`. The thin adapters at
 the bottom (make_evaluate, make_reflector) bind them to a model through rollout.py and rewards.py.
 """
@@ -15,13 +16,15 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 PERFECT = 1.0        # rewards live in [0, 1]; a prompt at 1.0 on a problem has nothing to learn there
 OPERATORS = ("reflect", "demo")
 REJECT_REASONS = ("empty", "no_fence", "too_long", "thinking", "same_as_parent", "copies_anchor",
                   "not_better")
 SKIP_REASONS = ("perfect_parent", "no_demo")
+REPLY_FORMATS = ("fenced", "free")   # the reflector's reply: starts inside the block, or free-form
+FENCE = "```"
 COPY_NGRAM = 8       # words per n-gram when looking for an anchor question pasted into a prompt
 COPY_FRACTION = 0.5  # share of a question's n-grams found in the prompt that counts as a copy
 
@@ -256,39 +259,90 @@ def _failures_first(parent: Prompt, problem_ids: list[str], size: int, rng) -> l
 Evaluate = Callable[[list[str], list[dict]], list[tuple[str, float, str]]]
 
 
+class Reflection(NamedTuple):
+    """One reply of the reflector: its text and the tokens generated for it. A reflect() callable may
+    return plain strings instead (a scripted reflector generates no tokens)."""
+    text: str
+    tokens: int = 0
+
+
+Reflect = Callable[[list[str]], list["Reflection | str"]]
+
+
+@dataclass
+class Proposal:
+    """One child of a wave, from its parent's draw to the acceptance test."""
+    operator: str
+    parent: Prompt
+    batch: list[int]                    # anchor indices of its minibatch
+    reflection_prompt: str = ""         # reflect: what the reflector reads
+    text: str | None = None             # the candidate prompt, once built and vetted
+    reason: str | None = None           # why it was rejected, if it was
+
+    @property
+    def scored(self) -> bool:
+        """Did it pass the guards (and so spend budget on its minibatch)?"""
+        return self.text is not None and self.reason in (None, "not_better")
+
+
 def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: Evaluate,
-               reflect: Callable[[str], str], step: int, budget: int, rng,
+               reflect: Reflect, step: int, budget: int, rng,
                operators: Sequence[str] = ("reflect",), demo_buffer: Sequence = (),
                minibatch_size: int = 3, top_k: int = 4, max_prompt_chars: int = 4000,
                problem_text: Callable[[dict], str] = lambda p: p["question"],
-               patience: int = 10) -> dict:
+               patience: int = 10, wave: int = 4, rescore_parent: bool = True) -> dict:
     """Improve the pool in place on this round's anchor set; return stats.
 
     evaluate(prompt_texts, problems) scores aligned (prompt, problem) pairs, one rollout each, in one
-    batched call -> [(completion, reward, feedback)]. reflect(prompt) -> the reflector's raw text.
+    batched call -> [(completion, reward, feedback)]. reflect(prompts) -> one reply per reflection
+    prompt (a Reflection or a str), all generated in one batched call.
+
+    The round proposes in waves of `wave` children: it draws that many parents (and their
+    minibatches) from the pool as it stands, builds every child (all reflections in one reflect call,
+    demo children beside them), vets them, scores every surviving child on its minibatch in one
+    evaluate call, accepts or rejects each against its own parent (strict improvement), scores the
+    accepted ones on the rest of the anchors in one more call, and repeats. wave=1 is the sequential
+    loop: one proposal at a time, each seeing the children accepted before it.
+
+    rescore_parent: the parent's side of the acceptance test is a fresh rollout of the parent on the
+    child's minibatch, in the same evaluate call as the children (shared by its children in a wave,
+    charged to the budget). The minibatch is picked from the parent's failures, so its anchor scores
+    there are its unlucky draws: judged against those (rescore_parent=False) a child no better than
+    its parent passes about twice as often as a fair test lets it.
+
     Budget = metric calls (rollouts) of the proposal loop (paper: 5 x anchors). Scoring the L live
     prompts on the anchor set first is the round's step 2 and is counted in metric_calls but not
-    charged to the budget: with K = 4 it would otherwise eat 4/5 of it. A proposal starts only while
-    a minibatch still fits, but an accepted child is always scored on the rest of the anchors, so
-    metric_calls <= L * len(anchors) + budget + len(anchors) - minibatch. `patience` consecutive
-    iterations that spend nothing (skips, guard rejections) end the round: reflecting costs time too.
+    charged to the budget: with K = 4 it would otherwise eat 4/5 of it. A proposal joins a wave only
+    while its minibatch (and its parent's, when re-scored) still fits, but an accepted child is always
+    scored on the rest of the anchors, so metric_calls <= L * len(anchors) + budget
+    + wave * (len(anchors) - minibatch). `patience` consecutive draws that spend nothing (skips,
+    guard rejections; counted in draw order, checked between waves) end the round: reflecting costs
+    time too.
     """
     if unknown := set(operators) - set(OPERATORS):
         raise ValueError(f"unknown operators {sorted(unknown)}; known: {OPERATORS}")
     if not anchor_problems:
         raise ValueError("fast_round needs at least one anchor problem")
+    if wave < 1:
+        raise ValueError(f"wave must be >= 1, got {wave}")
     t0 = time.perf_counter()
     anchors = list(anchor_problems)
     ids = [str(p["id"]) for p in anchors]
     questions = [problem_text(p) for p in anchors]
     outputs: dict[tuple[int, str], tuple[str, float, str]] = {}   # (prompt id, problem id) -> result
-    stats = {"step": step, "anchor_size": len(anchors), "budget": budget, "metric_calls": 0,
-             "proposals": 0, "accepted": 0, "rejected": dict.fromkeys(REJECT_REASONS, 0),
+    stats = {"step": step, "anchor_size": len(anchors), "budget": budget, "wave": wave, "metric_calls": 0,
+             "waves": 0, "proposals": 0, "accepted": 0, "rejected": dict.fromkeys(REJECT_REASONS, 0),
+             "rejected_by_operator": {op: dict.fromkeys(REJECT_REASONS, 0) for op in operators},
              "skipped": dict.fromkeys(SKIP_REASONS, 0), "proposals_by_operator": dict.fromkeys(operators, 0),
-             "accepted_by_operator": dict.fromkeys(operators, 0), "accepted_prompts": []}
+             "accepted_by_operator": dict.fromkeys(operators, 0), "accepted_prompts": [],
+             "seconds_reflecting": 0.0, "seconds_scoring": 0.0, "seconds_demo": 0.0, "reflector_tokens": 0}
 
     def run(texts: list[str], problems: list[dict]) -> list[tuple[str, float, str]]:
+        if not texts:
+            return []
+        started = time.perf_counter()
         results = evaluate(texts, problems)
+        stats["seconds_scoring"] += time.perf_counter() - started
         if len(results) != len(texts):
             raise ValueError(f"evaluate returned {len(results)} results for {len(texts)} pairs")
         stats["metric_calls"] += len(texts)
@@ -298,6 +352,11 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: E
         for i, result in zip(indices, results, strict=True):
             prompt.scores[ids[i]] = result[1]
             outputs[prompt.id, ids[i]] = result
+
+    def reject(proposal: Proposal, reason: str) -> None:
+        proposal.reason = reason
+        stats["rejected"][reason] += 1
+        stats["rejected_by_operator"][proposal.operator][reason] += 1
 
     # The prompts RL used since the last round; survivors outside the top K are dropped here, since
     # their scores belong to an old anchor set and re-scoring them all would eat the whole budget.
@@ -312,49 +371,109 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: E
     stats["mean_score_before"] = sum(p.mean_score() for p in live) / len(live)
 
     size = min(minibatch_size, len(anchors))
+    most = size * (2 if rescore_parent else 1)      # the most one proposal can cost on its minibatch
     idle = turn = 0
     scoring_calls = stats["metric_calls"]
-    while stats["metric_calls"] - scoring_calls + size <= budget and idle < patience:
-        idle += 1                                    # reset below once this iteration spends budget
-        parent = pool.sample_parent(rng, ids)
-        operator = operators[turn % len(operators)]
-        turn += 1
-        batch = _failures_first(parent, ids, size, rng)
-        if batch is None:
-            stats["skipped"]["perfect_parent"] += 1
-            continue
-        if operator == "reflect":
-            examples = [{"question": questions[i], "output": outputs[parent.id, ids[i]][0],
-                         "reward": outputs[parent.id, ids[i]][1], "feedback": outputs[parent.id, ids[i]][2]}
-                        for i in batch]
-            text, reason = vet_reflection(reflect(build_reflection_prompt(parent.text, examples)),
-                                          parent.text, questions, max_prompt_chars)
-        else:
-            text = make_demo(parent.text, demo_buffer, set(ids), rng, problem_text)
-            if text is None:
-                stats["skipped"]["no_demo"] += 1
+    while stats["metric_calls"] - scoring_calls + most <= budget and idle < patience:
+        # 1. Draw up to `wave` proposals: parent, operator, minibatch, and the demo child or the
+        #    reflection prompt. A draw the budget could not score ends the wave before it is made.
+        spent = stats["metric_calls"] - scoring_calls
+        draws: list[Proposal | None] = []           # in draw order; None = a skip
+        reserved, fresh_pairs, run_idle = 0, set(), idle
+        while (sum(d is not None for d in draws) < wave and run_idle < patience
+               and spent + reserved + most <= budget):
+            parent = pool.sample_parent(rng, ids)
+            operator = operators[turn % len(operators)]
+            turn += 1
+            batch = _failures_first(parent, ids, size, rng)
+            if batch is None:
+                stats["skipped"]["perfect_parent"] += 1
+                draws.append(None)
+                run_idle += 1
                 continue
-            reason = check_proposal(text, parent.text, questions, max_prompt_chars)
-        stats["proposals"] += 1
-        stats["proposals_by_operator"][operator] += 1
-        if reason:
-            stats["rejected"][reason] += 1
-            continue
-        idle = 0
-        child_results = run([text] * len(batch), [anchors[i] for i in batch])
-        # The parent's side of the test is its anchor scores from this round (same weights, one
-        # rollout each), not a fresh re-run: it saves budget, and they are the very rollouts the
-        # reflector just read.
-        if sum(r for _, r, _ in child_results) <= sum(parent.scores[ids[i]] for i in batch):
-            stats["rejected"]["not_better"] += 1
-            continue
-        child = pool.add(text, parent_id=parent.id, step=step, operator=operator)
-        record(child, batch, child_results)
-        rest = [i for i in everything if i not in batch]
-        record(child, rest, run([text] * len(rest), [anchors[i] for i in rest]) if rest else [])
-        stats["accepted"] += 1
-        stats["accepted_by_operator"][operator] += 1
-        stats["accepted_prompts"].append(text)
+            proposal = Proposal(operator, parent, batch)
+            if operator == "reflect":
+                examples = [{"question": questions[i], "output": outputs[parent.id, ids[i]][0],
+                             "reward": outputs[parent.id, ids[i]][1], "feedback": outputs[parent.id, ids[i]][2]}
+                            for i in batch]
+                proposal.reflection_prompt = build_reflection_prompt(parent.text, examples)
+            else:
+                started = time.perf_counter()
+                proposal.text = make_demo(parent.text, demo_buffer, set(ids), rng, problem_text)
+                stats["seconds_demo"] += time.perf_counter() - started
+                if proposal.text is None:
+                    stats["skipped"]["no_demo"] += 1
+                    draws.append(None)
+                    run_idle += 1
+                    continue
+            stats["proposals"] += 1
+            stats["proposals_by_operator"][operator] += 1
+            draws.append(proposal)
+            if operator == "demo" and (reason := check_proposal(proposal.text, parent.text, questions,
+                                                                max_prompt_chars)):
+                reject(proposal, reason)
+                run_idle += 1
+                continue
+            new_pairs = {(parent.id, i) for i in batch} - fresh_pairs if rescore_parent else set()
+            reserved += size + len(new_pairs)
+            fresh_pairs |= new_pairs
+            run_idle = 0                            # it may spend; the real count comes after scoring
+        proposals = [d for d in draws if d]
+        if proposals:
+            stats["waves"] += 1
+
+        # 2. Every reflection of the wave in one batched call, then the guards.
+        reflecting = [p for p in proposals if p.operator == "reflect"]
+        if reflecting:
+            started = time.perf_counter()
+            replies = reflect([p.reflection_prompt for p in reflecting])
+            stats["seconds_reflecting"] += time.perf_counter() - started
+            if len(replies) != len(reflecting):
+                raise ValueError(f"reflect returned {len(replies)} replies for {len(reflecting)} prompts")
+            for proposal, reply in zip(reflecting, replies):
+                reply = reply if isinstance(reply, Reflection) else Reflection(reply)
+                stats["reflector_tokens"] += reply.tokens
+                proposal.text, reason = vet_reflection(reply.text, proposal.parent.text, questions,
+                                                       max_prompt_chars)
+                if reason:
+                    reject(proposal, reason)
+
+        # 3. Every surviving child on its minibatch, then (rescore_parent) each parent afresh, once
+        #    per problem its children are judged on, all in one evaluate call.
+        trying = [p for p in proposals if p.reason is None]
+        child_pairs = [(p.text, i) for p in trying for i in p.batch]
+        parent_pairs = list(dict.fromkeys((p.parent.id, i) for p in trying for i in p.batch)) if rescore_parent else []
+        pairs = child_pairs + [(pool[pid].text, i) for pid, i in parent_pairs]
+        results = run([text for text, _ in pairs], [anchors[i] for _, i in pairs])
+        fresh = {pair: result[1] for pair, result in zip(parent_pairs, results[len(child_pairs):], strict=True)}
+
+        # 4. Each child against its own parent, strictly; the accepted ones join the pool.
+        accepted: list[tuple[Prompt, list[int]]] = []
+        at = 0
+        for proposal in trying:
+            child_results, at = results[at:at + len(proposal.batch)], at + len(proposal.batch)
+            parent = proposal.parent
+            parent_sum = (sum(fresh[parent.id, i] for i in proposal.batch) if rescore_parent
+                          else sum(parent.scores[ids[i]] for i in proposal.batch))
+            if sum(r for _, r, _ in child_results) <= parent_sum:
+                reject(proposal, "not_better")
+                continue
+            child = pool.add(proposal.text, parent_id=parent.id, step=step, operator=proposal.operator)
+            record(child, proposal.batch, child_results)
+            accepted.append((child, [i for i in everything if i not in proposal.batch]))
+            stats["accepted"] += 1
+            stats["accepted_by_operator"][proposal.operator] += 1
+            stats["accepted_prompts"].append(proposal.text)
+
+        # 5. The accepted children on the rest of the anchors, in one call.
+        results = run([child.text for child, rest in accepted for _ in rest],
+                      [anchors[i] for _, rest in accepted for i in rest])
+        at = 0
+        for child, rest in accepted:
+            record(child, rest, results[at:at + len(rest)])
+            at += len(rest)
+        for draw in draws:                          # patience, in draw order
+            idle = 0 if draw is not None and draw.scored else idle + 1
 
     pool.retain({p.id for p in pool.nondominated(ids)})
     active = pool.top_k(top_k, ids)
@@ -396,19 +515,40 @@ def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: f
     return evaluate
 
 
-def make_reflector(model, tokenizer, *, use_adapter: bool, max_new_tokens: int,
-                   temperature: float = 1.0, top_p: float = 1.0, generator=None) -> Callable[[str], str]:
-    """reflect() for fast_round: the same model in the same process. use_adapter=False runs under
-    peft's disable_adapter(), i.e. the frozen base model critiques (a frozen reflector at no extra
-    memory); a model without that context manager (no LoRA) just runs as it is."""
+def make_reflector(model, tokenizer, *, use_adapter: bool, max_new_tokens: int, temperature: float = 1.0,
+                   top_p: float = 1.0, generator=None, reply_format: str = "fenced") -> Reflect:
+    """reflect() for fast_round: the same model in the same process, every prompt of a wave in ONE
+    rollout.sample call. use_adapter=False runs under peft's disable_adapter(), i.e. the frozen base
+    model critiques (a frozen reflector at no extra memory); a model without that context manager
+    (no LoRA) just runs as it is.
+
+    reply_format "fenced": the assistant turn starts with an opening fence (encoded after the
+    generation prompt) and sampling stops at the closing one, so the reply IS the new prompt: no
+    tokens go to commentary and a small model cannot forget to close the block. A reply that ends
+    with EOS is closed for it; one cut off by max_new_tokens stays open (rejected as no_fence). The
+    returned text puts the opening fence back, so the guards see one fenced block as usual.
+    "free": the plain reply, for a strong reflector that reasons before it writes the block."""
     import rollout
 
-    def reflect(prompt: str) -> str:
-        chat = rollout.encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+    if reply_format not in REPLY_FORMATS:
+        raise ValueError(f"reply_format must be one of {REPLY_FORMATS}, got {reply_format!r}")
+    fenced = reply_format == "fenced"
+    opening = f"{FENCE}\n"
+    prefix = tokenizer.encode(opening, add_special_tokens=False) if fenced else []
+
+    def reflect(prompts: list[str]) -> list[Reflection]:
+        chats = [rollout.encode_chat(tokenizer, [{"role": "user", "content": p}]) + prefix for p in prompts]
         disable = getattr(model, "disable_adapter", None)
         with disable() if disable is not None and not use_adapter else contextlib.nullcontext():
-            out = rollout.sample(model, tokenizer, [chat], [1], max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, generator=generator)
-        return out.texts[0]
+            out = rollout.sample(model, tokenizer, chats, [1] * len(chats), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, stop=[FENCE] if fenced else [],
+                                 generator=generator)
+        replies: list[Reflection | None] = [None] * len(prompts)
+        for index, text, tokens, finish in zip(out.prompt_index, out.texts, out.completion_ids,
+                                               out.finish_reasons, strict=True):
+            if fenced:
+                text = opening + text + (f"\n{FENCE}" if finish == "eos" else "")
+            replies[index] = Reflection(text, len(tokens))
+        return replies
 
     return reflect

@@ -4,7 +4,8 @@
     python eval.py compare RUN_A RUN_B ... --out plots/
 
 What the paper measures (docs: fst-method.md), one function each:
-- evaluate():     accuracy mean@k (mean reward over k samples per problem) and pass@k.
+- evaluate():     mean@k (mean reward over k samples per problem), accuracy (share of samples
+                  fully right, reward >= 1: partial credit never counts as skill) and pass@k.
 - two_by_two():   {base, trained weights} x {seed, evolved prompt}: how much each kind of weight adds.
 - kl_to_base():   drift KL(pi_trained || pi_base), exact per token from both full next-token
                   distributions, in chunks over time (never a full float32 [R, T, V] tensor).
@@ -43,9 +44,11 @@ def _weights(model, use_adapter: bool):
 def evaluate(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, temperature,
              top_p=1.0, generator=None, use_adapter=True, stop=(), batch_size=None) -> dict:
     """k samples per problem in one batched rollout.sample call. mean@k = mean reward over all
-    n*k samples; pass@k = fraction of problems with at least one sample of reward >= 1."""
+    n*k samples; accuracy = fraction of those samples with reward >= 1 (differs from mean@k when a
+    task gives partial credit, e.g. arithmetic's format_reward); pass@k = fraction of problems with
+    at least one sample of reward >= 1."""
     if not problems:
-        return {"mean_at_k": float("nan"), "pass_at_k": float("nan"), "n": 0, "k": k}
+        return {"mean_at_k": float("nan"), "accuracy": float("nan"), "pass_at_k": float("nan"), "n": 0, "k": k}
     prompts = [rollout.encode_chat(tok, task.messages(p, system_prompt)) for p in problems]
     with _weights(model, use_adapter):  # rollout.sample runs in eval mode and restores the model's mode
         ro = rollout.sample(model, tok, prompts, [k] * len(problems), max_new_tokens=max_new_tokens,
@@ -54,8 +57,8 @@ def evaluate(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, 
     reward = [rewards.score_completion(task, problems[i], text)[0]
               for i, text in zip(ro.prompt_index, ro.texts)]
     solved = {i for i, r in zip(ro.prompt_index, reward) if r >= 1.0}
-    return {"mean_at_k": sum(reward) / len(reward), "pass_at_k": len(solved) / len(problems),
-            "n": len(problems), "k": k}
+    return {"mean_at_k": sum(reward) / len(reward), "accuracy": sum(r >= 1.0 for r in reward) / len(reward),
+            "pass_at_k": len(solved) / len(problems), "n": len(problems), "k": k}
 
 
 def two_by_two(accuracy) -> dict:
@@ -172,11 +175,13 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
                                       use_adapter=w == "trained", batch_size=batch_size, **sampling)
             return cache[key]
         table = two_by_two(lambda w, p: cell(w, p)["mean_at_k"])
+        table_acc = two_by_two(lambda w, p: cell(w, p)["accuracy"])
         table_pass = two_by_two(lambda w, p: cell(w, p)["pass_at_k"])
         drift = {p: kl_to_base(model, tok, task, problems, prompt[p], generator=gen(),
                                chunk_size=cfg.train.logprob_chunk, **sampling) for p in PROMPTS}
         out["tasks"][name] = {"seed_prompt": prompt["seed"], "accuracy": cell("trained", "evolved"),
-                              "two_by_two_mean_at_k": table, "two_by_two_pass_at_k": table_pass,
+                              "two_by_two_mean_at_k": table, "two_by_two_accuracy": table_acc,
+                              "two_by_two_pass_at_k": table_pass,
                               "kl_to_base": {"seed_prompt": drift["seed"], "evolved_prompt": drift["evolved"]}}
 
     others = forgetting if forgetting is not None else [t for t in rewards.TASKS if t not in tasks]
@@ -431,9 +436,12 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set device=cpu --set model.quant=none")
     args = ap.parse_args(argv)
-    out = report(args.run, step=args.step, tasks=args.tasks, forgetting=args.forgetting, n=args.n, k=args.k,
-                 max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-                 overrides=args.set)
+    try:
+        out = report(args.run, step=args.step, tasks=args.tasks, forgetting=args.forgetting, n=args.n, k=args.k,
+                     max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
+                     overrides=args.set)
+    except fst.ConfigError as e:  # a bad --set or a folder that is not a run: one line, like fst.py
+        raise SystemExit(f"config error: {e}")
     print(markdown(out))
     print(f"[eval] wrote {out['json_path']}", file=sys.stderr)
 

@@ -20,8 +20,9 @@ What this file is, and what was simplified on purpose:
 - No vLLM, no trainer framework: sampling is rollout.py's batched group sampler, the loss is below.
 - Each step re-seeds from (seed, step), so a resumed run replays an uninterrupted one exactly.
 
-Layout: config -> model -> losses -> update guards -> checkpoints -> seeds -> the step's phases
-(one function each, which the benchmarks call too) -> the run: set-up and the loop (`train`) -> command line.
+Layout: config -> model -> losses -> update guards -> checkpoints -> seeds -> live curves (trackers)
+-> the step's phases (one function each, which the benchmarks call too) -> the run: set-up and the
+loop (`train`) -> command line.
 """
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ import importlib.util
 import inspect
 import itertools
 import json
+import math
 import os
 import random
+import re
 import shutil
 import sys
 import textwrap
@@ -63,6 +66,9 @@ CACHE_DIR = Path(os.environ.get("FST_CACHE", Path.home() / ".cache" / "fst"))
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass tree, loaded from YAML; unknown keys and wrong types fail at start-up.
 # Defaults follow the paper (fst-method.md) unless a comment says why not.
+# Each class's `ranges` gives every number its allowed values, checked by validate() at start-up:
+# ">= 1", "> 0", an interval "(0, 1]" / "[0, 1)", or "any". A list (betas) is checked per element.
+# A new numeric key needs its line there (tests/test_config.py checks that none is missing).
 
 @dataclass
 class ModelConfig:
@@ -76,6 +82,8 @@ class ModelConfig:
     lora_targets: str = "all-linear"
     gradient_checkpointing: bool = False  # trade compute for memory on long completions
 
+    ranges = {"lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)"}
+
 
 @dataclass
 class TaskConfig:
@@ -84,12 +92,16 @@ class TaskConfig:
     train_path: str | None = None  # gsm8k: local JSONL; null = hub openai/gsm8k
     test_path: str | None = None
     seed: int = 0  # procedural tasks: which problems get generated
-    options: dict = field(default_factory=dict)  # any other keyword of the task's constructor
+    options: dict = field(default_factory=dict)  # any other keyword of the task's constructor (gsm8k: dataset)
+
+    ranges = {"seed": "any"}
 
 
 @dataclass
 class StageConfig(TaskConfig):
     steps: int = 100  # continual learning: steps on this stage; a stage takes the task.* keys too
+
+    ranges = TaskConfig.ranges | {"steps": ">= 1"}
 
 
 @dataclass
@@ -99,6 +111,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)  # extra stop strings besides EOS
+
+    ranges = {"group_size": ">= 2",  # a group of one has no variance: every group would be dropped
+              "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]"}  # temperature 0 = greedy
 
 
 @dataclass
@@ -122,6 +137,12 @@ class TrainConfig:
     log_samples: int = 2  # completions per step written to samples.jsonl
     keep_equal_groups: bool = False  # benchmarks: also train on groups whose rewards are all equal, as TRL does
 
+    ranges = {"steps": ">= 1", "batch_size": ">= 1", "lr": "> 0", "warmup_steps": ">= 0", "betas": "[0, 1)",
+              "weight_decay": ">= 0", "max_grad_norm": ">= 0", "cispo_tau": "> 0",
+              "clip_eps": "(0, 1)",  # the ratio is clipped to [1 - eps, 1 + eps]: 1 - eps must stay > 0
+              "dapo_clip_high": "> 0", "kl_coef": ">= 0", "micro_batch": ">= 1", "logprob_chunk": ">= 1",
+              "seed": "any", "save_every": ">= 1", "log_samples": ">= 0"}
+
 
 @dataclass
 class FastConfig:
@@ -136,6 +157,14 @@ class FastConfig:
     reflector_max_new_tokens: int = 1024
     reflector_temperature: float = 0.7
     reflector_top_p: float = 0.95
+    reflector_format: Literal["fenced", "free"] = "fenced"  # fenced: reply starts in the block, stops at its end
+    wave: int = 4  # children proposed at once (reflections and scoring batched); 1 = one at a time
+    rescore_parent: bool = True  # judge a child against a fresh rollout of its parent (fair); false = reuse
+
+    ranges = {"every": ">= 1", "pool_size": ">= 1", "budget": "> 0", "minibatch": ">= 1", "wave": ">= 1",
+              "demo_buffer": ">= 1",  # the buffer keeps its last N entries: N = 0 would keep them all
+              "max_prompt_chars": ">= 1", "reflector_max_new_tokens": ">= 1",
+              "reflector_temperature": ">= 0", "reflector_top_p": "(0, 1]"}
 
 
 @dataclass
@@ -143,6 +172,15 @@ class EvalConfig:
     every: int = 0  # validate every N steps (0 = never during training)
     n: int = 100  # held-out problems per task
     k: int = 4  # samples per problem: mean@k and pass@k
+
+    ranges = {"every": ">= 0", "n": ">= 1", "k": ">= 1"}
+
+
+@dataclass
+class LogConfig:
+    # Live curves: any of tensorboard, wandb, trackio (optional installs); metrics.jsonl is always written.
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+    project: str = "fst"  # the W&B / trackio project the run goes to
 
 
 @dataclass
@@ -157,6 +195,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     fast: FastConfig = field(default_factory=FastConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # Continual learning: a list of stages {name: <task>, steps: N, ...}; replaces task/train.steps.
     schedule: list[StageConfig] = field(default_factory=list)
     # Plasticity probe: start from a trained adapter (RUN_DIR or a checkpoint folder), fresh optimiser.
@@ -166,6 +205,9 @@ class Config:
 
 class ConfigError(ValueError):
     pass
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _coerce(value, hint, key: str):
@@ -195,6 +237,8 @@ def _coerce(value, hint, key: str):
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 2e-4 (no dot in the mantissa) as a string
     if hint is dict and isinstance(value, dict):
         return value
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -211,19 +255,65 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
 
 
+def in_range(value: float, spec: str) -> bool:
+    """Does `value` satisfy a `ranges` spec: "any", ">= a", "> a", "<= a", "< a", or an interval
+    "(a, b]" with [ or ( and ] or ) for closed or open ends? NaN and infinities satisfy only "any"."""
+    if spec == "any":
+        return True
+    if not math.isfinite(value):
+        return False
+    if spec[0] in "([":
+        low, high = (float(x) for x in spec[1:-1].split(","))
+        above = value >= low if spec[0] == "[" else value > low
+        below = value <= high if spec[-1] == "]" else value < high
+        return above and below
+    op, bound = spec.split()
+    return {">=": value >= float(bound), ">": value > float(bound),
+            "<=": value <= float(bound), "<": value < float(bound)}[op]
+
+
+def validate(node, prefix: str = "") -> None:
+    """Range-check every number of a config tree against its class's `ranges`; the first value out
+    of range raises ConfigError naming its key (`schedule[1].steps`) and the allowed range."""
+    ranges = getattr(type(node), "ranges", {})
+    for f in dataclasses.fields(node):
+        key, value = prefix + f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, key + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                validate(item, f"{key}[{i}].")
+        elif f.name in ranges:
+            spec = ranges[f.name]
+            for name, v in ([(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list)
+                            else [(key, value)]):
+                if not in_range(v, spec):
+                    where = f"in {spec}" if spec[0] in "([" else spec
+                    raise ConfigError(f"config key '{name}' must be {where}, got {v!r}")
+    if isinstance(node, TrainConfig) and len(node.betas) != 2:  # a shape, which `ranges` cannot say
+        raise ConfigError(f"config key '{prefix}betas' must be two numbers [beta1, beta2], got {node.betas}")
+
+
 def find_config(path: str) -> Path:
     """`gsm8k.yaml`, as users type it, also finds configs/gsm8k.yaml."""
     for candidate in (Path(path), ROOT / "configs" / path, ROOT / "configs" / f"{path}.yaml"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"config {path!r} not found (looked in . and {ROOT / 'configs'})")
+    raise ConfigError(f"config file {path!r} not found (looked in . and {ROOT / 'configs'})")
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
-    """YAML file (optional) + `a.b=value` overrides (values parsed as YAML) -> a checked Config."""
+    """YAML file (optional) + `a.b=value` overrides (values parsed as YAML) -> a Config whose keys,
+    types and ranges are checked (ConfigError names the first bad key)."""
     data = {}
     if path:
-        data = yaml.safe_load(find_config(path).read_text()) or {}
+        file = find_config(path)
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{file}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a mapping of config keys, got {type(data).__name__}")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
@@ -234,8 +324,13 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
-        node[leaf] = yaml.safe_load(raw)
-    return _build(Config, data)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: the value is not valid YAML") from None
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict:
@@ -367,7 +462,7 @@ def load_model(cfg: ModelConfig, device: torch.device, adapter_path: str | None 
     attn = rollout.attn_implementation() if cfg.attn == "auto" else cfg.attn
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise SystemExit("model.attn=flash_attention_2 but flash-attn is not installed "
-                         "(pip install -r requirements-gpu.txt), or use model.attn=auto")
+                         "(pip install --no-build-isolation -r requirements-gpu.txt), or use model.attn=auto")
     kwargs = dict(dtype=dtype, attn_implementation=attn)
     if cfg.quant != "none":
         if importlib.util.find_spec("bitsandbytes") is None:
@@ -438,14 +533,17 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: floa
     return adv * keep[:, None], keep
 
 
-def token_weights(loss: str, mask: torch.Tensor, group: torch.Tensor, max_new_tokens: int):
+def token_weights(loss: str, mask: torch.Tensor, group: torch.Tensor, max_new_tokens: int,
+                  batch_total=lambda count: count):
     """mask [R, T] completion tokens, group [R] group index -> weights [R, T] such that
     loss = sum(weights * per_token_loss). Precomputing them over the whole batch is what lets
-    micro-batches add up to exactly the full-batch loss."""
+    micro-batches add up to exactly the full-batch loss. Under torchrun each rank holds whole groups
+    of the batch; `batch_total` sums a count over the ranks (Dist.total), so the normalisers that
+    depend on the whole batch (groups, rows, tokens) are the one-process ones."""
     mask = mask.float()
-    n_rows = mask.shape[0]
+    n_rows = batch_total(torch.tensor(float(mask.shape[0])))
     if loss == "cispo":  # token mean within each group, then mean over groups (paper)
-        n_groups = int(group.unique().numel())
+        n_groups = batch_total(torch.tensor(float(group.unique().numel())))
         tokens_per_group = torch.zeros(int(group.max()) + 1).index_add_(0, group, mask.sum(1))
         return mask / tokens_per_group[group][:, None].clamp(min=1) / n_groups
     if loss == "grpo":  # mean over each sequence's tokens, then over sequences
@@ -453,7 +551,7 @@ def token_weights(loss: str, mask: torch.Tensor, group: torch.Tensor, max_new_to
     if loss == "dr_grpo":  # a constant normaliser: no length bias
         return mask / (max_new_tokens * n_rows)
     if loss == "dapo":  # token-level: every token of the batch counts the same
-        return mask / mask.sum().clamp(min=1)
+        return mask / batch_total(mask.sum()).clamp(min=1)
     raise ValueError(f"unknown loss {loss!r}")
 
 
@@ -479,6 +577,83 @@ def k3_kl(logp, base_logp):
     d = log base - log pi. Non-negative, unbiased, low variance (Schulman's k3)."""
     d = base_logp - logp
     return torch.exp(d) - d - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# More than one process: `torchrun --nproc_per_node N fst.py ...`. Every rank runs the same loop
+# (SPMD) on its share of each batch's problems, a group never spanning ranks; the few numbers that
+# depend on the whole batch are summed over ranks, LoRA gradients are summed once after the
+# micro-batches (an explicit all-reduce rather than DDP: the base-model pass, sampling and the
+# reflector all run the model outside a DDP wrapper, and one reduction per optimiser step is what
+# DDP's no_sync + last micro-batch would do anyway). Lists of independent work (rollouts to score,
+# reflections to write, problems to validate) are split over ranks and gathered, so every rank sees
+# the same results and takes the same decisions: the prompt pool stays identical without being sent.
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:  # rank 0 writes files and draws progress bars
+        return self.rank == 0
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of a tensor over ranks (the value itself in one process)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+        out = value.detach().clone().float()
+        dist.all_reduce(out)
+        return out
+
+    def shard(self, items: list) -> list:
+        """This rank's contiguous slice of `items`: sizes differ by at most one, rank order = item order."""
+        n, r = divmod(len(items), self.world)
+        start = self.rank * n + min(self.rank, r)
+        return items[start:start + n + (self.rank < r)]
+
+    def gather(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order, on every rank (picklable items)."""
+        if self.world == 1:
+            return list(items)
+        import torch.distributed as dist
+        parts = [None] * self.world
+        dist.all_gather_object(parts, list(items))
+        return [x for part in parts for x in part]
+
+    def map(self, fn, items: list) -> list:
+        """fn over a list of independent items, split over ranks; every rank gets all results in order."""
+        mine = self.shard(items)
+        return self.gather(fn(mine) if mine else [])
+
+    def sum_gradients(self, params):
+        """Sum every parameter's gradient over ranks, in one flat buffer (one collective call)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g)
+            offset += g.numel()
+
+
+def init_distributed() -> Dist:
+    """Dist() in a plain process; under torchrun (WORLD_SIZE > 1) joins the process group: NCCL with one
+    GPU per rank (LOCAL_RANK), gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,6 +820,162 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Live curves: every metrics.jsonl row also goes to the trackers in `log.report_to` (TensorBoard,
+# W&B, trackio), as `<kind>/<key>` numbers, with the fast loop's accepted prompts as text and the
+# run's config. metrics.jsonl stays the record: a tracker is an optional install, and one that
+# fails mid-run is dropped with one warning while the run goes on.
+
+def tracker_scalars(row: dict) -> dict[str, float]:
+    """A metrics row -> {name: number}: `train/kl_to_base`, nested dicts flattened with '/'
+    (`train/reward_by_prompt/3`), eval rows under their task and prompt (`eval/gsm8k/best/pass_at_k`).
+    Strings, lists, None and the step itself (the x axis) are left out."""
+    kind = row.get("kind", "train")
+    prefix = f"eval/{row.get('task')}/{row.get('prompt')}" if kind == "eval" else kind
+    out = {}
+
+    def add(name, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{name}/{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+
+    for key, value in row.items():
+        if key not in ("kind", "step"):
+            add(f"{prefix}/{key}", value)
+    return out
+
+
+class _TensorBoardTracker:
+    package = "tensorboard"  # torch.utils.tensorboard, which writes the event files, needs it
+
+    def __init__(self, run_dir: Path, config: dict, first_step: int, project: str):
+        from torch.utils.tensorboard import SummaryWriter
+        # The event file sits in the run folder, so `tensorboard --logdir runs/` names curves by run.
+        # purge_step: a resumed run hides what the interrupted one logged from its first step on...
+        self.writer = SummaryWriter(str(run_dir), purge_step=first_step or None)
+        self.text("config", yaml.safe_dump(config, sort_keys=False), first_step)
+        metrics = run_dir / "metrics.jsonl"
+        if first_step and metrics.exists():  # ...but rows metrics.jsonl kept there (validation) come back
+            for row in map(json.loads, metrics.read_text().splitlines()):
+                if row["step"] >= first_step:
+                    self.log(tracker_scalars(row), row["step"])
+
+    def log(self, scalars: dict, step: int):
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()  # live: a row a step is cheap to write now
+
+    def text(self, name: str, text: str, step: int):
+        # TensorBoard renders markdown; indented lines show the prompt verbatim.
+        self.writer.add_text(name, "\n".join("    " + line for line in text.splitlines()), step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class _WandbTracker:
+    package = "wandb"
+
+    def __init__(self, run_dir: Path, config: dict, first_step: int, project: str):
+        import wandb
+        self.wandb = wandb
+        # --resume continues the same W&B run: its id is kept next to W&B's own files.
+        id_file = run_dir / "wandb" / "fst_run_id"
+        resuming = first_step > 0 and id_file.exists()
+        self.run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir), config=config,
+                              id=id_file.read_text().strip() if resuming else None,
+                              resume="allow" if resuming else None,
+                              settings=wandb.Settings(console="off"))  # leave stdout and tqdm alone
+        id_file.parent.mkdir(exist_ok=True)
+        id_file.write_text(self.run.id)
+
+    def log(self, scalars: dict, step: int):
+        self.run.log(scalars, step=step)
+
+    def text(self, name: str, text: str, step: int):
+        self.run.log({name: self.wandb.Table(columns=["step", "text"], data=[[step, text]])}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class _TrackioTracker:
+    package = "trackio"
+
+    def __init__(self, run_dir: Path, config: dict, first_step: int, project: str):
+        import trackio
+        self.trackio = trackio
+        self.run = trackio.init(project=project, name=run_dir.name, config=config,
+                                resume="allow" if first_step > 0 else "never")
+
+    def log(self, scalars: dict, step: int):
+        self.run.log(scalars, step=step)
+
+    def text(self, name: str, text: str, step: int):
+        if hasattr(self.trackio, "Markdown"):  # text panels arrived in later trackio releases
+            self.run.log({name: self.trackio.Markdown(f"```\n{text}\n```")}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+TRACKERS = {"tensorboard": _TensorBoardTracker, "wandb": _WandbTracker, "trackio": _TrackioTracker}
+
+
+def check_trackers(names) -> None:
+    """Start-up check, before the run folder exists: every requested tracker is installed."""
+    for name in names:
+        package = TRACKERS[name].package
+        if importlib.util.find_spec(package) is None:
+            raise SystemExit(f"log.report_to lists {name}, which is not installed: pip install {package} "
+                             f"(or drop it from log.report_to)")
+
+
+class Trackers:
+    """The trackers of `log.report_to` behind one call per metrics row. A tracker that cannot start
+    stops the run at once (better than hours without curves); one that raises later is dropped with
+    one warning, and the run goes on (metrics.jsonl has everything)."""
+
+    def __init__(self, cfg: LogConfig, run_dir: Path, config: dict, first_step: int = 0):
+        check_trackers(cfg.report_to)
+        self.active = {}
+        for name in dict.fromkeys(cfg.report_to):
+            try:
+                self.active[name] = TRACKERS[name](run_dir, config, first_step, cfg.project)
+            except Exception as e:
+                self.close()
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise SystemExit(f"log.report_to: {name} could not start: {type(e).__name__}: {reason}") from e
+
+    def log(self, row: dict):
+        step = int(row.get("step", 0))
+        self._each("log", tracker_scalars(row), step)
+        if row.get("accepted_prompts"):  # a fast round's new prompts, readable next to the curves
+            self.text("fast/accepted_prompts", "\n\n----\n\n".join(row["accepted_prompts"]), step)
+
+    def text(self, name: str, text: str, step: int):
+        self._each("text", name, text, step)
+
+    def close(self):
+        self._each("close")
+        self.active = {}
+
+    def _each(self, method: str, *args):
+        for name in list(self.active):
+            self._each_one(name, method, *args)
+
+    def _each_one(self, name: str, method: str, *args):
+        try:
+            getattr(self.active[name], method)(*args)
+        except Exception as e:
+            del self.active[name]
+            print(f"[fst] warning: {name} failed ({type(e).__name__}: {e}); it gets nothing more from "
+                  f"this run, which goes on (metrics.jsonl has every row)", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -841,14 +1172,16 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
     reflect = _counted(context_opt.make_reflector(
         run.model, run.tok, use_adapter=cfg.fast.reflector == "policy",
         max_new_tokens=cfg.fast.reflector_max_new_tokens, temperature=cfg.fast.reflector_temperature,
-        top_p=cfg.fast.reflector_top_p, generator=gen), run.totals, "reflector_calls")
+        top_p=cfg.fast.reflector_top_p, generator=gen, reply_format=cfg.fast.reflector_format),
+        run.totals, "reflector_calls")
     with rollout.eval_mode(run.model):
         stats = context_opt.fast_round(
             run.pool, anchors, evaluate=evaluate, reflect=reflect, step=step,
             budget=int(cfg.fast.budget * len(anchors)),
             rng=random.Random(seed_for("fast_choices", cfg.train.seed, step)),
             operators=cfg.fast.operators, demo_buffer=run.demo_buffer, minibatch_size=cfg.fast.minibatch,
-            top_k=cfg.fast.pool_size, max_prompt_chars=cfg.fast.max_prompt_chars)
+            top_k=cfg.fast.pool_size, max_prompt_chars=cfg.fast.max_prompt_chars, wave=cfg.fast.wave,
+            rescore_parent=cfg.fast.rescore_parent)
     run.totals["rollouts_fast"] += stats["metric_calls"]
     run.pool.save(run.run_dir / "pool" / f"step_{step:06d}.json")
     seconds = time.perf_counter() - t0
@@ -872,9 +1205,10 @@ def validate(cfg: Config, run: Run, step: int, log):
 
 
 def _counted(fn, totals: dict, key: str):
-    def wrapped(*args, **kwargs):
-        totals[key] += 1
-        return fn(*args, **kwargs)
+    """fn(items, ...) that adds len(items) to totals[key]: a batched call counts each item."""
+    def wrapped(items, *args, **kwargs):
+        totals[key] += len(items)
+        return fn(items, *args, **kwargs)
     return wrapped
 
 
@@ -985,10 +1319,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
     8 fast round; validation and checkpoints on their schedules; Ctrl-C saves the last whole step."""
     run = start_run(cfg, run_dir, resume, config_name)
     metrics_file, samples_file = open(run_dir / "metrics.jsonl", "a"), open(run_dir / "samples.jsonl", "a")
+    trackers = Trackers(cfg.log, run_dir, config_to_dict(cfg), first_step=run.start)  # log.report_to
 
     def log(row):
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
+        trackers.log(row)
 
     def log_samples(rows):
         samples_file.write("".join(json.dumps(row) + "\n" for row in rows))
@@ -1048,6 +1384,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
     finally:
         metrics_file.close()
         samples_file.close()
+        trackers.close()
     return run_dir
 
 
@@ -1084,6 +1421,36 @@ def _truncate_jsonl(path: Path, resume_step: int):
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
+def check_paths_and_tasks(cfg: Config) -> None:
+    """What load_config cannot see in the keys alone, checked before a run folder exists: each task
+    (and schedule stage) is registered, takes the options given, and its data files exist; init_from
+    holds a checkpoint. Raises ConfigError (SystemExit for init_from) naming the key."""
+    import inspect
+    import rewards
+    for key, tc in [("task", cfg.task)] + [(f"schedule[{i}]", s) for i, s in enumerate(cfg.schedule)]:
+        if tc.name not in rewards.TASKS:
+            raise ConfigError(f"config key '{key}.name': unknown task {tc.name!r}; "
+                              f"registered tasks: {', '.join(sorted(rewards.TASKS))}")
+        accepted = inspect.signature(rewards.TASKS[tc.name]).parameters
+        for option in tc.options:
+            if option not in accepted:
+                raise ConfigError(f"config key '{key}.options.{option}': task {tc.name!r} takes no option "
+                                  f"{option!r}; its options are: {', '.join(accepted) or 'none'}")
+        for name in ("train_path", "test_path"):
+            path = getattr(tc, name)
+            if path is not None and name not in accepted:
+                raise ConfigError(f"config key '{key}.{name}': task {tc.name!r} reads no data files "
+                                  "(it generates its problems); remove the key")
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"config key '{key}.{name}': file not found: {path}")
+        try:
+            make_task(tc)  # the constructor checks its option values
+        except Exception as e:  # whatever a task's constructor raises about its options
+            raise ConfigError(f"config key '{key}.options': task {tc.name!r} refused them: {e}") from None
+    if cfg.init_from:
+        resolve_checkpoint(cfg.init_from)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1099,18 +1466,28 @@ def main(argv=None):
         return
     if not args.config and not args.resume:
         ap.error("give --config (a new run) or --resume RUN_DIR")
+    # Every check that can fail runs here, before the run folder exists: one line, no traceback.
     try:
         if args.resume:
             run_dir = Path(args.resume)
-            cfg = load_config(str(run_dir / "config.yaml"), args.set)
             config_name = str(run_dir / "config.yaml")
+            if not (run_dir / "config.yaml").is_file():
+                raise SystemExit(f"--resume {run_dir}: not a run folder (no config.yaml in it)")
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None or not ckpt.is_dir():
+                raise SystemExit(f"--resume {run_dir}: no checkpoint saved there, nothing to resume; "
+                                 f"start it afresh with --config {config_name}")
+            cfg = load_config(config_name, args.set)
         else:
             cfg = load_config(args.config, args.set)
             config_name = str(find_config(args.config))
             name = cfg.run_name or f"{Path(args.config).stem}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
             run_dir = Path(cfg.out_dir) / name
+        check_paths_and_tasks(cfg)
+        pick_device(cfg, config_name)  # a GPU recipe on a CPU machine stops here too
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
+    check_trackers(cfg.log.report_to)  # a missing tracker stops us before the run folder exists
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "config.yaml.tmp"  # replaced whole: a kill never leaves half a config behind
     tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -153,6 +153,7 @@ class GeneratedTask(Task):
 
 # ---------------------------------------------------------------- final answers
 _ANSWER_LINE = re.compile(r"\banswer\s*\**\s*:[ \t]*(.*)", re.IGNORECASE)
+_HASH_ANSWER = re.compile(r"####[ \t]*(.*)")  # GSM8K's own '#### 18'
 
 
 def boxed_contents(text: str) -> list[tuple[int, str]]:
@@ -168,10 +169,17 @@ def boxed_contents(text: str) -> list[tuple[int, str]]:
     return found
 
 
-def final_answer(text: str) -> str | None:
+def final_answer(text: str, hashes: bool = False) -> str | None:
     r"""The model's final answer: the last \boxed{...} or 'Answer: ...' line, whichever comes last
-    (so 'Answer: \boxed{7}' gives 7). An empty 'Answer:' line takes the next non-empty line."""
+    (so 'Answer: \boxed{7}' gives 7). An empty 'Answer:' line takes the next non-empty line.
+    hashes=True also reads GSM8K's '#### N', but only where N is a plain number ('#### 1,450,000',
+    '#### $18'), so a markdown heading ('#### Step 1', '#### 1. Compute') is never an answer."""
     candidates = boxed_contents(text)
+    if hashes:
+        for match in _HASH_ANSWER.finditer(text):
+            value = match.group(1).strip().strip("*").strip()
+            if re.fullmatch(_EXACT, _clean_number_text(value)):
+                candidates.append((match.start(), value))
     for match in _ANSWER_LINE.finditer(text):
         value = match.group(1).strip()
         if not value:
@@ -234,25 +242,31 @@ def _no_answer(form: str, expected: str) -> str:
 
 
 # ---------------------------------------------------------------- gsm8k
+GSM8K_HUB_ID = "openai/gsm8k"  # config "main", splits train/test, columns question/answer
+
+
 @register_task
 class GSM8K(Task):
     name = "gsm8k"
     default_system_prompt = ("Solve the math word problem. Reason step by step, briefly, then give the "
                              "final answer as a number on a last line 'Answer: <number>'.")
 
-    def __init__(self, train_path: str | None = None, test_path: str | None = None):
+    def __init__(self, train_path: str | None = None, test_path: str | None = None,
+                 dataset: str = GSM8K_HUB_ID):
         self.paths = {"train": train_path, "test": test_path}
+        self.dataset = dataset  # a split without a JSONL path comes from here (hub id or local copy)
 
     def load(self, split: str) -> list[dict]:
         if split not in self.paths:
             raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
         path = self.paths[split]
-        rows = read_jsonl(path, required=("question", "answer")) if path else _gsm8k_from_hub(split)
+        rows = (read_jsonl(path, required=("question", "answer")) if path
+                else load_hub_dataset(self.dataset, "main", split, required=("question", "answer")))
         problems = []
         for i, row in enumerate(rows):
             solution, sep, gold = row["answer"].rpartition("####")
             if not sep:
-                raise ValueError(f"{path or 'openai/gsm8k'}: problem {i}: answer has no '#### <gold>'")
+                raise ValueError(f"{path or self.dataset}: problem {i}: answer has no '#### <gold>'")
             problems.append({"id": f"gsm8k-{split}-{i}", "question": row["question"],
                              "answer": gold.strip().replace(",", ""),
                              # the worked solution, minus calculator notes <<48/2=24>>: reflection reads it
@@ -260,7 +274,7 @@ class GSM8K(Task):
         return problems
 
     def score(self, problem: dict, completion: str) -> tuple[float, str]:
-        gold, given = problem["answer"], final_answer(completion)
+        gold, given = problem["answer"], final_answer(completion, hashes=True)  # '#### N': GSM8K's own form
         reference = f"\nReference solution:\n{problem['solution']}" if problem.get("solution") else ""
         if given is None:
             return 0.0, _no_answer("\\boxed{N} or a line 'Answer: N'", gold) + reference
@@ -269,13 +283,26 @@ class GSM8K(Task):
         return 0.0, f"Expected {gold}, but your final answer was {_short(given)}." + reference
 
 
-def _gsm8k_from_hub(split: str) -> list[dict]:
+def load_hub_dataset(name: str, config: str, split: str, required: tuple[str, ...] = ()) -> list[dict]:
+    """One split of a `datasets` dataset as a list of dicts: a hub id (downloaded once, then read
+    from the HF cache; HF_DATASETS_OFFLINE=1 reads the cache only) or a local folder laid out like
+    the hub repository (README.md naming the configs, parquet/JSON files). Same call for both."""
     try:
         from datasets import load_dataset
     except ImportError as e:
-        raise ImportError("gsm8k without train_path/test_path loads openai/gsm8k from the Hugging Face "
-                          "hub, which needs `pip install datasets`; or pass local JSONL paths") from e
-    return [dict(row) for row in load_dataset("openai/gsm8k", "main", split=split)]
+        raise ImportError(f"loading {name!r} needs the `datasets` package (pip install -r requirements.txt); "
+                          "or pass local JSONL paths (task.train_path / task.test_path)") from e
+    try:
+        data = load_dataset(name, config, split=split)
+    except Exception as e:  # no network, unknown id, missing split: say what was asked and the way out
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise RuntimeError(f"could not load {name!r} (config {config!r}, split {split!r}) with `datasets`: "
+                           f"{type(e).__name__}: {reason}. Offline? Pass local JSONL paths "
+                           "(task.train_path / task.test_path)") from e
+    missing = [c for c in required if c not in data.column_names]
+    if missing:
+        raise ValueError(f"{name} ({config}, {split}): missing column(s) {', '.join(missing)}")
+    return [dict(row) for row in data]
 
 
 # ---------------------------------------------------------------- safe arithmetic on expressions
@@ -597,6 +624,113 @@ class StarGraph(GeneratedTask):
             return 0.0, (f"Your path goes down the arm {start} -> {nodes[1]}, but {target} is on the "
                          f"arm {start} -> {path[1]}." + reveal)
         return 0.0, f"Your path stops at {nodes[-1]} before reaching {target}." + reveal
+
+
+# ---------------------------------------------------------------- one-step tasks for small models
+# Easy procedural tasks for the CPU-scale studies (experiments/miniature.py): SmolLM2-135M scores 0 on
+# countdown, codeio and star_graph, and RL cannot learn from groups that are all wrong. These hold a
+# worked example as an earlier turn of the chat, which a 135M model follows far more often than an
+# example inside the system prompt (compare, 32 problems x 4: 0 of 128 right with the example in the
+# system prompt, 20-25% as a turn; results/miniature/base_accuracy.json). The example then does not
+# depend on the system prompt, which the fast loop evolves and a continual run keeps task-agnostic.
+
+class ExampleTask(GeneratedTask):
+    """A generated task with a one-number or one-word answer and a worked example turn.
+    Subclasses set `example` = (question, solution ending 'Answer: ...') and `answer_kind`, and
+    `generate` returns "rule": why the answer is what it is, which the feedback shows as a grader would."""
+    example: tuple[str, str] = ("", "")
+    answer_kind = "number"  # "number": compared as numbers; "word": compared ignoring case
+
+    def __init__(self, seed: int = 0, n_train: int = 5000, n_test: int = 500, format_reward: float = 0.0):
+        super().__init__(seed, n_train, n_test)
+        self.format_reward = format_reward  # partial credit for a well-formed wrong 'Answer: ...'
+
+    def messages(self, problem: dict, system_prompt: str | None = None) -> list[dict]:
+        question, solution = self.example
+        prompt = self.default_system_prompt if system_prompt is None else system_prompt
+        return [{"role": "system", "content": prompt}, {"role": "user", "content": question},
+                {"role": "assistant", "content": solution}, {"role": "user", "content": problem["question"]}]
+
+    def score(self, problem: dict, completion: str) -> tuple[float, str]:
+        gold, given = problem["answer"], final_answer(completion)
+        form = "a line 'Answer: N'" if self.answer_kind == "number" else "a line 'Answer: <word>'"
+        if given is None:
+            return 0.0, _no_answer(form, f"{gold} ({problem['rule']})")
+        if self.answer_kind == "number":
+            right = same_number(gold, given)
+            well_formed = re.fullmatch(r"-?[\d,]+(\.\d+)?\.?", given.strip())
+        else:
+            word = given.strip().strip(".!'\"`*").strip()
+            right, well_formed = word.lower() == gold.lower(), re.fullmatch(r"[A-Za-z]+", word)
+        if right:
+            return 1.0, f"Correct: {problem['rule']}."
+        return (self.format_reward if well_formed else 0.0,
+                f"Expected {gold}, but your final answer was {_short(given).rstrip('.')}: {problem['rule']}.")
+
+
+_ONE_STEP_PROMPT = ("Answer the question. Reason briefly, then give the final answer on a last line "
+                    "'Answer: <answer>'.")
+
+
+@register_task
+class Compare(ExampleTask):
+    name = "compare"
+    default_system_prompt = _ONE_STEP_PROMPT
+    example = ("Which number is smaller, 83 or 38?", "38 has 3 tens and 83 has 8 tens, so 38 is smaller.\nAnswer: 38")
+
+    def generate(self, rng: random.Random) -> dict:
+        which = rng.choice(["larger", "smaller"])
+        a = rng.randint(10, 999)
+        digits = list(str(a))
+        rng.shuffle(digits)
+        # Half the pairs share their digits (47 / 74): the ones a model cannot get from the first digit.
+        b = int("".join(digits)) if rng.random() < 0.5 else rng.randint(10, 999)
+        if b == a or b < 10:
+            b = a + rng.randint(1, 9)
+        gold = max(a, b) if which == "larger" else min(a, b)
+        return {"question": f"Which number is {which}, {a} or {b}?", "answer": str(gold), "numbers": [a, b],
+                "rule": f"{gold} is {which} than {a + b - gold}"}
+
+
+@register_task
+class Add(ExampleTask):
+    name = "add"
+    default_system_prompt = _ONE_STEP_PROMPT
+    example = ("What is 46 + 27?", "46 + 27 = 40 + 20 + 6 + 7 = 60 + 13 = 73.\nAnswer: 73")
+
+    def generate(self, rng: random.Random) -> dict:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        return {"question": f"What is {a} + {b}?", "answer": str(a + b), "rule": f"{a} + {b} = {a + b}"}
+
+
+@register_task
+class WordCount(ExampleTask):
+    name = "word_count"
+    default_system_prompt = _ONE_STEP_PROMPT
+    example = ("How many words are in this list: lemon, cloud, tiger?",
+               "The words are lemon (1), cloud (2), tiger (3).\nAnswer: 3")
+
+    def generate(self, rng: random.Random) -> dict:
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 9))]
+        numbered = ", ".join(f"{w} ({i})" for i, w in enumerate(words, 1))
+        return {"question": f"How many words are in this list: {', '.join(words)}?", "answer": str(len(words)),
+                "words": words, "rule": f"the list has {len(words)} words: {numbered}"}
+
+
+@register_task
+class Alphabetical(ExampleTask):
+    name = "alphabetical"
+    default_system_prompt = _ONE_STEP_PROMPT
+    answer_kind = "word"
+    example = ("Which of these words comes first in alphabetical order: river, apple, magnet?",
+               "The first letters are r, a, m; a comes first in the alphabet.\nAnswer: apple")
+
+    def generate(self, rng: random.Random) -> dict:
+        words = rng.sample(_WORDS, 3)
+        gold = min(words)
+        return {"question": f"Which of these words comes first in alphabetical order: {', '.join(words)}?",
+                "answer": gold, "words": words,
+                "rule": f"in alphabetical order they are {', '.join(sorted(words))}, so {gold} comes first"}
 
 
 # ---------------------------------------------------------------- batches

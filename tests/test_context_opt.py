@@ -1,6 +1,8 @@
 """Tests for context_opt.py: Pareto bookkeeping, guards, acceptance, budget and operators, all with plain
 Python callables in place of the model (scripted reflectors, deterministic scorers)."""
+import hashlib
 import json
+import math
 import random
 import sys
 import types
@@ -42,6 +44,11 @@ def scorer(reward_fn, log: list | None = None):
 
 def fenced(text: str) -> str:
     return f"Let me think about what failed.\n```text\n{text}\n```\n"
+
+
+def each(reply):
+    """A batched reflect() from a one-prompt function: fast_round hands over a wave's prompts at once."""
+    return lambda prompts: [reply(p) for p in prompts]
 
 
 # ---------------------------------------------------------------- Pareto bookkeeping
@@ -163,8 +170,8 @@ def test_round_with_a_better_proposal_improves_the_pool_and_links_parent():
         return fenced(SEED + "\nMAGIC: add what is bought to what is owned.")
 
     pool = PromptPool(SEED)
-    stats = fast_round(pool, anchors, evaluate=scorer(reward), reflect=reflect, step=6, budget=50,
-                       rng=random.Random(0))
+    stats = fast_round(pool, anchors, evaluate=scorer(reward), reflect=each(reflect), step=6, budget=50,
+                       rng=random.Random(0), wave=1)
     assert stats["accepted"] == 1 and stats["accepted_by_operator"] == {"reflect": 1}
     assert stats["best_score_before"] == 0.7 and stats["best_score_after"] == 1.0
     child = pool.best()
@@ -177,28 +184,33 @@ def test_round_with_a_better_proposal_improves_the_pool_and_links_parent():
     assert "feedback on p03" in asked[0] and "output of p05" in asked[0]
 
 
-def test_acceptance_is_strict_a_tie_is_rejected():
+@pytest.mark.parametrize("rescore_parent, proposals", [(False, 10), (True, 5)])
+def test_acceptance_is_strict_a_tie_is_rejected(rescore_parent, proposals):
     half = lambda text, problem: 0.5 if "half" in text else 0.0  # noqa: E731
     pool = PromptPool("Think half as hard.")
-    stats = fast_round(pool, problems(6), evaluate=scorer(half), reflect=lambda _: fenced("Try half the work."),
-                       step=6, budget=30, rng=random.Random(0))
-    assert stats["accepted"] == 0 and stats["rejected"]["not_better"] == stats["proposals"] == 10
+    stats = fast_round(pool, problems(6), evaluate=scorer(half), reflect=each(lambda _: fenced("Try half the work.")),
+                       step=6, budget=30, rng=random.Random(0), wave=1, rescore_parent=rescore_parent)
+    assert stats["accepted"] == 0 and stats["rejected"]["not_better"] == stats["proposals"] == proposals
     assert [p.text for p in pool] == ["Think half as hard."]
-    assert stats["metric_calls"] == 6 + 10 * 3  # scoring the pool, then 30 calls of budget
+    # scoring the pool, then 30 calls of budget: 3 per child, and 3 more for its parent when re-scored
+    assert stats["metric_calls"] == 6 + 30
 
 
-def test_garbage_reflector_leaves_pool_unchanged_and_counts_reasons():
+@pytest.mark.parametrize("wave", [1, 4])
+def test_garbage_reflector_leaves_pool_unchanged_and_counts_reasons(wave):
     garbage = ["", "no fence at all", fenced("y" * 9000), fenced("<think>unfinished"), fenced(SEED),
                fenced(problems(4)[2]["question"] + " is the kind of problem.")]
     replies = iter(garbage * 10)
     pool = PromptPool(SEED)
     before = co.PromptPool.from_json(pool.to_json())
-    stats = fast_round(pool, problems(4), evaluate=scorer(magic), reflect=lambda _: next(replies),
-                       step=6, budget=100, rng=random.Random(0), max_prompt_chars=2000, patience=12)
+    stats = fast_round(pool, problems(4), evaluate=scorer(magic), reflect=each(lambda _: next(replies)),
+                       step=6, budget=100, rng=random.Random(0), max_prompt_chars=2000, patience=12, wave=wave)
     assert [p.text for p in pool] == [p.text for p in before] and stats["accepted"] == 0
     assert stats["proposals"] == 12 and stats["metric_calls"] == 4        # patience ends the round
+    assert stats["waves"] == 12 // wave
     assert stats["rejected"] == {"empty": 2, "no_fence": 2, "too_long": 2, "thinking": 2,
                                  "same_as_parent": 2, "copies_anchor": 2, "not_better": 0}
+    assert stats["rejected_by_operator"] == {"reflect": stats["rejected"]}
 
 
 def test_round_with_a_perfect_pool_stops_without_spending():
@@ -209,8 +221,9 @@ def test_round_with_a_perfect_pool_stops_without_spending():
     assert stats["metric_calls"] == 5
 
 
+@pytest.mark.parametrize("wave, rescore_parent", [(1, False), (1, True), (4, True)])
 @pytest.mark.parametrize("budget", [20, 37, 64, 120])
-def test_budget_is_respected(budget):
+def test_budget_is_respected(budget, wave, rescore_parent):
     anchors, log, counter = problems(12), [], iter(range(10 ** 6))
 
     def noisy(text, problem):                       # deterministic but prompt-dependent coin flips
@@ -218,11 +231,12 @@ def test_budget_is_respected(budget):
 
     pool = PromptPool(SEED)
     stats = fast_round(pool, anchors, evaluate=scorer(noisy, log), step=6, budget=budget,
-                       reflect=lambda _: fenced(f"{SEED} variant {next(counter)}"), rng=random.Random(1))
+                       reflect=each(lambda _: fenced(f"{SEED} variant {next(counter)}")), rng=random.Random(1),
+                       wave=wave, rescore_parent=rescore_parent)
     assert stats["metric_calls"] == len(log)
-    scoring = len(anchors)                                                 # one live prompt, scored first
-    assert stats["metric_calls"] <= scoring + budget + len(anchors) - 3   # documented overshoot
-    assert stats["metric_calls"] > scoring + budget - 3                    # and it did spend it
+    scoring, most = len(anchors), 3 * (2 if rescore_parent else 1)       # one live prompt, scored first
+    assert stats["metric_calls"] <= scoring + budget + wave * (len(anchors) - 3)   # documented overshoot
+    assert stats["metric_calls"] > scoring + budget - most                 # and it did spend it
     assert stats["proposals"] == stats["accepted"] + stats["rejected"]["not_better"]
     assert all(len(p.scores) == len(anchors) for p in pool) and 1 <= len(pool.active_texts()) <= 4
 
@@ -239,7 +253,7 @@ def test_demo_operator_uses_only_rewarded_non_anchor_solutions():
 
     pool = PromptPool(SEED)
     stats = fast_round(pool, anchors, evaluate=scorer(reward, log), reflect=pytest.fail, step=12, budget=60,
-                       rng=random.Random(0), operators=("demo",), demo_buffer=buffer)
+                       rng=random.Random(0), operators=("demo",), demo_buffer=buffer, wave=1)
     child = pool.best()
     assert stats["accepted_by_operator"] == {"demo": 1} and child.operator == "demo" and child.parent_id == 0
     assert child.text == f"{SEED}\n\nExample:\nProblem: {past[1]['question']}\nSolution: 6 + 9 = 15. Answer: 15"
@@ -250,13 +264,136 @@ def test_demo_operator_uses_only_rewarded_non_anchor_solutions():
 def test_operators_cycle_and_are_counted():
     pool = PromptPool(SEED)
     buffer = [(problems(9)[8], "a worked solution", 1.0)]
-    stats = fast_round(pool, problems(6), evaluate=scorer(magic), reflect=lambda _: fenced("Plain prompt."),
+    stats = fast_round(pool, problems(6), evaluate=scorer(magic), reflect=each(lambda _: fenced("Plain prompt.")),
                        step=6, budget=40, rng=random.Random(0), operators=("reflect", "demo"),
                        demo_buffer=buffer)
     assert stats["proposals_by_operator"]["reflect"] >= 1 and stats["proposals_by_operator"]["demo"] >= 1
     with pytest.raises(ValueError, match="unknown operators"):
         fast_round(pool, problems(6), evaluate=scorer(magic), reflect=str, step=6, budget=40,
                    rng=random.Random(0), operators=("crossover",))
+
+
+def sequential_scenario(**wave_settings) -> tuple[list[dict], dict]:
+    """Two rounds with both operators, guard rejections, ties and acceptances, all scripted."""
+    anchors, past = problems(10), problems(14)[10:]
+    buffer = [(past[0], "4 + 7 = 11. Answer: 11", 1.0), (past[1], "Answer: 13", 1.0), (past[2], "no", 0.0)]
+
+    def reward(text, problem):
+        return float(zlib.crc32(f"{text}|{problem['id']}".encode()) % 5 < 2)
+
+    counter = iter(range(10 ** 6))
+
+    def reply(_):
+        k = next(counter)
+        if k % 4 == 0:
+            return fenced(f"{SEED} Hint {k}.")
+        return ["no fence here", fenced(SEED), fenced(f"{SEED} Rule {k}: carry the tens.")][k % 4 % 3]
+
+    pool, rounds = PromptPool(SEED), []
+    for step, budget in ((5, 60), (11, 45)):
+        stats = fast_round(pool, anchors, evaluate=scorer(reward), reflect=each(reply), step=step, budget=budget,
+                           rng=random.Random(step), operators=("reflect", "demo"), demo_buffer=buffer,
+                           **wave_settings)
+        rounds.append(stats)
+    return rounds, pool.to_json()
+
+
+# What the sequential loop (one proposal at a time, parent judged on its anchor rollouts) returned for
+# sequential_scenario before waves existed: a readable summary, then a digest of its every field.
+SEQUENTIAL_ROUNDS = [(9, 5, 69, {"no_fence": 1, "not_better": 3}, [3, 5]), (6, 5, 70, {"no_fence": 1}, [3, 5, 9, 8])]
+SEQUENTIAL_POOL = [(3, 2, "reflect", 5), (5, 0, "demo", 5), (8, 5, "reflect", 11), (9, 8, "demo", 11)]
+SEQUENTIAL_DIGEST = "a173d9d1475295804dd9d5f56ea6842184e54174355b3151594df611f38b5daa"
+NEW_STATS = {"wave", "waves", "rejected_by_operator", "seconds_reflecting", "seconds_scoring", "seconds_demo",
+             "reflector_tokens"}
+
+
+def test_wave_of_one_reproduces_the_sequential_loop():
+    rounds, pool = sequential_scenario(wave=1, rescore_parent=False)
+    assert [(r["proposals"], r["accepted"], r["metric_calls"], {k: n for k, n in r["rejected"].items() if n},
+             r["top_k_ids"]) for r in rounds] == SEQUENTIAL_ROUNDS
+    assert [(p["id"], p["parent_id"], p["operator"], p["born_step"]) for p in pool["prompts"]] == SEQUENTIAL_POOL
+    old_fields = [{k: v for k, v in r.items() if k not in NEW_STATS and not k.startswith("seconds")} for r in rounds]
+    digest = hashlib.sha256(json.dumps({"stats": old_fields, "pool": pool}, sort_keys=True).encode()).hexdigest()
+    assert digest == SEQUENTIAL_DIGEST
+
+
+def fair_rate(n: int, p: float) -> float:
+    """P(X > Y) for independent X, Y ~ Binomial(n, p): how often a fair strict test accepts an equal child."""
+    pmf = [math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(n + 1)]
+    return sum(pmf[x] * pmf[y] for x in range(n + 1) for y in range(x))
+
+
+@pytest.mark.parametrize("wave", [1, 4])
+def test_a_child_no_better_than_its_parent_passes_only_by_fair_chance(wave):
+    """Every pair is right with probability 0.3 whatever the prompt, so every child equals its parent.
+    A fair test accepts it P(Bin(3, .3) > Bin(3, .3)) ~ 0.33 of the time; judged against the parent's
+    failures (its anchor rollouts, which chose the minibatch) it passes 1 - 0.7^3 ~ 0.66 of the time."""
+    def rates(rescore_parent: bool) -> float:
+        coin, counter = random.Random(1), iter(range(10 ** 6))
+        evaluate = lambda texts, probs: [("out", float(coin.random() < 0.3), "fb") for _ in texts]  # noqa: E731
+        accepted = judged = 0
+        for r in range(80):
+            stats = fast_round(PromptPool(SEED), problems(12), evaluate=evaluate, step=r, budget=60,
+                               reflect=each(lambda _: fenced(f"{SEED} variant {next(counter)}")),
+                               rng=random.Random(r), wave=wave, rescore_parent=rescore_parent)
+            accepted += stats["accepted"]
+            judged += stats["accepted"] + stats["rejected"]["not_better"]
+        assert judged >= 500
+        return accepted / judged
+
+    assert abs(rates(rescore_parent=True) - fair_rate(3, 0.3)) < 0.05
+    assert rates(rescore_parent=False) > 0.55                 # the biased test, for contrast
+
+
+def test_a_wave_reflects_and_scores_in_one_call_each():
+    anchors, reflect_calls, evaluate_calls = problems(6), [], []
+
+    def evaluate(texts, probs):
+        evaluate_calls.append(list(zip(texts, [p["id"] for p in probs])))
+        return scorer(magic)(texts, probs)
+
+    def reflect(prompts):
+        reflect_calls.append(len(prompts))
+        return [co.Reflection(fenced(f"{SEED} MAGIC {n}"), tokens=7) for n in range(len(prompts))]
+
+    pool = PromptPool(SEED)
+    stats = fast_round(pool, anchors, evaluate=evaluate, reflect=reflect, step=6, budget=60, rng=random.Random(0),
+                       wave=4)
+    assert reflect_calls == [4] and stats["reflector_tokens"] == 28 and stats["waves"] == 1
+    anchor_scoring, minibatches, rest = evaluate_calls          # then every parent is perfect: skips
+    assert len(anchor_scoring) == 6 and len(rest) == 4 * 3
+    children = [pair for pair in minibatches if "MAGIC" in pair[0]]
+    parent = [pair for pair in minibatches if pair[0] == SEED]
+    assert len(children) == 4 * 3 and len(parent) == len(set(parent)) <= 6   # the parent once per problem
+    assert {pid for _, pid in children} == {pid for _, pid in parent}         # ...where its children are judged
+    assert stats["accepted"] == 4 and stats["metric_calls"] == 6 + len(minibatches) + 12
+    assert stats["skipped"]["perfect_parent"] == 10
+
+
+def test_demo_children_join_the_wave_and_rejections_are_split_by_operator():
+    reflect_calls, evaluate_calls = [], []
+    # Worked solutions to past problems, every other one too long to fit in a prompt.
+    buffer = [(p, f"solution {p['id']} " + "x" * 300 * (n % 2), 1.0) for n, p in enumerate(problems(20)[12:])]
+
+    def evaluate(texts, probs):
+        evaluate_calls.append(texts)
+        return scorer(lambda text, problem: 0.0)(texts, probs)
+
+    def reflect(prompts):
+        reflect_calls.append(len(prompts))
+        return ["no fence"] + [fenced(f"{SEED} Try {n}.") for n in range(1, len(prompts))]
+
+    stats = fast_round(PromptPool(SEED), problems(6), evaluate=evaluate, reflect=reflect, step=6, budget=60,
+                       rng=random.Random(0), wave=4, operators=("reflect", "demo"), demo_buffer=buffer,
+                       max_prompt_chars=300)
+    assert reflect_calls[0] == 2                                  # a wave of 4: two reflections, two demos
+    assert any(any("Example:" in t for t in texts) and any("Try" in t for t in texts) for texts in evaluate_calls)
+    assert stats["rejected_by_operator"]["demo"]["too_long"] > 0
+    assert stats["rejected_by_operator"]["reflect"]["no_fence"] == len(reflect_calls)
+    for reason, n in stats["rejected"].items():
+        assert n == sum(by_op[reason] for by_op in stats["rejected_by_operator"].values())
+    assert stats["seconds_scoring"] > 0 and stats["seconds_reflecting"] > 0 and stats["seconds_demo"] > 0
+    assert stats["seconds"] >= stats["seconds_scoring"] + stats["seconds_reflecting"]
 
 
 # ---------------------------------------------------------------- model-backed adapters, with fakes
@@ -269,7 +406,10 @@ def fake_stack(monkeypatch):
         calls.append((prompts, counts, kw, getattr(model, "disabled", None)))
         index = [i for i, c in enumerate(counts) for _ in range(c)]
         texts = [f"{prompts[i][0]}#{k}" for i, c in enumerate(counts) for k in range(c)]
-        return types.SimpleNamespace(prompt_index=index, texts=texts)
+        # a prompt that mentions EOS ends with EOS, any other one at a stop string; 2 tokens each
+        finish = ["eos" if "EOS" in prompts[i][0] else "stop" for i in index]
+        return types.SimpleNamespace(prompt_index=index, texts=texts, completion_ids=[[1, 2]] * len(index),
+                                     finish_reasons=finish)
 
     monkeypatch.setitem(sys.modules, "rollout", types.SimpleNamespace(
         encode_chat=lambda tok, messages: [" | ".join(m["content"] for m in messages)], sample=sample))
@@ -302,7 +442,34 @@ def test_make_reflector_switches_the_adapter_off_only_when_asked(fake_stack):
             self.disabled = False
 
     model = FakePeft()
-    assert co.make_reflector(model, None, use_adapter=False, max_new_tokens=4)("improve") == "improve#0"
-    co.make_reflector(model, None, use_adapter=True, max_new_tokens=4)("improve")
+    free = dict(max_new_tokens=4, reply_format="free")
+    assert co.make_reflector(model, None, use_adapter=False, **free)(["improve"]) == [co.Reflection("improve#0", 2)]
+    co.make_reflector(model, None, use_adapter=True, **free)(["improve"])
     assert [c[3] for c in fake_stack] == [True, False] and model.disabled is False
-    co.make_reflector(object(), None, use_adapter=False, max_new_tokens=4)("plain model runs as is")
+    co.make_reflector(object(), None, use_adapter=False, **free)(["plain model runs as is"])
+
+
+def test_make_reflector_batches_a_wave_and_starts_inside_the_fence(fake_stack):
+    tokenizer = types.SimpleNamespace(encode=lambda text, add_special_tokens: [f"<{text}>"])
+    reflect = co.make_reflector(None, tokenizer, use_adapter=False, max_new_tokens=4, temperature=0.7)
+    replies = reflect(["improve A", "improve B, EOS"])
+    (prompts, counts, kw, _), = fake_stack                       # the whole wave in ONE sample call
+    assert prompts == [["improve A", "<```\n>"], ["improve B, EOS", "<```\n>"]] and counts == [1, 1]
+    assert kw["stop"] == ["```"] and kw["temperature"] == 0.7
+    # The opening fence is put back; a reply that ended with EOS instead of the fence is closed for it.
+    assert replies == [co.Reflection("```\nimprove A#0", 2), co.Reflection("```\nimprove B, EOS#0\n```", 2)]
+    assert co.extract_prompt(replies[1].text) == "improve B, EOS#0"
+    assert co.extract_prompt("```\nPrompt body.\nLast line.```") == "Prompt body.\nLast line."  # cut at the fence
+    with pytest.raises(ValueError, match="reply_format"):
+        co.make_reflector(None, tokenizer, use_adapter=False, max_new_tokens=4, reply_format="json")
+
+
+def test_fenced_reflector_on_a_real_tokenizer(tiny_model, tokenizer):
+    """The prefix is the fence's own tokens after the generation prompt; replies come back fenced."""
+    import rollout
+    reflect = co.make_reflector(tiny_model, tokenizer, use_adapter=False, max_new_tokens=3, temperature=0.0)
+    replies = reflect(["Improve this prompt.", "And this one."])
+    assert all(r.text.startswith("```\n") and 1 <= r.tokens <= 3 for r in replies)
+    chat = rollout.encode_chat(tokenizer, [{"role": "user", "content": "x"}])
+    prefix = tokenizer.encode("```\n", add_special_tokens=False)
+    assert tokenizer.decode(chat + prefix).endswith("assistant\n```\n")

@@ -1,4 +1,4 @@
-"""eval.py: exact chunked KL against a full-logits reference, mean@k / pass@k against hand counts,
+"""eval.py: exact chunked KL against a full-logits reference, mean@k / accuracy / pass@k against hand counts,
 the 2x2 table on a stub, plots from synthetic run folders, and the CLI end to end on a tiny model."""
 import json
 
@@ -139,6 +139,7 @@ def test_evaluate_counts_mean_and_pass_at_k(monkeypatch, tiny_model, tokenizer):
     assert len(calls) == 1 and calls[0][1] == [2, 2, 2] and len(calls[0][0]) == 3
     assert calls[0][2]["temperature"] == 0.5 and calls[0][2]["max_new_tokens"] == 5
     assert out["mean_at_k"] == pytest.approx(3.5 / 6)
+    assert out["accuracy"] == pytest.approx(3 / 6)  # the "maybe" (0.5) is partial credit, not a success
     assert out["pass_at_k"] == pytest.approx(2 / 3)
     assert out["n"] == 3
 
@@ -269,9 +270,10 @@ def test_cli_report_on_a_tiny_run(tmp_path, tiny_model_dir, monkeypatch, capsys)
     out = json.loads((run / "eval" / "step_3.json").read_text())
     assert out["step"] == 3 and out["n"] == 2 and out["k"] == 2 and out["evolved_prompt"] == "Evolved: answer fast."
     t = out["tasks"]["arithmetic"]
-    for table in (t["two_by_two_mean_at_k"], t["two_by_two_pass_at_k"]):
+    for table in (t["two_by_two_mean_at_k"], t["two_by_two_accuracy"], t["two_by_two_pass_at_k"]):
         assert all(0 <= table[w][p] <= 1 for w in ("base", "trained") for p in ("seed", "evolved"))
     assert t["accuracy"]["mean_at_k"] == t["two_by_two_mean_at_k"]["trained"]["evolved"]
+    assert t["accuracy"]["accuracy"] == t["two_by_two_accuracy"]["trained"]["evolved"]
     assert t["kl_to_base"]["seed_prompt"] > 0 and t["kl_to_base"]["evolved_prompt"] > 0
     assert set(out["forgetting"]["countdown"]) == {"base", "trained", "delta_mean_at_k"}
     assert "no hub here" in out["forgetting"]["gsm8k"]["skipped"]

@@ -17,9 +17,10 @@ from conftest import ROOT
 # --- config -------------------------------------------------------------------------------------
 
 def test_config_defaults_and_overrides():
-    cfg = fst.load_config("tiny.yaml", ["train.steps=7", "sampling.temperature=1", "mode=fst"])
+    cfg = fst.load_config("tiny.yaml", ["train.steps=7", "sampling.temperature=1", "mode=fst", "train.lr=2e-4"])
     assert cfg.train.steps == 7 and cfg.mode == "fst"
     assert isinstance(cfg.sampling.temperature, float)  # ints widen to floats
+    assert cfg.train.lr == 2e-4  # YAML 1.1 reads '2e-4' as a string; a float key takes it as the number
     assert fst.find_config("gsm8k.yaml") == ROOT / "configs" / "gsm8k.yaml"
 
 
@@ -239,7 +240,7 @@ def _run(tmp_path, name, model_dir, steps, extra=(), resume=False):
 
 # Fields that depend on wall-clock time, not on the computation.
 TIMING = {"seconds_sampling", "seconds_base_kl", "seconds_training", "seconds_fast", "seconds_step",
-          "tokens_per_s", "seconds"}
+          "tokens_per_s", "seconds", "seconds_reflecting", "seconds_scoring", "seconds_demo"}
 
 
 
@@ -247,7 +248,8 @@ TIMING = {"seconds_sampling", "seconds_base_kl", "seconds_training", "seconds_fa
 @pytest.mark.parametrize("mode", ["rl", "fst"])
 def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity_rewards, mode):
     extra = ["--set", f"mode={mode}", "--set", "fast.every=2", "--set", "fast.budget=2",
-             "--set", "fast.reflector_max_new_tokens=8", "--set", "fast.operators=[demo, reflect]"]
+             "--set", "fast.reflector_max_new_tokens=8", "--set", "fast.operators=[demo, reflect]",
+             "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2"]
     full = _run(tmp_path, "full", tiny_model_dir, 4, extra)
     train_rows = [m for m in full if m["kind"] == "train"]
     assert [m["step"] for m in train_rows] == [0, 1, 2, 3]
@@ -265,8 +267,11 @@ def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity
     for name in ("adapter_model.safetensors", "pool.json", "best_prompt.txt", "trainer_state.pt"):
         assert (ckpt / name).exists()
     resumed = _run(tmp_path, "part", tiny_model_dir, 4, resume=True)
-    assert len(part) == len([m for m in full if m["step"] <= 1])
+    assert len(part) == len([m for m in full if m["step"] <= 1 or (m["kind"] == "eval" and m["step"] == 2)])
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    # validation at 0, 2 (the checkpoint's own weights: kept on resume) and 4, as in one run
+    assert [(r["step"], r["prompt"]) for r in resumed if r["kind"] == "eval"] == \
+        [(s, p) for s in (0, 2, 4) for p in (["seed", "best"] if mode == "fst" else ["seed"])]
     assert strip(resumed) == strip(full)
 
 
@@ -312,12 +317,12 @@ def test_continual_schedule_validation_and_init_from(tmp_path, tiny_model_dir, p
     trained, tok = fst.load_model(cfg.model, torch.device("cpu"), adapter_path=str(fst.resolve_checkpoint(str(tmp_path / "cont"))))
     probe = _run(tmp_path, "probe", tiny_model_dir, 1, ["--set", f"init_from={tmp_path / 'cont'}",
                                                          "--set", "task.name=countdown", "--set", "task.options={}",
-                                                         "--set", "train.lr=0"])
+                                                         "--set", "mode=gepa"])
     assert probe[0]["kl_to_base"] > 0  # it starts away from the base: the trained adapter is in
     started, _ = fst.load_model(cfg.model, torch.device("cpu"),
                                 adapter_path=str(fst.resolve_checkpoint(str(tmp_path / "probe"))))
     ids = torch.tensor([rollout.encode_chat(tok, [{"role": "user", "content": "hello"}])])
-    with torch.no_grad():  # lr 0: the probe's adapter is still the source checkpoint's
+    with torch.no_grad():  # gepa never updates the weights: the probe's adapter is the source checkpoint's
         assert torch.allclose(trained(ids).logits, started(ids).logits, atol=1e-5)
 
 

@@ -60,6 +60,41 @@ def test_gsm8k_thousands_separators(gsm8k, completion):
     assert score_completion(task, problems[2], completion)[0] == 1.0
 
 
+def test_gsm8k_gold_solutions_themselves_score_one(gsm8k):
+    """GSM8K's own final-answer form, '#### N', is an answer: every reference solution of the test
+    split, as written in the file (calculator notes and all), gets full reward."""
+    task, problems = gsm8k
+    lines = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()]
+    assert lines[0]["answer"].endswith("\n#### 18")
+    failed = [i for i, (line, problem) in enumerate(zip(lines, problems))
+              if score_completion(task, problem, line["answer"]) != (1.0, f"Correct: {problem['answer']}.")]
+    assert not failed
+
+
+@pytest.mark.parametrize("completion, reward", [
+    ("#### 18", 1.0), ("9 * 2 = 18\n#### 18", 1.0), ("#### $18", 1.0), ("#### 18.00", 1.0), ("####18", 1.0),
+    ("#### **18**", 1.0), ("She makes $18. #### 18", 1.0), ("#### 17", 0.0),
+    # the last of \boxed{}, 'Answer:' and '####' wins
+    ("Answer: 17\n#### 18", 1.0), ("#### 17\nAnswer: 18", 1.0), ("\\boxed{17}\n#### 18", 1.0),
+    ("#### 18\n\\boxed{17}", 0.0), ("Answer: 18\n#### 17", 0.0), ("#### 17\n\\boxed{18}", 1.0),
+    # markdown headings are not answers: '#### N' counts only when N is a plain number
+    ("#### Step 1: eggs left\n16 - 3 - 4 = 9\n#### Step 2: money\nAnswer: 18", 1.0),
+    ("Answer: 18\n#### Step 2: check the answer", 1.0),
+    ("#### 18. Check\nShe has 9 eggs left.", 0.0),
+])
+def test_gsm8k_hash_answers_and_which_answer_wins(gsm8k, completion, reward):
+    task, problems = gsm8k
+    assert score_completion(task, problems[0], completion)[0] == reward
+
+
+def test_gsm8k_hash_answer_with_thousands_separators(gsm8k):
+    task, problems = gsm8k
+    assert problems[611]["answer"] == "1450000"
+    assert score_completion(task, problems[611], "So the total is 1,450,000.\n#### 1,450,000")[0] == 1.0
+    reward, feedback = score_completion(task, problems[611], "#### 1. Add the costs\nThe total is 1,450,000.")
+    assert reward == 0.0 and feedback.startswith("No final answer found")
+
+
 def test_gsm8k_wrong_answer_feedback_names_both_and_shows_reference(gsm8k):
     task, problems = gsm8k
     reward, feedback = score_completion(task, problems[0], "so she makes 16 * 2 = 32\nAnswer: 32")
@@ -158,6 +193,9 @@ def test_final_answer_extraction():
     assert rewards.final_answer("**Answer:** 72") == rewards.final_answer("**Answer: 72**") == "72"
     assert rewards.final_answer("no answer here") is None
     assert rewards.final_answer("\\boxed{unclosed") is None
+    # '#### N' is read only when asked (gsm8k): other tasks' answers are not numbers after hashes
+    assert rewards.final_answer("#### 18") is None and rewards.final_answer("#### 18", hashes=True) == "18"
+    assert rewards.final_answer("#### 1,450,000\nAnswer: 3", hashes=True) == "3"
 
 
 # ---------------------------------------------------------------- procedural tasks
@@ -359,3 +397,74 @@ def test_a_user_task_is_one_small_class(monkeypatch):
         get_task("capitals", uppercase=True)
     with pytest.raises(ValueError, match="already registered"):
         rewards.register_task("named")(Capitals)
+
+
+# ---------------------------------------------------------------- one-step tasks with an example turn
+EXAMPLE_TASKS = ["compare", "add", "word_count", "alphabetical"]
+
+
+def recompute(name, question):
+    """The answer worked out again from the question text alone, independently of the generator."""
+    import re
+    numbers = [int(n) for n in re.findall(r"\d+", question)]
+    words = re.findall(r"[a-z]+", question.split(":", 1)[-1])
+    if name == "compare":
+        return str(max(numbers) if "larger" in question else min(numbers))
+    if name == "add":
+        return str(sum(numbers))
+    if name == "word_count":
+        return str(len(words))
+    return sorted(words)[0]  # alphabetical
+
+
+@pytest.mark.parametrize("name", EXAMPLE_TASKS)
+def test_example_task_generator_agrees_with_checker(name):
+    """Every generated gold equals the answer recomputed from the question, scores 1 in the forms a
+    model writes it, and a wrong answer gets the format credit only, with the rule in the feedback."""
+    task = small(name, format_reward=0.1)
+    train, test = task.load("train"), task.load("test")
+    assert small(name).load("test") == test and len(train) == 300 and len(test) == 60
+    questions = [p["question"] for p in train + test]
+    assert len(set(questions)) == len(questions)
+    for problem in train + test:
+        gold = problem["answer"]
+        assert gold == recompute(name, problem["question"]), problem
+        for completion in [f"Let me think.\nAnswer: {gold}", f"\\boxed{{{gold}}}", f"Answer: **{gold}**."]:
+            assert score_completion(task, problem, completion) == (1.0, f"Correct: {problem['rule']}.")
+        reward, feedback = score_completion(task, problem, "I am not sure.")
+        assert reward == 0.0 and feedback.startswith("No final answer found") and gold in feedback
+        wrong = ("apple" if gold != "apple" else "zebra") if name == "alphabetical" else str(int(gold) + 1)
+        reward, feedback = score_completion(task, problem, f"Answer: {wrong}")
+        assert reward == 0.1  # well formed, wrong: the format credit only
+        assert feedback == f"Expected {gold}, but your final answer was {wrong}: {problem['rule']}."
+        assert score_completion(task, problem, "Answer: no idea at all")[0] == 0.0  # malformed: nothing
+
+
+def test_example_tasks_hand_made_cases_and_default_sizes():
+    """Feedback names the expected answer and the reason; the default split sizes can be generated."""
+    compare = get_task("compare")
+    problem = {"id": "c", "question": "Which number is larger, 47 or 74?", "answer": "74",
+               "rule": "74 is larger than 47"}
+    assert score_completion(compare, problem, "Answer: 47") == (
+        0.0, "Expected 74, but your final answer was 47: 74 is larger than 47.")
+    alpha = get_task("alphabetical")
+    problem = {"id": "a", "question": "...", "answer": "cloud", "rule": "cloud comes first"}
+    assert score_completion(alpha, problem, "Answer: Cloud.")[0] == 1.0  # case and a full stop do not matter
+    asks = [p["question"].split(",")[0] for p in compare.load("test")]
+    assert 150 < asks.count("Which number is smaller") < 350  # both directions are asked
+    for name in EXAMPLE_TASKS:
+        task = get_task(name)
+        assert len(task.load("train")) == 5000 and len(task.load("test")) == 500
+
+
+@pytest.mark.parametrize("name", EXAMPLE_TASKS)
+def test_example_turn_comes_before_the_problem_under_any_system_prompt(name):
+    task = small(name)
+    problem = task.load("test")[0]
+    question, solution = task.example
+    assert task.messages(problem, "Be brief.") == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": question},
+        {"role": "assistant", "content": solution}, {"role": "user", "content": problem["question"]}]
+    assert task.messages(problem)[0]["content"] == task.default_system_prompt
+    # the example's own answer is what the example's question asks for, in the form the scorer reads
+    assert rewards.final_answer(solution) == recompute(name, question)
