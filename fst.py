@@ -66,7 +66,7 @@ CACHE_DIR = Path(os.environ.get("FST_CACHE", Path.home() / ".cache" / "fst"))
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass tree, loaded from YAML; unknown keys and wrong types fail at start-up.
 # Defaults follow the paper (fst-method.md) unless a comment says why not.
-# Each class's `ranges` gives every number its allowed values, checked by validate() at start-up:
+# Each class's `ranges` gives every number its allowed values, checked by check_ranges() at start-up:
 # ">= 1", "> 0", an interval "(0, 1]" / "[0, 1)", or "any". A list (betas) is checked per element.
 # A new numeric key needs its line there (tests/test_config.py checks that none is missing).
 
@@ -272,17 +272,17 @@ def in_range(value: float, spec: str) -> bool:
             "<=": value <= float(bound), "<": value < float(bound)}[op]
 
 
-def validate(node, prefix: str = "") -> None:
+def check_ranges(node, prefix: str = "") -> None:
     """Range-check every number of a config tree against its class's `ranges`; the first value out
     of range raises ConfigError naming its key (`schedule[1].steps`) and the allowed range."""
     ranges = getattr(type(node), "ranges", {})
     for f in dataclasses.fields(node):
         key, value = prefix + f.name, getattr(node, f.name)
         if dataclasses.is_dataclass(value):
-            validate(value, key + ".")
+            check_ranges(value, key + ".")
         elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
             for i, item in enumerate(value):
-                validate(item, f"{key}[{i}].")
+                check_ranges(item, f"{key}[{i}].")
         elif f.name in ranges:
             spec = ranges[f.name]
             for name, v in ([(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list)
@@ -329,7 +329,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         except yaml.YAMLError:
             raise ConfigError(f"--set {item}: the value is not valid YAML") from None
     cfg = _build(Config, data)
-    validate(cfg)
+    check_ranges(cfg)
     return cfg
 
 
