@@ -1,7 +1,9 @@
-"""eval.py -- one job: measurements on run folders (and the validation helper fst.py calls in training).
+"""eval.py -- one job: measurements on run folders (and the validation helper fst.py calls in training),
+and the export of a run's result for deployment.
 
     python eval.py RUN_DIR [--step N] [--tasks t1 t2] [--n 200] [--k 4] [--max-new-tokens M]
     python eval.py compare RUN_A RUN_B ... --out plots/
+    python eval.py export RUN_DIR --out DIR [--step N] [--merge [--dtype bfloat16]]
 
 What the paper measures (docs: fst-method.md), one function each:
 - evaluate():     mean@k (mean reward over k samples per problem), accuracy (share of samples
@@ -12,14 +14,18 @@ What the paper measures (docs: fst-method.md), one function each:
 - report():       all of the above on one checkpoint, plus forgetting: accuracy on the other
                   registered tasks (their own default prompts, never the evolved one), trained vs base.
 - compare():      paper-style PNG plots across runs and the steps each run needs to reach a target.
+- export():       a folder plain transformers (and so vLLM) loads with no fst code: adapter or merged
+                  weights, tokenizer, chat template whose default system message is the best prompt.
 The base model is always the same weights with the LoRA adapter disabled: never a second copy.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -413,9 +419,195 @@ def steps_to_reach_notes(data: dict[str, RunCurves]) -> list[str]:
     return notes
 
 
+# ---------------------------------------------------------------------------------- deployable export
+def with_default_system_prompt(chat_template: str, prompt: str) -> str:
+    """The chat template, preceded by a statement that inserts `prompt` as the system message when a
+    conversation has none (a caller's own system message still wins). Done at the template level,
+    before the model's own logic runs, so whatever default that logic injects (SmolLM2's "You are a
+    helpful AI assistant named SmolLM", Qwen2.5's "You are Qwen...") never fires. The prompt goes in
+    as a JSON string literal: Jinja reads \\n, \\", \\\\ and raw unicode in a string the same way, and
+    nothing inside a string literal (%}, {{, quotes) can end it."""
+    literal = json.dumps(prompt, ensure_ascii=False)
+    return ("{%- if not messages or messages[0]['role'] != 'system' %}"
+            "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages %}"
+            "{%- endif %}" + chat_template)
+
+
+def final_validation(run: Path, upto_step: int) -> list[dict]:
+    """The eval rows of the last validation at or before `upto_step` updates (all tasks and prompts)."""
+    rows = [r for r in read_metrics(run) if r.get("kind") == "eval" and r["step"] <= upto_step]
+    last = max((r["step"] for r in rows), default=None)
+    return [r for r in rows if r["step"] == last]
+
+
+def _model_card(cfg, *, run: Path, ckpt: Path, base: str, merge: bool, dtype: str, prompt: str,
+                validation: list[dict], notes: list[str]) -> str:
+    steps = int(ckpt.name.split("_")[-1]) + 1
+    tasks = ", ".join(f"{s.name} ({s.steps} steps)" for s in cfg.schedule) or cfg.task.name
+    name = cfg.model.name
+    hub_id = name not in fst.MODEL_ALIASES and not Path(name).exists() and not name.endswith(".gguf")
+    what = (f"merged weights ({dtype}: the base with the LoRA adapter added in, no peft needed)" if merge
+            else "a LoRA adapter (peft format) for the base below")
+    lines = ["---", *([f"base_model: {name}"] if hub_id else []),
+             f"library_name: {'transformers' if merge else 'peft'}", "tags: [fst, fast-slow-training, lora, rl]",
+             "---", "", f"# {run.name} @ {ckpt.name}", "",
+             f"Trained with fst (Fast-Slow Training: LoRA RL + an evolved system prompt). This folder holds {what}, "
+             "the tokenizer, and a chat template whose default system message is the run's best prompt.", "",
+             "| | |", "|---|---|",
+             f"| base model | `{name}` (quantisation during training: {cfg.model.quant}) |",
+             f"| task | {tasks} |", f"| mode | {cfg.mode} |",
+             f"| steps | {steps} (checkpoint `{ckpt.name}`) |",
+             f"| LoRA | r={cfg.model.lora_r}, alpha={cfg.model.lora_alpha}, targets {cfg.model.lora_targets} |",
+             f"| loss | {cfg.train.loss}, lr {cfg.train.lr}, kl_coef {cfg.train.kl_coef} |", ""]
+    if name in fst.MODEL_ALIASES:
+        package, filename = fst.MODEL_ALIASES[name]
+        lines += [f"`{name}` is fst's alias for `{filename}` from the `{package}` package, dequantised into "
+                  f"`{base}`: not the same weights as the full-precision original on the hub.", ""]
+    if not merge:
+        lines += [f"`adapter_config.json` points to the base `{base}`"
+                  + (" (a folder on the machine that trained it: copy it along, or edit the path)."
+                     if Path(base).exists() else "."), ""]
+    if merge and dtype != "float32":
+        notes = [*notes, f"> Saved in {dtype}: part of a small LoRA update rounds away at this precision "
+                         "(`--dtype float32` keeps all of it)."]
+    lines += [*notes, *([""] if notes else []), "## Validation (from metrics.jsonl)", ""]
+    if validation:
+        lines += [f"After {validation[0]['step']} training steps, k={validation[0]['k']} samples per problem:", "",
+                  "| task | prompt | mean@k | pass@k | problems |", "|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r.get('prompt', 'seed')} | {r['mean_at_k']:.3f} | {r['pass_at_k']:.3f} | {r['n']} |"
+                  for r in validation]
+    else:
+        lines.append(f"This run logged no validation (eval.every was 0); measure it with `python eval.py {run}`.")
+    load = ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+            'tok = AutoTokenizer.from_pretrained("THIS_FOLDER")',
+            'model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")'
+            + ("" if merge else "   # with peft installed: loads the base, then the adapter"),
+            'inputs = tok.apply_chat_template([{"role": "user", "content": "..."}], add_generation_prompt=True,',
+            '                                 return_tensors="pt", return_dict=True)',
+            'out = model.generate(**inputs, max_new_tokens=512)',
+            'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
+    lines += ["", "## Load it", "", "```python", *load, "```", "",
+              "A conversation without a system message gets the run's best prompt (`system_prompt.txt`, "
+              "also below); give a system message of your own to override it.", "",
+              "vLLM (not covered by fst's tests): " + (
+                  "`vllm serve THIS_FOLDER`." if merge else
+                  f"`vllm serve {base} --enable-lora --lora-modules fst=THIS_FOLDER "
+                  "--chat-template THIS_FOLDER/chat_template.jinja`, then ask for model `fst`."), "",
+              "## The best prompt", "", "```", prompt, "```", ""]
+    return "\n".join(lines)
+
+
+def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False, dtype: str = "float32",
+           overrides=()) -> list[str]:
+    """Write a folder that plain transformers loads with no fst code: the checkpoint's LoRA adapter
+    (peft) or, with merge, the base with the adapter merged in (`dtype` weights); the tokenizer with a
+    chat template whose default system message is the run's best prompt; system_prompt.txt; README.md.
+    Returns the lines printed. A quantised base (QLoRA) is merged into its DEQUANTISED weights, the
+    ones the run trained and was measured on, so the merged model is the trained policy exactly."""
+    cfg = fst.load_config(str(run / "config.yaml"), list(overrides))
+    ckpt = find_checkpoint(run, step)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--out {out} exists and is not empty; give a new folder")
+    base = fst.resolve_model_path(cfg.model.name)
+    if Path(base).exists():
+        base = str(Path(base).resolve())
+    best_file, notes = ckpt / "best_prompt.txt", []
+    if best_file.exists():
+        prompt = best_file.read_text()
+    else:  # the seed prompt, chosen as fst.train chooses it
+        prompt = cfg.task.system_prompt or (rewards.TASK_AGNOSTIC_PROMPT if cfg.schedule
+                                            else make_task(cfg.task.name, cfg).default_system_prompt)
+        notes.append(f"> {best_file} is missing: the default system message is the run's seed prompt.")
+
+    # The tokenizer first: its new template is checked before anything is loaded or written.
+    # User-only conversations must render exactly as fst prompted the model (best prompt as system
+    # message), and a caller's own system message must still win.
+    tok = fst.load_tokenizer(base)
+    if not tok.chat_template:
+        raise SystemExit(f"{base}: its tokenizer has no chat template to put the best prompt in")
+    original, user = tok.chat_template, [{"role": "user", "content": "2 + 3?"}]
+    tok.chat_template = with_default_system_prompt(original, prompt)
+    render = lambda messages, template: tok.apply_chat_template(  # noqa: E731
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    own = [{"role": "system", "content": "Mine."}] + user
+    why = ""
+    try:
+        same = (render(user, None) == render([{"role": "system", "content": prompt}] + user, original)
+                and render(own, None) == render(own, original))
+    except Exception as e:  # e.g. a template that raises "System role not supported"
+        same, why = False, f" ({type(e).__name__}: {e})"
+    if not same:
+        raise SystemExit(f"{base}: its chat template does not take a system message the usual way"
+                         f"{why}; cannot make the best prompt its default")
+
+    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: never half an export
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if merge:
+        # Merged in float32 on the CPU: adding a small LoRA delta to bf16 weights would round most
+        # of it away, and a 7B model in float32 needs 28 GB, more than many GPUs hold.
+        quantised = cfg.model.quant != "none"
+        spec = dataclasses.replace(cfg.model, dtype=cfg.model.dtype if quantised else "float32", attn="sdpa",
+                                   gradient_checkpointing=False)
+        model, _ = fst.load_model(spec, torch.device("cpu"), adapter_path=str(ckpt))
+        if quantised:
+            from peft import PeftModel
+            base_model = model.unload().dequantize().float()
+            model = PeftModel.from_pretrained(base_model, str(ckpt))
+            notes.append(f"> The base was {cfg.model.quant} during training. These weights are that base "
+                         f"dequantised (the values the run trained on) plus the adapter: the trained policy "
+                         f"itself, not the original full-precision base plus the adapter.")
+        merged = model.merge_and_unload().to(getattr(torch, dtype))
+        merged.save_pretrained(tmp)
+    else:
+        from safetensors.torch import load_file
+        load_file(ckpt / "adapter_model.safetensors")  # fails loudly on a damaged file
+        shutil.copy2(ckpt / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
+        adapter_config = json.loads((ckpt / "adapter_config.json").read_text())
+        adapter_config.update(base_model_name_or_path=base, inference_mode=True)
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        if cfg.model.quant != "none":
+            notes.append(f"> The base was {cfg.model.quant} during training; loaded as it is here, the "
+                         f"adapter runs on the full-precision base, a slightly different model from the "
+                         f"one measured. `--merge` gives the trained policy exactly.")
+    tok.save_pretrained(tmp)
+    (tmp / "system_prompt.txt").write_text(prompt)
+    (tmp / "README.md").write_text(_model_card(
+        cfg, run=run, ckpt=ckpt, base=base, merge=merge, dtype=dtype, prompt=prompt,
+        validation=final_validation(run, int(ckpt.name.split("_")[-1]) + 1), notes=notes))
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    tmp.rename(out)
+    kind = f"merged {dtype} weights" if merge else f"LoRA adapter on {base}"
+    return [f"[export] {run} @ {ckpt.name} -> {out}: {kind}, tokenizer, chat template with the best "
+            f"prompt as default system message, system_prompt.txt, README.md",
+            *(n.lstrip("> ") for n in notes)]
+
+
 # ---------------------------------------------------------------------------------- command line
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export"]:
+        ap = argparse.ArgumentParser(prog="eval.py export",
+                                     description="a folder plain transformers / vLLM load: adapter or merged "
+                                                 "weights, tokenizer, best prompt as default system message")
+        ap.add_argument("run", type=Path)
+        ap.add_argument("--out", type=Path, required=True, help="a new (or empty) folder")
+        ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+        ap.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+        ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the merged weights (default float32: bf16 rounds small LoRA deltas away)")
+        ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set model.name=/path/to/base")
+        args = ap.parse_args(argv[1:])
+        try:
+            lines = export(args.run, args.out, step=args.step, merge=args.merge, dtype=args.dtype,
+                           overrides=args.set)
+        except fst.ConfigError as e:
+            raise SystemExit(f"config error: {e}")
+        print("\n".join(lines))
+        return
     if argv[:1] == ["compare"]:
         ap = argparse.ArgumentParser(prog="eval.py compare", description="plots across run folders")
         ap.add_argument("runs", nargs="+", type=Path)

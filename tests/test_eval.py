@@ -262,9 +262,9 @@ def test_cli_report_on_a_tiny_run(tmp_path, tiny_model_dir, monkeypatch, capsys)
     (run / "checkpoints" / "latest").write_text(ckpt.name)
     (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 0, "task": "arithmetic"}) + "\n")
 
-    def offline(split):
+    def offline(name, config, split, required=()):
         raise ConnectionError("no hub here")
-    monkeypatch.setattr(rewards, "_gsm8k_from_hub", offline)
+    monkeypatch.setattr(rewards, "load_hub_dataset", offline)
     ev.main([str(run), "--forgetting", "countdown", "gsm8k"])
     printed = capsys.readouterr().out
     out = json.loads((run / "eval" / "step_3.json").read_text())
