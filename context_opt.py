@@ -285,6 +285,216 @@ class Proposal:
         return self.text is not None and self.reason in (None, "not_better")
 
 
+@dataclass
+class _Round:
+    """What the phases of one fast_round share: its settings, the anchor set, every rollout result so
+    far and the stats it returns. The phases below run in the order fast_round calls them."""
+    pool: PromptPool
+    anchors: list[dict]
+    ids: list[str]                      # the anchors' problem ids, aligned with anchors
+    questions: list[str]                # the anchors' texts, for the reflector and the copy guard
+    stats: dict
+    evaluate: Evaluate
+    reflect: Reflect
+    rng: object
+    step: int
+    budget: int
+    operators: Sequence[str]
+    demo_buffer: Sequence
+    problem_text: Callable[[dict], str]
+    max_prompt_chars: int
+    patience: int
+    wave: int
+    rescore_parent: bool
+    size: int                           # minibatch size
+    most: int                           # the most one proposal can cost on its minibatch
+    # (prompt id, problem id) -> (completion, reward, feedback) of its latest rollout
+    outputs: dict[tuple[int, str], tuple[str, float, str]] = field(default_factory=dict)
+    scoring_calls: int = 0              # metric calls scoring the live pool: not charged to the budget
+    turn: int = 0                       # draws so far: picks the next operator
+    idle: int = 0                       # consecutive draws that spent nothing
+
+    def spent(self) -> int:
+        """Metric calls charged to the budget so far."""
+        return self.stats["metric_calls"] - self.scoring_calls
+
+    def run(self, texts: list[str], problems: list[dict]) -> list[tuple[str, float, str]]:
+        """evaluate() on aligned (prompt, problem) pairs, timed and counted; no call for no pairs."""
+        if not texts:
+            return []
+        started = time.perf_counter()
+        results = self.evaluate(texts, problems)
+        self.stats["seconds_scoring"] += time.perf_counter() - started
+        if len(results) != len(texts):
+            raise ValueError(f"evaluate returned {len(results)} results for {len(texts)} pairs")
+        self.stats["metric_calls"] += len(texts)
+        return results
+
+    def record(self, prompt: Prompt, indices: list[int], results) -> None:
+        for i, result in zip(indices, results, strict=True):
+            prompt.scores[self.ids[i]] = result[1]
+            self.outputs[prompt.id, self.ids[i]] = result
+
+    def reject(self, proposal: Proposal, reason: str) -> None:
+        proposal.reason = reason
+        self.stats["rejected"][reason] += 1
+        self.stats["rejected_by_operator"][proposal.operator][reason] += 1
+
+
+def _new_stats(step: int, anchor_size: int, budget: int, wave: int, operators: Sequence[str]) -> dict:
+    return {"step": step, "anchor_size": anchor_size, "budget": budget, "wave": wave, "metric_calls": 0,
+            "waves": 0, "proposals": 0, "accepted": 0, "rejected": dict.fromkeys(REJECT_REASONS, 0),
+            "rejected_by_operator": {op: dict.fromkeys(REJECT_REASONS, 0) for op in operators},
+            "skipped": dict.fromkeys(SKIP_REASONS, 0), "proposals_by_operator": dict.fromkeys(operators, 0),
+            "accepted_by_operator": dict.fromkeys(operators, 0), "accepted_prompts": [],
+            "seconds_reflecting": 0.0, "seconds_scoring": 0.0, "seconds_demo": 0.0, "reflector_tokens": 0}
+
+
+def _score_live_pool(r: _Round) -> None:
+    """Step 2 of the round: the prompts RL used since the last round, on every anchor. Survivors
+    outside the top K are dropped here, since their scores belong to an old anchor set and re-scoring
+    them all would eat the whole budget."""
+    live = [p for p in r.pool if p.in_top_k] or list(r.pool)
+    r.pool.retain({p.id for p in live})
+    everything = list(range(len(r.anchors)))
+    results = r.run([p.text for p in live for _ in r.anchors], r.anchors * len(live))
+    for n, prompt in enumerate(live):
+        prompt.scores = {}
+        r.record(prompt, everything, results[n * len(r.anchors):(n + 1) * len(r.anchors)])
+    r.stats["best_score_before"] = r.pool.best().mean_score()
+    r.stats["mean_score_before"] = sum(p.mean_score() for p in live) / len(live)
+    r.scoring_calls = r.stats["metric_calls"]
+
+
+def _draw(r: _Round) -> Proposal | None:
+    """One draw: parent, operator, minibatch, and the demo child or the reflection prompt; None for a
+    skip (a parent perfect everywhere, or no demo to add)."""
+    parent = r.pool.sample_parent(r.rng, r.ids)
+    operator = r.operators[r.turn % len(r.operators)]
+    r.turn += 1
+    batch = _failures_first(parent, r.ids, r.size, r.rng)
+    if batch is None:
+        r.stats["skipped"]["perfect_parent"] += 1
+        return None
+    proposal = Proposal(operator, parent, batch)
+    if operator == "reflect":
+        examples = [{"question": r.questions[i], "output": r.outputs[parent.id, r.ids[i]][0],
+                     "reward": r.outputs[parent.id, r.ids[i]][1], "feedback": r.outputs[parent.id, r.ids[i]][2]}
+                    for i in batch]
+        proposal.reflection_prompt = build_reflection_prompt(parent.text, examples)
+    else:
+        started = time.perf_counter()
+        proposal.text = make_demo(parent.text, r.demo_buffer, set(r.ids), r.rng, r.problem_text)
+        r.stats["seconds_demo"] += time.perf_counter() - started
+        if proposal.text is None:
+            r.stats["skipped"]["no_demo"] += 1
+            return None
+    r.stats["proposals"] += 1
+    r.stats["proposals_by_operator"][operator] += 1
+    return proposal
+
+
+def _draw_wave(r: _Round) -> list[Proposal | None]:
+    """Up to `wave` proposals, in draw order (None = a skip). A draw the budget could not score ends
+    the wave before it is made; demo children meet the guards here, reflections after reflecting."""
+    spent = r.spent()
+    draws: list[Proposal | None] = []
+    reserved, fresh_pairs, run_idle = 0, set(), r.idle
+    while (sum(d is not None for d in draws) < r.wave and run_idle < r.patience
+           and spent + reserved + r.most <= r.budget):
+        proposal = _draw(r)
+        draws.append(proposal)
+        if proposal is None:
+            run_idle += 1
+            continue
+        if proposal.operator == "demo" and (reason := check_proposal(
+                proposal.text, proposal.parent.text, r.questions, r.max_prompt_chars)):
+            r.reject(proposal, reason)
+            run_idle += 1
+            continue
+        new_pairs = {(proposal.parent.id, i) for i in proposal.batch} - fresh_pairs if r.rescore_parent else set()
+        reserved += r.size + len(new_pairs)
+        fresh_pairs |= new_pairs
+        run_idle = 0                            # it may spend; the real count comes after scoring
+    return draws
+
+
+def _reflect_and_vet(r: _Round, proposals: list[Proposal]) -> None:
+    """Every reflection of the wave in one batched call, then the guards."""
+    reflecting = [p for p in proposals if p.operator == "reflect"]
+    if not reflecting:
+        return
+    started = time.perf_counter()
+    replies = r.reflect([p.reflection_prompt for p in reflecting])
+    r.stats["seconds_reflecting"] += time.perf_counter() - started
+    if len(replies) != len(reflecting):
+        raise ValueError(f"reflect returned {len(replies)} replies for {len(reflecting)} prompts")
+    for proposal, reply in zip(reflecting, replies):
+        reply = reply if isinstance(reply, Reflection) else Reflection(reply)
+        r.stats["reflector_tokens"] += reply.tokens
+        proposal.text, reason = vet_reflection(reply.text, proposal.parent.text, r.questions,
+                                               r.max_prompt_chars)
+        if reason:
+            r.reject(proposal, reason)
+
+
+def _score_children(r: _Round, trying: list[Proposal]) -> tuple[list, dict[tuple[int, int], float]]:
+    """Every surviving child on its minibatch, then (rescore_parent) each parent afresh, once per
+    problem its children are judged on, all in one evaluate call. Returns the children's results
+    (concatenated in `trying` order) and the parents' fresh rewards by (parent id, anchor index)."""
+    child_pairs = [(p.text, i) for p in trying for i in p.batch]
+    parent_pairs = (list(dict.fromkeys((p.parent.id, i) for p in trying for i in p.batch))
+                    if r.rescore_parent else [])
+    pairs = child_pairs + [(r.pool[pid].text, i) for pid, i in parent_pairs]
+    results = r.run([text for text, _ in pairs], [r.anchors[i] for _, i in pairs])
+    fresh = {pair: result[1] for pair, result in zip(parent_pairs, results[len(child_pairs):], strict=True)}
+    return results[:len(child_pairs)], fresh
+
+
+def _accept(r: _Round, trying: list[Proposal], child_results: list,
+            fresh: dict[tuple[int, int], float]) -> list[tuple[Prompt, list[int]]]:
+    """Each child against its own parent, strictly; the accepted ones join the pool. Returns each
+    accepted child with the anchor indices it still has to be scored on."""
+    accepted: list[tuple[Prompt, list[int]]] = []
+    at = 0
+    for proposal in trying:
+        results, at = child_results[at:at + len(proposal.batch)], at + len(proposal.batch)
+        parent = proposal.parent
+        parent_sum = (sum(fresh[parent.id, i] for i in proposal.batch) if r.rescore_parent
+                      else sum(parent.scores[r.ids[i]] for i in proposal.batch))
+        if sum(reward for _, reward, _ in results) <= parent_sum:
+            r.reject(proposal, "not_better")
+            continue
+        child = r.pool.add(proposal.text, parent_id=parent.id, step=r.step, operator=proposal.operator)
+        r.record(child, proposal.batch, results)
+        accepted.append((child, [i for i in range(len(r.anchors)) if i not in proposal.batch]))
+        r.stats["accepted"] += 1
+        r.stats["accepted_by_operator"][proposal.operator] += 1
+        r.stats["accepted_prompts"].append(proposal.text)
+    return accepted
+
+
+def _score_rest(r: _Round, accepted: list[tuple[Prompt, list[int]]]) -> None:
+    """The accepted children on the rest of the anchors, in one call."""
+    results = r.run([child.text for child, rest in accepted for _ in rest],
+                    [r.anchors[i] for _, rest in accepted for i in rest])
+    at = 0
+    for child, rest in accepted:
+        r.record(child, rest, results[at:at + len(rest)])
+        at += len(rest)
+
+
+def _finish(r: _Round, top_k: int, started: float) -> dict:
+    """Prune the pool to its Pareto front, mark the top K active, and close the stats."""
+    r.pool.retain({p.id for p in r.pool.nondominated(r.ids)})
+    active = r.pool.top_k(top_k, r.ids)
+    r.stats.update(best_score_after=r.pool.best().mean_score(),
+                   mean_score_after=sum(p.mean_score() for p in active) / len(active),
+                   pool_size=len(r.pool), top_k_ids=[p.id for p in active],
+                   seconds=time.perf_counter() - started)
+    return r.stats
+
+
 def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: Evaluate,
                reflect: Reflect, step: int, budget: int, rng,
                operators: Sequence[str] = ("reflect",), demo_buffer: Sequence = (),
@@ -327,161 +537,24 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: E
         raise ValueError(f"wave must be >= 1, got {wave}")
     t0 = time.perf_counter()
     anchors = list(anchor_problems)
-    ids = [str(p["id"]) for p in anchors]
-    questions = [problem_text(p) for p in anchors]
-    outputs: dict[tuple[int, str], tuple[str, float, str]] = {}   # (prompt id, problem id) -> result
-    stats = {"step": step, "anchor_size": len(anchors), "budget": budget, "wave": wave, "metric_calls": 0,
-             "waves": 0, "proposals": 0, "accepted": 0, "rejected": dict.fromkeys(REJECT_REASONS, 0),
-             "rejected_by_operator": {op: dict.fromkeys(REJECT_REASONS, 0) for op in operators},
-             "skipped": dict.fromkeys(SKIP_REASONS, 0), "proposals_by_operator": dict.fromkeys(operators, 0),
-             "accepted_by_operator": dict.fromkeys(operators, 0), "accepted_prompts": [],
-             "seconds_reflecting": 0.0, "seconds_scoring": 0.0, "seconds_demo": 0.0, "reflector_tokens": 0}
-
-    def run(texts: list[str], problems: list[dict]) -> list[tuple[str, float, str]]:
-        if not texts:
-            return []
-        started = time.perf_counter()
-        results = evaluate(texts, problems)
-        stats["seconds_scoring"] += time.perf_counter() - started
-        if len(results) != len(texts):
-            raise ValueError(f"evaluate returned {len(results)} results for {len(texts)} pairs")
-        stats["metric_calls"] += len(texts)
-        return results
-
-    def record(prompt: Prompt, indices: list[int], results) -> None:
-        for i, result in zip(indices, results, strict=True):
-            prompt.scores[ids[i]] = result[1]
-            outputs[prompt.id, ids[i]] = result
-
-    def reject(proposal: Proposal, reason: str) -> None:
-        proposal.reason = reason
-        stats["rejected"][reason] += 1
-        stats["rejected_by_operator"][proposal.operator][reason] += 1
-
-    # The prompts RL used since the last round; survivors outside the top K are dropped here, since
-    # their scores belong to an old anchor set and re-scoring them all would eat the whole budget.
-    live = [p for p in pool if p.in_top_k] or list(pool)
-    pool.retain({p.id for p in live})
-    everything = list(range(len(anchors)))
-    results = run([p.text for p in live for _ in anchors], anchors * len(live))
-    for n, prompt in enumerate(live):
-        prompt.scores = {}
-        record(prompt, everything, results[n * len(anchors):(n + 1) * len(anchors)])
-    stats["best_score_before"] = pool.best().mean_score()
-    stats["mean_score_before"] = sum(p.mean_score() for p in live) / len(live)
-
     size = min(minibatch_size, len(anchors))
-    most = size * (2 if rescore_parent else 1)      # the most one proposal can cost on its minibatch
-    idle = turn = 0
-    scoring_calls = stats["metric_calls"]
-    while stats["metric_calls"] - scoring_calls + most <= budget and idle < patience:
-        # 1. Draw up to `wave` proposals: parent, operator, minibatch, and the demo child or the
-        #    reflection prompt. A draw the budget could not score ends the wave before it is made.
-        spent = stats["metric_calls"] - scoring_calls
-        draws: list[Proposal | None] = []           # in draw order; None = a skip
-        reserved, fresh_pairs, run_idle = 0, set(), idle
-        while (sum(d is not None for d in draws) < wave and run_idle < patience
-               and spent + reserved + most <= budget):
-            parent = pool.sample_parent(rng, ids)
-            operator = operators[turn % len(operators)]
-            turn += 1
-            batch = _failures_first(parent, ids, size, rng)
-            if batch is None:
-                stats["skipped"]["perfect_parent"] += 1
-                draws.append(None)
-                run_idle += 1
-                continue
-            proposal = Proposal(operator, parent, batch)
-            if operator == "reflect":
-                examples = [{"question": questions[i], "output": outputs[parent.id, ids[i]][0],
-                             "reward": outputs[parent.id, ids[i]][1], "feedback": outputs[parent.id, ids[i]][2]}
-                            for i in batch]
-                proposal.reflection_prompt = build_reflection_prompt(parent.text, examples)
-            else:
-                started = time.perf_counter()
-                proposal.text = make_demo(parent.text, demo_buffer, set(ids), rng, problem_text)
-                stats["seconds_demo"] += time.perf_counter() - started
-                if proposal.text is None:
-                    stats["skipped"]["no_demo"] += 1
-                    draws.append(None)
-                    run_idle += 1
-                    continue
-            stats["proposals"] += 1
-            stats["proposals_by_operator"][operator] += 1
-            draws.append(proposal)
-            if operator == "demo" and (reason := check_proposal(proposal.text, parent.text, questions,
-                                                                max_prompt_chars)):
-                reject(proposal, reason)
-                run_idle += 1
-                continue
-            new_pairs = {(parent.id, i) for i in batch} - fresh_pairs if rescore_parent else set()
-            reserved += size + len(new_pairs)
-            fresh_pairs |= new_pairs
-            run_idle = 0                            # it may spend; the real count comes after scoring
+    r = _Round(pool, anchors, [str(p["id"]) for p in anchors], [problem_text(p) for p in anchors],
+               _new_stats(step, len(anchors), budget, wave, operators), evaluate, reflect, rng, step, budget,
+               operators, demo_buffer, problem_text, max_prompt_chars, patience, wave, rescore_parent,
+               size=size, most=size * (2 if rescore_parent else 1))
+    _score_live_pool(r)
+    while r.spent() + r.most <= budget and r.idle < patience:
+        draws = _draw_wave(r)
         proposals = [d for d in draws if d]
         if proposals:
-            stats["waves"] += 1
-
-        # 2. Every reflection of the wave in one batched call, then the guards.
-        reflecting = [p for p in proposals if p.operator == "reflect"]
-        if reflecting:
-            started = time.perf_counter()
-            replies = reflect([p.reflection_prompt for p in reflecting])
-            stats["seconds_reflecting"] += time.perf_counter() - started
-            if len(replies) != len(reflecting):
-                raise ValueError(f"reflect returned {len(replies)} replies for {len(reflecting)} prompts")
-            for proposal, reply in zip(reflecting, replies):
-                reply = reply if isinstance(reply, Reflection) else Reflection(reply)
-                stats["reflector_tokens"] += reply.tokens
-                proposal.text, reason = vet_reflection(reply.text, proposal.parent.text, questions,
-                                                       max_prompt_chars)
-                if reason:
-                    reject(proposal, reason)
-
-        # 3. Every surviving child on its minibatch, then (rescore_parent) each parent afresh, once
-        #    per problem its children are judged on, all in one evaluate call.
+            r.stats["waves"] += 1
+        _reflect_and_vet(r, proposals)
         trying = [p for p in proposals if p.reason is None]
-        child_pairs = [(p.text, i) for p in trying for i in p.batch]
-        parent_pairs = list(dict.fromkeys((p.parent.id, i) for p in trying for i in p.batch)) if rescore_parent else []
-        pairs = child_pairs + [(pool[pid].text, i) for pid, i in parent_pairs]
-        results = run([text for text, _ in pairs], [anchors[i] for _, i in pairs])
-        fresh = {pair: result[1] for pair, result in zip(parent_pairs, results[len(child_pairs):], strict=True)}
-
-        # 4. Each child against its own parent, strictly; the accepted ones join the pool.
-        accepted: list[tuple[Prompt, list[int]]] = []
-        at = 0
-        for proposal in trying:
-            child_results, at = results[at:at + len(proposal.batch)], at + len(proposal.batch)
-            parent = proposal.parent
-            parent_sum = (sum(fresh[parent.id, i] for i in proposal.batch) if rescore_parent
-                          else sum(parent.scores[ids[i]] for i in proposal.batch))
-            if sum(r for _, r, _ in child_results) <= parent_sum:
-                reject(proposal, "not_better")
-                continue
-            child = pool.add(proposal.text, parent_id=parent.id, step=step, operator=proposal.operator)
-            record(child, proposal.batch, child_results)
-            accepted.append((child, [i for i in everything if i not in proposal.batch]))
-            stats["accepted"] += 1
-            stats["accepted_by_operator"][proposal.operator] += 1
-            stats["accepted_prompts"].append(proposal.text)
-
-        # 5. The accepted children on the rest of the anchors, in one call.
-        results = run([child.text for child, rest in accepted for _ in rest],
-                      [anchors[i] for _, rest in accepted for i in rest])
-        at = 0
-        for child, rest in accepted:
-            record(child, rest, results[at:at + len(rest)])
-            at += len(rest)
-        for draw in draws:                          # patience, in draw order
-            idle = 0 if draw is not None and draw.scored else idle + 1
-
-    pool.retain({p.id for p in pool.nondominated(ids)})
-    active = pool.top_k(top_k, ids)
-    stats.update(best_score_after=pool.best().mean_score(),
-                 mean_score_after=sum(p.mean_score() for p in active) / len(active),
-                 pool_size=len(pool), top_k_ids=[p.id for p in active],
-                 seconds=time.perf_counter() - t0)
-    return stats
+        child_results, fresh = _score_children(r, trying)
+        _score_rest(r, _accept(r, trying, child_results, fresh))
+        for draw in draws:                      # patience, in draw order
+            r.idle = 0 if draw is not None and draw.scored else r.idle + 1
+    return _finish(r, top_k, t0)
 
 
 # ---------------------------------------------------------------- model-backed adapters

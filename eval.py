@@ -497,31 +497,11 @@ def _model_card(cfg, *, run: Path, ckpt: Path, base: str, merge: bool, dtype: st
     return "\n".join(lines)
 
 
-def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False, dtype: str = "float32",
-           overrides=()) -> list[str]:
-    """Write a folder that plain transformers loads with no fst code: the checkpoint's LoRA adapter
-    (peft) or, with merge, the base with the adapter merged in (`dtype` weights); the tokenizer with a
-    chat template whose default system message is the run's best prompt; system_prompt.txt; README.md.
-    Returns the lines printed. A quantised base (QLoRA) is merged into its DEQUANTISED weights, the
-    ones the run trained and was measured on, so the merged model is the trained policy exactly."""
-    cfg = fst.load_config(str(run / "config.yaml"), list(overrides))
-    ckpt = find_checkpoint(run, step)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"--out {out} exists and is not empty; give a new folder")
-    base = fst.resolve_model_path(cfg.model.name)
-    if Path(base).exists():
-        base = str(Path(base).resolve())
-    best_file, notes = ckpt / "best_prompt.txt", []
-    if best_file.exists():
-        prompt = best_file.read_text()
-    else:  # the seed prompt, chosen as fst.train chooses it
-        prompt = cfg.task.system_prompt or (rewards.TASK_AGNOSTIC_PROMPT if cfg.schedule
-                                            else make_task(cfg.task.name, cfg).default_system_prompt)
-        notes.append(f"> {best_file} is missing: the default system message is the run's seed prompt.")
-
-    # The tokenizer first: its new template is checked before anything is loaded or written.
-    # User-only conversations must render exactly as fst prompted the model (best prompt as system
-    # message), and a caller's own system message must still win.
+def _tokenizer_with_default_prompt(base: str, prompt: str):
+    """The base's tokenizer, its chat template changed so that `prompt` is the default system message.
+    User-only conversations must render exactly as fst prompted the model (best prompt as system
+    message), and a caller's own system message must still win; checked here, before anything is
+    loaded or written."""
     tok = fst.load_tokenizer(base)
     if not tok.chat_template:
         raise SystemExit(f"{base}: its tokenizer has no chat template to put the best prompt in")
@@ -539,11 +519,13 @@ def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False
     if not same:
         raise SystemExit(f"{base}: its chat template does not take a system message the usual way"
                          f"{why}; cannot make the best prompt its default")
+    return tok
 
-    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: never half an export
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+
+def _write_weights(cfg, ckpt: Path, base: str, tmp: Path, *, merge: bool, dtype: str,
+                   notes: list[str]) -> None:
+    """The checkpoint's weights into `tmp`: the base with the adapter merged in (`dtype`), or the
+    adapter itself pointing at `base`. Adds to `notes` what a reader of the model card must know."""
     if merge:
         # Merged in float32 on the CPU: adding a small LoRA delta to bf16 weights would round most
         # of it away, and a 7B model in float32 needs 28 GB, more than many GPUs hold.
@@ -571,6 +553,37 @@ def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False
             notes.append(f"> The base was {cfg.model.quant} during training; loaded as it is here, the "
                          f"adapter runs on the full-precision base, a slightly different model from the "
                          f"one measured. `--merge` gives the trained policy exactly.")
+
+
+def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False, dtype: str = "float32",
+           overrides=()) -> list[str]:
+    """Write a folder that plain transformers loads with no fst code: the checkpoint's LoRA adapter
+    (peft) or, with merge, the base with the adapter merged in (`dtype` weights); the tokenizer with a
+    chat template whose default system message is the run's best prompt; system_prompt.txt; README.md.
+    Returns the lines printed. A quantised base (QLoRA) is merged into its DEQUANTISED weights, the
+    ones the run trained and was measured on, so the merged model is the trained policy exactly."""
+    cfg = fst.load_config(str(run / "config.yaml"), list(overrides))
+    ckpt = find_checkpoint(run, step)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--out {out} exists and is not empty; give a new folder")
+    base = fst.resolve_model_path(cfg.model.name)
+    if Path(base).exists():
+        base = str(Path(base).resolve())
+    best_file, notes = ckpt / "best_prompt.txt", []
+    if best_file.exists():
+        prompt = best_file.read_text()
+    else:  # the seed prompt, chosen as fst.train chooses it
+        prompt = cfg.task.system_prompt or (rewards.TASK_AGNOSTIC_PROMPT if cfg.schedule
+                                            else make_task(cfg.task.name, cfg).default_system_prompt)
+        notes.append(f"> {best_file} is missing: the default system message is the run's seed prompt.")
+
+    tok = _tokenizer_with_default_prompt(base, prompt)   # first: its template is checked before any writing
+
+    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: never half an export
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    _write_weights(cfg, ckpt, base, tmp, merge=merge, dtype=dtype, notes=notes)
     tok.save_pretrained(tmp)
     (tmp / "system_prompt.txt").write_text(prompt)
     (tmp / "README.md").write_text(_model_card(
