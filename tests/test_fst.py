@@ -335,8 +335,11 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_continues(tmp_path, tin
             "--set", f"out_dir={tmp_path}", "--set", "run_name=interrupted", "--set", "train.steps=1000",
             "--set", "train.save_every=1000", "--set", "sampling.max_new_tokens=4", "--set", "train.batch_size=1",
             "--set", "sampling.group_size=2"]
+    # SIGINT back to its default in the child: a shell that starts a job in the background (`cmd &`)
+    # leaves SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):

@@ -3,6 +3,7 @@ writes summary.json, the README and the plots; a re-invocation resumes an interr
 finished ones; the numbers read off the curves (KL at matched accuracy, the seed-spread verdict)."""
 import importlib.util
 import json
+import shutil
 import sys
 
 import pytest
@@ -67,7 +68,7 @@ def test_quick_writes_three_studies_and_resumes_an_interrupted_run(mini, tmp_pat
     monkeypatch.undo()
 
     # Interrupt one run after its first checkpoint: a second invocation resumes it and skips the rest.
-    (runs / "s1-rl-seed0" / "checkpoints" / "latest").write_text("step_000001")
+    shutil.rmtree(runs / "s1-rl-seed0" / "checkpoints" / "step_000003")  # the newest complete one is step 1
     mini.main(argv[:1] + ["--study", "1"] + argv[1:])
     assert [s["how"] for s in segments(runs / "s1-rl-seed0")] == ["start", "resume after step 1"]
     assert all(len(segments(runs / name)) == 1 for name in s1["runs"] if name != "s1-rl-seed0")
