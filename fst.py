@@ -765,7 +765,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: Path, quiet: bool = False) -> Path | None:
     """The newest checkpoint that can be resumed from. Folders a kill cut short (step_N.tmp) are not
     candidates; a damaged one (truncated state, missing adapter) is skipped with a message, and the
     one before it is used."""
@@ -773,7 +773,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         problem = checkpoint_problem(ckpt)
         if problem is None:
             return ckpt
-        print(f"[fst] skipping damaged checkpoint {ckpt}: {problem}", file=sys.stderr)
+        if not quiet:
+            print(f"[fst] skipping damaged checkpoint {ckpt}: {problem}", file=sys.stderr)
     return None
 
 
@@ -1473,7 +1474,7 @@ def main(argv=None):
             config_name = str(run_dir / "config.yaml")
             if not (run_dir / "config.yaml").is_file():
                 raise SystemExit(f"--resume {run_dir}: not a run folder (no config.yaml in it)")
-            ckpt = latest_checkpoint(run_dir)
+            ckpt = latest_checkpoint(run_dir, quiet=True)  # train() says which ones it skips
             if ckpt is None or not ckpt.is_dir():
                 raise SystemExit(f"--resume {run_dir}: no checkpoint saved there, nothing to resume; "
                                  f"start it afresh with --config {config_name}")
