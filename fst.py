@@ -510,12 +510,16 @@ def keep_4bit_layers_differentiable(model) -> int:
     return n
 
 
+def _not_the_kernels_warning(record) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
 def _hide_bitsandbytes_kernel_warning():
     """bitsandbytes logs 'Failed to load CPU gemm_4bit_forward from kernels-community' when it is
-    imported (peft imports it) on AVX512-BF16 CPUs. It only concerns 4-bit layers: hide it otherwise."""
+    imported (peft imports it) on AVX512-BF16 CPUs. It only concerns 4-bit layers: hide it otherwise.
+    One module-level filter: logging adds the same filter once, however many models are loaded."""
     import logging
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "kernels-community" not in record.getMessage())
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_warning)
 
 
 # ----------------------------------------------------------------------------------------------

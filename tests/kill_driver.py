@@ -37,13 +37,17 @@ def main():
     rewards.get_task = conftest.parity_get_task
     calls = 0
 
+    def count(event: bool) -> bool:
+        """Count an event; True when this is the Nth (the moment to die)."""
+        nonlocal calls
+        calls += event
+        return event and calls == n
+
     if where == "update":
         real_loss = fst.policy_loss
 
         def policy_loss(*a, **k):
-            nonlocal calls
-            calls += 1
-            if calls == n:
+            if count(True):
                 die()
             return real_loss(*a, **k)
         fst.policy_loss = policy_loss
@@ -51,25 +55,19 @@ def main():
         real_sample = rollout.sample
 
         def sample(*a, **k):
-            nonlocal calls
-            if any(frame.name == "fast_round" for frame in traceback.extract_stack()):
-                calls += 1
-                if calls == n:
-                    die()
+            if count(any(frame.name == "fast_round" for frame in traceback.extract_stack())):
+                die()
             return real_sample(*a, **k)
         rollout.sample = sample
     elif where == "checkpoint":
         real_save = torch.save
 
         def save(obj, path, *a, **k):
-            nonlocal calls
-            if str(path).endswith("trainer_state.pt"):
-                calls += 1
-                if calls == n:
-                    buffer = io.BytesIO()
-                    real_save(obj, buffer, *a, **k)
-                    Path(path).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
-                    die()
+            if count(str(path).endswith("trainer_state.pt")):
+                buffer = io.BytesIO()
+                real_save(obj, buffer, *a, **k)
+                Path(path).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+                die()
             return real_save(obj, path, *a, **k)
         torch.save = save
     else:
