@@ -306,6 +306,7 @@ class _Round:
     patience: int
     wave: int
     rescore_parent: bool
+    max_proposals: int                  # 0 = no cap
     size: int                           # minibatch size
     most: int                           # the most one proposal can cost on its minibatch
     # (prompt id, problem id) -> (completion, reward, feedback) of its latest rollout
@@ -394,6 +395,11 @@ def _draw(r: _Round) -> Proposal | None:
     return proposal
 
 
+def _capped(r: _Round) -> bool:
+    """Has the round made the most proposals it may (max_proposals; 0 = no cap)?"""
+    return bool(r.max_proposals) and r.stats["proposals"] >= r.max_proposals
+
+
 def _draw_wave(r: _Round) -> list[Proposal | None]:
     """Up to `wave` proposals, in draw order (None = a skip). A draw the budget could not score ends
     the wave before it is made; demo children meet the guards here, reflections after reflecting."""
@@ -401,7 +407,7 @@ def _draw_wave(r: _Round) -> list[Proposal | None]:
     draws: list[Proposal | None] = []
     reserved, fresh_pairs, run_idle = 0, set(), r.idle
     while (sum(d is not None for d in draws) < r.wave and run_idle < r.patience
-           and spent + reserved + r.most <= r.budget):
+           and spent + reserved + r.most <= r.budget and not _capped(r)):
         proposal = _draw(r)
         draws.append(proposal)
         if proposal is None:
@@ -500,7 +506,8 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: E
                operators: Sequence[str] = ("reflect",), demo_buffer: Sequence = (),
                minibatch_size: int = 3, top_k: int = 4, max_prompt_chars: int = 4000,
                problem_text: Callable[[dict], str] = lambda p: p["question"],
-               patience: int = 10, wave: int = 4, rescore_parent: bool = True) -> dict:
+               patience: int = 10, wave: int = 4, rescore_parent: bool = True,
+               max_proposals: int = 0) -> dict:
     """Improve the pool in place on this round's anchor set; return stats.
 
     evaluate(prompt_texts, problems) scores aligned (prompt, problem) pairs, one rollout each, in one
@@ -527,7 +534,8 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: E
     scored on the rest of the anchors, so metric_calls <= L * len(anchors) + budget
     + wave * (len(anchors) - minibatch). `patience` consecutive draws that spend nothing (skips,
     guard rejections; counted in draw order, checked between waves) end the round: reflecting costs
-    time too.
+    time too. max_proposals > 0 also ends it after that many proposals (skips are not proposals), so
+    that two rounds can be compared at equal work (bench/fast_round.py).
     """
     if unknown := set(operators) - set(OPERATORS):
         raise ValueError(f"unknown operators {sorted(unknown)}; known: {OPERATORS}")
@@ -535,15 +543,17 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: E
         raise ValueError("fast_round needs at least one anchor problem")
     if wave < 1:
         raise ValueError(f"wave must be >= 1, got {wave}")
+    if max_proposals < 0:
+        raise ValueError(f"max_proposals must be >= 0 (0 = no cap), got {max_proposals}")
     t0 = time.perf_counter()
     anchors = list(anchor_problems)
     size = min(minibatch_size, len(anchors))
     r = _Round(pool, anchors, [str(p["id"]) for p in anchors], [problem_text(p) for p in anchors],
                _new_stats(step, len(anchors), budget, wave, operators), evaluate, reflect, rng, step, budget,
                operators, demo_buffer, problem_text, max_prompt_chars, patience, wave, rescore_parent,
-               size=size, most=size * (2 if rescore_parent else 1))
+               max_proposals, size=size, most=size * (2 if rescore_parent else 1))
     _score_live_pool(r)
-    while r.spent() + r.most <= budget and r.idle < patience:
+    while r.spent() + r.most <= budget and r.idle < patience and not _capped(r):
         draws = _draw_wave(r)
         proposals = [d for d in draws if d]
         if proposals:

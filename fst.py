@@ -160,8 +160,10 @@ class FastConfig:
     reflector_format: Literal["fenced", "free"] = "fenced"  # fenced: reply starts in the block, stops at its end
     wave: int = 4  # children proposed at once (reflections and scoring batched); 1 = one at a time
     rescore_parent: bool = True  # judge a child against a fresh rollout of its parent (fair); false = reuse
+    max_proposals: int = 0  # end a round after this many proposals (0 = only budget and patience end it)
 
     ranges = {"every": ">= 1", "pool_size": ">= 1", "budget": "> 0", "minibatch": ">= 1", "wave": ">= 1",
+              "max_proposals": ">= 0",
               "demo_buffer": ">= 1",  # the buffer keeps its last N entries: N = 0 would keep them all
               "max_prompt_chars": ">= 1", "reflector_max_new_tokens": ">= 1",
               "reflector_temperature": ">= 0", "reflector_top_p": "(0, 1]"}
@@ -1186,7 +1188,7 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
             rng=random.Random(seed_for("fast_choices", cfg.train.seed, step)),
             operators=cfg.fast.operators, demo_buffer=run.demo_buffer, minibatch_size=cfg.fast.minibatch,
             top_k=cfg.fast.pool_size, max_prompt_chars=cfg.fast.max_prompt_chars, wave=cfg.fast.wave,
-            rescore_parent=cfg.fast.rescore_parent)
+            rescore_parent=cfg.fast.rescore_parent, max_proposals=cfg.fast.max_proposals)
     run.totals["rollouts_fast"] += stats["metric_calls"]
     run.pool.save(run.run_dir / "pool" / f"step_{step:06d}.json")
     seconds = time.perf_counter() - t0

@@ -1,13 +1,18 @@
 """bench/fast_round.py -- one job: time one fast round of the tiny config, one proposal at a time vs in waves.
 
-    python bench/fast_round.py --threads 1              # fast.wave=1 vs the config's wave, 2 pairs
+    python bench/fast_round.py --threads 2              # fast.wave=1 vs the config's wave, 2 pairs, 12 proposals
+    python bench/fast_round.py --proposals 0            # the config's budget as it is (proposals may differ)
     python bench/fast_round.py --threads 1 --before     # + a third side: the fast loop before waves
 
 The round is fst's own: `python fst.py --config tiny.yaml --set mode=fst` (SmolLM2-135M, arithmetic,
 12 anchors, budget 5x, reflect + demo) run through fst.main. A prep process runs RL steps 0-4 once and
 checkpoints; every timed side resumes a copy of that run (same seed, same adapter, same demo buffer,
 same anchors) for step 5, whose fast round is the one measured, so both sides start from identical
-state. Sides alternate (sequential, wave, then wave, sequential, ...), each in its own process.
+state. Both sides make the same number of proposals: --proposals N (default 12, three waves of 4) sets
+fast.max_proposals=N and a budget too large to end the round first (fast.budget=100), so the time
+ratio compares equal work. --proposals 0 keeps the config's budget, which a wave spends differently
+(it reserves budget for children that may then fail the guards), so proposals usually differ.
+Sides alternate (sequential, wave, then wave, sequential, ...), each in its own process.
 --before adds the round as it was before waves: one at a time, free-form reflector replies, parents
 judged on their anchor rollouts (BEFORE_WAVES); it does different work, so it gets no time ratio.
 
@@ -113,6 +118,8 @@ def main():
                     help="overrides of the sequential side (the wave side runs the config as it is)")
     ap.add_argument("--before", action="store_true", help="also time the round as it was before waves")
     ap.add_argument("--common", nargs="*", default=[], help="overrides for every run, e.g. fast.wave=8")
+    ap.add_argument("--proposals", type=int, default=12,
+                    help="proposals per round on every side (fast.max_proposals); 0 = the config's budget decides")
     ap.add_argument("--threads", type=int, default=0, help="torch/OMP threads per process (0 = default)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"))
     ap.add_argument("--child", choices=["prep", "side"], help=argparse.SUPPRESS)
@@ -122,6 +129,8 @@ def main():
     a = ap.parse_args()
     if a.child:
         return child_main(a)
+    if a.proposals:
+        a.common = [f"fast.max_proposals={a.proposals}", "fast.budget=100", *a.common]
 
     sides = ({"before": BEFORE_WAVES} if a.before else {}) | {"sequential": list(a.baseline), "wave": []}
     work = Path(tempfile.mkdtemp(prefix="fast_round_"))

@@ -241,6 +241,34 @@ def test_budget_is_respected(budget, wave, rescore_parent):
     assert all(len(p.scores) == len(anchors) for p in pool) and 1 <= len(pool.active_texts()) <= 4
 
 
+@pytest.mark.parametrize("wave", [1, 3, 4])
+@pytest.mark.parametrize("cap", [1, 5, 7])
+def test_max_proposals_ends_the_round_at_exactly_that_many(wave, cap):
+    """The benchmark compares wave sizes at equal proposals: the cap must bind mid-wave too, and it
+    must count proposals (guard rejections included), not draws or accepted children."""
+    counter = iter(range(10 ** 6))
+
+    def noisy(text, problem):                       # deterministic, prompt-dependent: no prompt is perfect
+        return float(zlib.crc32(f"{text}|{problem['id']}".encode()) % 3 == 0)
+
+    def reply(_):                                   # every third reply fails the guards: still a proposal
+        n = next(counter)
+        return fenced(f"{SEED} variant {n}") if n % 3 else "no fence"
+
+    stats = fast_round(PromptPool(SEED), problems(12), evaluate=scorer(noisy), reflect=each(reply), step=6,
+                       budget=10 ** 4, rng=random.Random(0), wave=wave, patience=100, max_proposals=cap)
+    assert stats["proposals"] == cap
+    assert stats["rejected"]["no_fence"] == len(range(0, cap, 3))
+    assert stats["waves"] == math.ceil(cap / wave)
+    uncapped = fast_round(PromptPool(SEED), problems(12), evaluate=scorer(lambda t, p: 0.0),
+                          reflect=each(lambda _: fenced(f"{SEED} variant {next(counter)}")), step=6,
+                          budget=60, rng=random.Random(0), wave=wave, max_proposals=0)
+    assert uncapped["proposals"] > 7                          # 0 = no cap: the budget ends that round
+    with pytest.raises(ValueError, match="max_proposals"):
+        fast_round(PromptPool(SEED), problems(4), evaluate=scorer(magic), reflect=pytest.fail, step=6,
+                   budget=10, rng=random.Random(0), max_proposals=-1)
+
+
 def test_demo_operator_uses_only_rewarded_non_anchor_solutions():
     anchors, log = problems(6), []
     past = problems(9)[6:]                          # p06..p08: earlier RL problems, not anchors
