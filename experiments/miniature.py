@@ -868,6 +868,7 @@ def main(argv=None):
                                                                  if k not in ("model", "extra")}}
     if base_file.exists() and not args.quick:
         summary["base_accuracy"] = json.loads(base_file.read_text())
+    done = []  # the studies this invocation has finished
     for s in chosen:
         commands_file = runs_dir / f"study{s}_commands.json"
         commands = json.loads(commands_file.read_text()) if commands_file.exists() else []
@@ -882,6 +883,10 @@ def main(argv=None):
                    "seconds_training": round(train_s, 1), "seconds_measuring": round(measure_s, 1),
                    "expected_seconds": estimates[s] and round(estimates[s])}
         result["plots"] = PLOTS[s](result, out)
+        on_disk = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+        if on_disk.get("settings", {}).get("quick") == args.quick:  # another study's invocation may have
+            summary["studies"] = on_disk["studies"] | {k: summary["studies"][k] for k in done}  # written meanwhile
+        done.append(s)
         summary["studies"][s] = result
         summary_file.write_text(json.dumps(summary, indent=1))
         (out / "README.md").write_text(readme(summary))
