@@ -48,21 +48,28 @@ def _weights(model, use_adapter: bool):
 
 # ---------------------------------------------------------------------------------- accuracy
 def evaluate(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, temperature,
-             top_p=1.0, generator=None, use_adapter=True, stop=(), batch_size=None) -> dict:
+             top_p=1.0, generator=None, use_adapter=True, stop=(), batch_size=None, dist=None) -> dict:
     """k samples per problem in one batched rollout.sample call. mean@k = mean reward over all
     n*k samples; accuracy = fraction of those samples with reward >= 1 (differs from mean@k when a
     task gives partial credit, e.g. arithmetic's format_reward); pass@k = fraction of problems with
-    at least one sample of reward >= 1."""
+    at least one sample of reward >= 1. Under torchrun (dist, an fst.Dist) each rank samples its
+    slice of the problems and every rank returns the numbers over all of them."""
+    dist = dist or fst.Dist()
     if not problems:
         return {"mean_at_k": float("nan"), "accuracy": float("nan"), "pass_at_k": float("nan"), "n": 0, "k": k}
-    prompts = [rollout.encode_chat(tok, task.messages(p, system_prompt)) for p in problems]
-    with _weights(model, use_adapter):  # rollout.sample runs in eval mode and restores the model's mode
-        ro = rollout.sample(model, tok, prompts, [k] * len(problems), max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, stop=list(stop),
-                            generator=generator, batch_size=batch_size)
-    reward = [rewards.score_completion(task, problems[i], text)[0]
-              for i, text in zip(ro.prompt_index, ro.texts)]
-    solved = {i for i, r in zip(ro.prompt_index, reward) if r >= 1.0}
+    mine = dist.shard(list(range(len(problems))))
+    scored = []  # (problem index, reward) of every sample this rank drew
+    if mine:
+        prompts = [rollout.encode_chat(tok, task.messages(problems[i], system_prompt)) for i in mine]
+        with _weights(model, use_adapter):  # rollout.sample runs in eval mode and restores the model's mode
+            ro = rollout.sample(model, tok, prompts, [k] * len(prompts), max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, stop=list(stop),
+                                generator=generator, batch_size=batch_size)
+        scored = [(mine[j], rewards.score_completion(task, problems[mine[j]], text)[0])
+                  for j, text in zip(ro.prompt_index, ro.texts)]
+    scored = dist.gather(scored)
+    reward = [r for _, r in scored]
+    solved = {i for i, r in scored if r >= 1.0}
     return {"mean_at_k": sum(reward) / len(reward), "accuracy": sum(r >= 1.0 for r in reward) / len(reward),
             "pass_at_k": len(solved) / len(problems), "n": len(problems), "k": k}
 
@@ -99,20 +106,24 @@ def exact_token_kl(model, batch, chunk_size: int = 64) -> torch.Tensor:
 
 
 def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_new_tokens, temperature,
-               chunk_size=64, generator=None, top_p=1.0, stop=(), micro_batch=16) -> float:
+               chunk_size=64, generator=None, top_p=1.0, stop=(), micro_batch=16, dist=None) -> float:
     """Sample n_samples completions per problem from the TRAINED policy, then average the exact
-    per-token KL(pi_trained || pi_base) over all completion tokens."""
-    prompts = [rollout.encode_chat(tok, task.messages(p, system_prompt)) for p in problems]
-    ro = rollout.sample(model, tok, prompts, [n_samples] * len(prompts), max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_p=top_p, stop=list(stop), generator=generator)
-    device = next(model.parameters()).device
+    per-token KL(pi_trained || pi_base) over all completion tokens (under torchrun: each rank its
+    slice of the problems, the sums added over ranks)."""
+    dist = dist or fst.Dist()
     total, tokens = 0.0, 0
-    with rollout.eval_mode(model):
-        for s in range(0, len(ro.texts), micro_batch):
-            batch = rollout.collate(ro.prompt_ids[s:s + micro_batch], ro.completion_ids[s:s + micro_batch],
-                                    tok.pad_token_id, device)
-            total += exact_token_kl(model, batch, chunk_size).sum().item()
-            tokens += int(batch.completion_mask.sum().item())
+    prompts = [rollout.encode_chat(tok, task.messages(p, system_prompt)) for p in dist.shard(list(problems))]
+    if prompts:
+        ro = rollout.sample(model, tok, prompts, [n_samples] * len(prompts), max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, stop=list(stop), generator=generator)
+        device = next(model.parameters()).device
+        with rollout.eval_mode(model):
+            for s in range(0, len(ro.texts), micro_batch):
+                batch = rollout.collate(ro.prompt_ids[s:s + micro_batch], ro.completion_ids[s:s + micro_batch],
+                                        tok.pad_token_id, device)
+                total += exact_token_kl(model, batch, chunk_size).sum().item()
+                tokens += int(batch.completion_mask.sum().item())
+    total, tokens = dist.total(torch.tensor([total, tokens], dtype=torch.float64)).tolist()
     return total / max(tokens, 1)
 
 
@@ -143,8 +154,10 @@ def run_tasks(run: Path, cfg) -> list[str]:
 
 
 def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None, max_new_tokens=None,
-           seed=0, batch_size=None, overrides=()) -> dict:
-    """Every measurement on one checkpoint. Writes RUN/eval/step_N.json; returns the same dict."""
+           seed=0, batch_size=None, overrides=(), dist=None) -> dict:
+    """Every measurement on one checkpoint. Writes RUN/eval/step_N.json; returns the same dict.
+    Under torchrun (dist) every measurement splits its problems over the ranks; rank 0 writes."""
+    dist = dist or fst.Dist()
     cfg = fst.load_config(str(run / "config.yaml"), list(overrides))
     ckpt = find_checkpoint(run, step)
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
@@ -157,7 +170,7 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
     best_file = ckpt / "best_prompt.txt"
     evolved = best_file.read_text() if best_file.exists() else None
     tasks = tasks or run_tasks(run, cfg)
-    gen = lambda: torch.Generator(device=device).manual_seed(seed)  # same draws for every cell  # noqa: E731
+    gen = lambda: torch.Generator(device=device).manual_seed(dist.rank_seed(seed))  # same draws every cell  # noqa: E731
     sampling = dict(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop)
     out = {"run": str(run), "checkpoint": ckpt.name, "step": int(state["step"]), "mode": cfg.mode,
            "n": n, "k": k, "seed": seed, "sampling": sampling, "evolved_prompt": evolved,
@@ -178,13 +191,13 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
             key = (w, prompt[p])
             if key not in cache:
                 cache[key] = evaluate(model, tok, task, problems, prompt[p], k=k, generator=gen(),
-                                      use_adapter=w == "trained", batch_size=batch_size, **sampling)
+                                      use_adapter=w == "trained", batch_size=batch_size, dist=dist, **sampling)
             return cache[key]
         table = two_by_two(lambda w, p: cell(w, p)["mean_at_k"])
         table_acc = two_by_two(lambda w, p: cell(w, p)["accuracy"])
         table_pass = two_by_two(lambda w, p: cell(w, p)["pass_at_k"])
         drift = {p: kl_to_base(model, tok, task, problems, prompt[p], generator=gen(),
-                               chunk_size=cfg.train.logprob_chunk, **sampling) for p in PROMPTS}
+                               chunk_size=cfg.train.logprob_chunk, dist=dist, **sampling) for p in PROMPTS}
         out["tasks"][name] = {"seed_prompt": prompt["seed"], "accuracy": cell("trained", "evolved"),
                               "two_by_two_mean_at_k": table, "two_by_two_accuracy": table_acc,
                               "two_by_two_pass_at_k": table_pass,
@@ -199,13 +212,15 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
             out["forgetting"][name] = {"skipped": f"{type(e).__name__}: {e}"}
             continue
         res = {w: evaluate(model, tok, task, problems, task.default_system_prompt, k=k, generator=gen(),
-                           use_adapter=w == "trained", batch_size=batch_size, **sampling) for w in WEIGHTS}
+                           use_adapter=w == "trained", batch_size=batch_size, dist=dist, **sampling)
+               for w in WEIGHTS}
         res["delta_mean_at_k"] = res["trained"]["mean_at_k"] - res["base"]["mean_at_k"]
         out["forgetting"][name] = res
 
     path = run / "eval" / f"step_{out['step']}.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    if dist.is_main:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
     out["json_path"] = str(path)
     return out
 
@@ -641,14 +656,18 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set device=cpu --set model.quant=none")
     args = ap.parse_args(argv)
+    dist = fst.init_distributed()  # under torchrun: every measurement split over the ranks
     try:
         out = report(args.run, step=args.step, tasks=args.tasks, forgetting=args.forgetting, n=args.n, k=args.k,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-                     overrides=args.set)
+                     overrides=args.set, dist=dist)
     except fst.ConfigError as e:  # a bad --set or a folder that is not a run: one line, like fst.py
         raise SystemExit(f"config error: {e}")
-    print(markdown(out))
-    print(f"[eval] wrote {out['json_path']}", file=sys.stderr)
+    finally:
+        dist.close()
+    if dist.is_main:
+        print(markdown(out))
+        print(f"[eval] wrote {out['json_path']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import ast
 import bisect
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import importlib.util
 import inspect
 import itertools
@@ -445,9 +447,11 @@ def pick_device(cfg: Config, config_name: str = "this config") -> torch.device:
             f"{config_name} is a GPU recipe (device: cuda) and no CUDA GPU is visible here.\n"
             "For a CPU run use:  python fst.py --config configs/tiny.yaml\n"
             "(or force this recipe onto the CPU, slowly, with --set device=cpu --set model.quant=none)")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    # The GPU by index: under torchrun each rank has its own (init_distributed set it current), and
+    # bitsandbytes' device_map would read a bare "cuda" as cuda:0 on every rank.
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
 
 
 def load_model(cfg: ModelConfig, device: torch.device, adapter_path: str | None = None):
@@ -550,7 +554,7 @@ def token_weights(loss: str, mask: torch.Tensor, group: torch.Tensor, max_new_to
     n_rows = batch_total(torch.tensor(float(mask.shape[0])))
     if loss == "cispo":  # token mean within each group, then mean over groups (paper)
         n_groups = batch_total(torch.tensor(float(group.unique().numel())))
-        tokens_per_group = torch.zeros(int(group.max()) + 1).index_add_(0, group, mask.sum(1))
+        tokens_per_group = torch.zeros(int(group.max()) + 1 if len(group) else 0).index_add_(0, group, mask.sum(1))
         return mask / tokens_per_group[group][:, None].clamp(min=1) / n_groups
     if loss == "grpo":  # mean over each sequence's tokens, then over sequences
         return mask / mask.sum(1, keepdim=True).clamp(min=1) / n_rows
@@ -599,19 +603,36 @@ def k3_kl(logp, base_logp):
 class Dist:
     rank: int = 0
     world: int = 1
+    device: str = "cpu"  # where collectives run: cuda:LOCAL_RANK under NCCL (it takes GPU tensors only)
 
     @property
     def is_main(self) -> bool:  # rank 0 writes files and draws progress bars
         return self.rank == 0
 
     def total(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum of a tensor over ranks (the value itself in one process)."""
+        """Sum of a tensor over ranks (the value itself in one process). Integer tensors are summed as
+        float32; a float64 tensor stays float64, so several numbers can travel in one call."""
         if self.world == 1:
             return value
         import torch.distributed as dist
-        out = value.detach().clone().float()
+        out = value.detach().to(self.device, copy=True)
+        out = out if out.is_floating_point() else out.float()
         dist.all_reduce(out)
-        return out
+        return out.to(value.device)
+
+    def rank_seed(self, seed: int) -> int:
+        """The seed this rank samples with: `seed` itself on rank 0 (so one process is unchanged), a
+        different one derived from it on every other rank (else ranks would draw the same tokens)."""
+        return seed_for("rank", seed, index=self.rank)
+
+    def check_same(self, what: str, fingerprint: str) -> None:
+        """Stop if ranks disagree: the pool and the adapter must be identical everywhere after a step."""
+        if self.world == 1:
+            return
+        seen = self.gather([fingerprint])
+        if len(set(seen)) > 1:
+            differ = [r for r, f in enumerate(seen) if f != seen[0]]
+            raise TrainingError(f"ranks diverged: {what} on rank(s) {differ} differs from rank 0's")
 
     def shard(self, items: list) -> list:
         """This rank's contiguous slice of `items`: sizes differ by at most one, rank order = item order."""
@@ -633,18 +654,38 @@ class Dist:
         mine = self.shard(items)
         return self.gather(fn(mine) if mine else [])
 
+    def close(self):
+        """Leave the process group (torchrun); nothing in one process."""
+        if self.world > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
     def sum_gradients(self, params):
         """Sum every parameter's gradient over ranks, in one flat buffer (one collective call)."""
         if self.world == 1:
             return
         import torch.distributed as dist
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.device)
         dist.all_reduce(flat)
         offset = 0
         for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g)
+            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.device)
             offset += g.numel()
+
+
+def fingerprint(model=None, pool=None) -> str:
+    """A short hash of the trainable weights or of the prompt pool, for Dist.check_same."""
+    h = hashlib.sha256()
+    if model is not None:
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().numpy().tobytes())
+    if pool is not None:
+        h.update(json.dumps(pool.to_json(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 def init_distributed() -> Dist:
@@ -654,12 +695,14 @@ def init_distributed() -> Dist:
     if world == 1:
         return Dist()
     import torch.distributed as dist
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        cuda = torch.cuda.is_available()
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
+                device=f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -815,6 +858,7 @@ SEEDS = {  # purpose -> (seed, step, index) -> the integer that stream is seeded
     "fast": lambda seed, step, i: seed * 1_000_003 + step + 7,             # fast round: sampling, reflection
     "fast_choices": lambda seed, step, i: seed * 1_000_003 + step,         # fast round: parents, minibatches
     "validation": lambda seed, step, i: seed + 12345,                      # the same draws at every validation
+    "rank": lambda seed, step, i: seed + i * 1_000_000_007,                # torchrun: rank i's version of a seed
 }
 
 
@@ -1008,11 +1052,14 @@ class RolloutPlan(typing.NamedTuple):
 
 
 def plan_rollouts(tok, task, problems: list[dict], prompts: list, group_size: int, seed: int,
-                  step: int) -> RolloutPlan:
-    """Step 1: each problem's G rollouts spread over the pool's active `prompts` (one group each)."""
+                  step: int, first: int = 0) -> RolloutPlan:
+    """Step 1: each problem's G rollouts spread over the pool's active `prompts` (one group each).
+    `first`: the batch index of problems[0] (under torchrun a rank plans a slice of the batch), so a
+    problem gets the same contexts whichever rank holds it."""
     plan = RolloutPlan([], [], [], [])
     for g, problem in enumerate(problems):
-        choice = assign_contexts(len(prompts), group_size, random.Random(seed_for("contexts", seed, step, g)))
+        choice = assign_contexts(len(prompts), group_size,
+                                 random.Random(seed_for("contexts", seed, step, first + g)))
         for k in sorted(set(choice)):
             plan.chats.append(rollout.encode_chat(tok, task.messages(problem, prompts[k].text)))
             plan.counts.append(choice.count(k))
@@ -1038,13 +1085,16 @@ class Experience:
     seconds_sampling: float = 0.0
 
 
-def make_experience(cfg: Config, run: Run, task, problems: list[dict], step: int) -> Experience:
+def make_experience(cfg: Config, run: Run, task, batch: list[dict], step: int) -> Experience:
     """Steps 1-4: plan which pool prompt each rollout uses, sample all B*G completions (each distinct
-    prompt prefilled once), score them, and compute the advantages."""
+    prompt prefilled once), score them, and compute the advantages. Under torchrun each rank does this
+    for its own slice of the batch's problems (whole groups), with a sampling seed of its own."""
+    first = run.dist.shard(list(range(len(batch))))[0]
+    problems = run.dist.shard(batch)
     plan = plan_rollouts(run.tok, task, problems, [p for p in run.pool if p.in_top_k],
-                         cfg.sampling.group_size, cfg.train.seed, step)
+                         cfg.sampling.group_size, cfg.train.seed, step, first)
     t0 = time.perf_counter()
-    gen = torch.Generator(device=run.device).manual_seed(seed_for("step", cfg.train.seed, step))
+    gen = torch.Generator(device=run.device).manual_seed(run.dist.rank_seed(seed_for("step", cfg.train.seed, step)))
     ro = rollout.sample(run.model, run.tok, plan.chats, plan.counts, max_new_tokens=cfg.sampling.max_new_tokens,
                         temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                         stop=list(cfg.sampling.stop), generator=gen)
@@ -1081,10 +1131,12 @@ def base_logprobs(model, batch: rollout.Batch, micro_batch: int, chunk: int) -> 
     return base_logp
 
 
-def mean_kl(exp: Experience, base_logp: torch.Tensor) -> float:
-    """KL(pi || base) per completion token: k3 on the sampled tokens, from the sampler's log-probs."""
+def mean_kl(exp: Experience, base_logp: torch.Tensor, total=lambda x: x) -> float:
+    """KL(pi || base) per completion token: k3 on the sampled tokens, from the sampler's log-probs.
+    `total` (Dist.total) sums the numerator and the token count over ranks."""
     mask = exp.batch.completion_mask
-    return ((k3_kl(exp.sampler_logp, base_logp) * mask).sum() / mask.sum().clamp(min=1)).item()
+    kl_sum, tokens = total(torch.stack([(k3_kl(exp.sampler_logp, base_logp) * mask).sum(), mask.sum()]))
+    return (kl_sum / tokens.clamp(min=1)).item()
 
 
 @dataclass
@@ -1097,16 +1149,18 @@ class UpdateStats:
 
 
 def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor, tc: TrainConfig,
-           max_new_tokens: int, guard: UpdateGuard, step: int) -> UpdateStats:
+           max_new_tokens: int, guard: UpdateGuard, step: int, dist: Dist = Dist()) -> UpdateStats:
     """Step 6: one optimiser step on the rows of the kept groups (all rows with tc.keep_equal_groups),
     in micro-batches whose losses add up to the full-batch loss (token_weights over the whole batch).
-    The guard may skip it (non-finite) or stop the run (no gradient flow; three bad in a row)."""
+    The guard may skip it (non-finite) or stop the run (no gradient flow; three bad in a row).
+    Under torchrun every rank backpropagates its own rows, the gradients are summed over ranks, and
+    every rank takes the same step (a rank with no rows to train still joins the sums)."""
     group, mask = exp.group, exp.batch.completion_mask
     train_rows = torch.arange(len(group)) if tc.keep_equal_groups else exp.keep[group].nonzero().view(-1)
-    if not len(train_rows):
+    if not dist.total(torch.tensor(float(len(train_rows)))):
         return UpdateStats()
     model.train()
-    weights = token_weights(tc.loss, mask[train_rows], group[train_rows], max_new_tokens)
+    weights = token_weights(tc.loss, mask[train_rows], group[train_rows], max_new_tokens, batch_total=dist.total)
     optimizer.zero_grad(set_to_none=True)
     loss_value, entropy_sum = 0.0, 0.0
     for s in range(0, len(train_rows), tc.micro_batch):
@@ -1120,7 +1174,12 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
         loss_value += loss.item()
         entropy_sum += (ent * mask[rows]).sum().item()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    skipped = guard.check(model, params, loss_value, step, has_signal=bool(exp.advantage[train_rows].any()))
+    # The loss, the entropy, the tokens and whether any advantage was non-zero, summed over ranks.
+    loss_value, entropy_sum, tokens, signal, n_rows = dist.total(torch.tensor(
+        [loss_value, entropy_sum, mask[train_rows].sum().item(), float(exp.advantage[train_rows].any()),
+         len(train_rows)], dtype=torch.float64)).tolist()
+    dist.sum_gradients(params)
+    skipped = guard.check(model, params, loss_value, step, has_signal=signal > 0)
     if skipped:
         optimizer.zero_grad(set_to_none=True)
     else:
@@ -1128,27 +1187,35 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
         optimizer.step()
         scheduler.step()
-    return UpdateStats(loss_value, entropy_sum / mask[train_rows].sum().item(), skipped, len(train_rows))
+    return UpdateStats(loss_value, entropy_sum / max(tokens, 1.0), skipped, int(n_rows))
 
 
 def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: UpdateStats, lr: float,
-              seconds: dict) -> dict:
+              seconds: dict, dist: Dist = Dist()) -> dict:
     """Step 7: the step's metrics.jsonl row from what the phases returned (`seconds`: the base pass and
-    the update; the loop adds the counters and the fast round's time before writing it)."""
-    reward, lengths, ro = exp.reward, exp.batch.completion_mask.sum(1), exp.rollouts
+    the update; the loop adds the counters and the fast round's time before writing it). Under torchrun
+    the per-rollout numbers of every rank are gathered first, so the row describes the whole batch."""
+    ranks = dist.gather([{"reward": exp.reward.tolist(), "length": exp.batch.completion_mask.sum(1).tolist(),
+                          "finish": exp.rollouts.finish_reasons, "keep": exp.keep.tolist(),
+                          "prompt_id": exp.prompt_id, "decode_tokens": exp.rollouts.decode_tokens,
+                          "seconds_sampling": exp.seconds_sampling}])
+    every = lambda key: [x for r in ranks for x in r[key]]  # noqa: E731
+    reward, lengths, finish = torch.tensor(every("reward")), torch.tensor(every("length")), every("finish")
+    keep, prompt_id = torch.tensor(every("keep")), every("prompt_id")
+    seconds_sampling = max(r["seconds_sampling"] for r in ranks)  # the slowest rank sets the pace
     return {
         "kind": "train", "step": step, "mode": cfg.mode, "task": task.name,
         "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
         "accuracy": (reward >= 1.0).float().mean().item(), "kl_to_base": kl, "loss": upd.loss,
         "entropy": upd.entropy,
         "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
-        "truncation_rate": sum(f == "length" for f in ro.finish_reasons) / len(ro.finish_reasons),
-        "dropped_group_frac": 1.0 - exp.keep.float().mean().item(), "lr": lr, "update_skipped": upd.skipped,
-        "seconds_sampling": exp.seconds_sampling, "seconds_base_kl": seconds["seconds_base_kl"],
+        "truncation_rate": sum(f == "length" for f in finish) / len(finish),
+        "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr, "update_skipped": upd.skipped,
+        "seconds_sampling": seconds_sampling, "seconds_base_kl": seconds["seconds_base_kl"],
         "seconds_training": seconds["seconds_training"],
-        "tokens_per_s": ro.decode_tokens / max(exp.seconds_sampling, 1e-9),
-        "reward_by_prompt": {pid: reward[[i for i, p in enumerate(exp.prompt_id) if p == pid]].mean().item()
-                             for pid in sorted(set(exp.prompt_id))},
+        "tokens_per_s": sum(r["decode_tokens"] for r in ranks) / max(seconds_sampling, 1e-9),
+        "reward_by_prompt": {pid: reward[[i for i, p in enumerate(prompt_id) if p == pid]].mean().item()
+                             for pid in sorted(set(prompt_id))},
     }
 
 
@@ -1169,18 +1236,24 @@ def fast_round_due(cfg: Config, step: int) -> bool:
 
 def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> float:
     """Step 8 (fst, gepa; every T steps): evolve the pool on the problems of the next T batches (the
-    anchor set), the same model as critic; logs the round's "fast" row and returns its seconds."""
+    anchor set), the same model as critic; logs the round's "fast" row and returns its seconds.
+    Under torchrun every rank runs the round: each batched evaluate / reflect call is split over the
+    ranks and gathered, so all ranks see the same results and take the same decisions; rank 0's pool
+    is then sent to the others all the same, so they cannot drift apart."""
     t0 = time.perf_counter()
     anchors = [p for b in stream.peek(cfg.fast.every) for p in b]
-    gen = torch.Generator(device=run.device).manual_seed(seed_for("fast", cfg.train.seed, step))
+    gen = torch.Generator(device=run.device).manual_seed(run.dist.rank_seed(seed_for("fast", cfg.train.seed, step)))
     evaluate = context_opt.make_evaluate(run.model, run.tok, task, max_new_tokens=cfg.sampling.max_new_tokens,
                                          temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                                          generator=gen)
-    reflect = _counted(context_opt.make_reflector(
+    reflect = context_opt.make_reflector(
         run.model, run.tok, use_adapter=cfg.fast.reflector == "policy",
         max_new_tokens=cfg.fast.reflector_max_new_tokens, temperature=cfg.fast.reflector_temperature,
-        top_p=cfg.fast.reflector_top_p, generator=gen, reply_format=cfg.fast.reflector_format),
-        run.totals, "reflector_calls")
+        top_p=cfg.fast.reflector_top_p, generator=gen, reply_format=cfg.fast.reflector_format)
+    if run.dist.world > 1:  # (prompt, problem) pairs and reflection prompts, split over ranks
+        evaluate = _split_pairs(evaluate, run.dist)
+        reflect = functools.partial(run.dist.map, reflect)
+    reflect = _counted(reflect, run.totals, "reflector_calls")
     with rollout.eval_mode(run.model):
         stats = context_opt.fast_round(
             run.pool, anchors, evaluate=evaluate, reflect=reflect, step=step,
@@ -1190,7 +1263,10 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
             top_k=cfg.fast.pool_size, max_prompt_chars=cfg.fast.max_prompt_chars, wave=cfg.fast.wave,
             rescore_parent=cfg.fast.rescore_parent, max_proposals=cfg.fast.max_proposals)
     run.totals["rollouts_fast"] += stats["metric_calls"]
-    run.pool.save(run.run_dir / "pool" / f"step_{step:06d}.json")
+    if run.dist.world > 1:
+        run.pool = context_opt.PromptPool.from_json(run.dist.gather([run.pool.to_json()])[0])
+    if run.dist.is_main:
+        run.pool.save(run.run_dir / "pool" / f"step_{step:06d}.json")
     seconds = time.perf_counter() - t0
     log({"kind": "fast", **stats, **run.totals})
     return seconds
@@ -1198,17 +1274,27 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
 
 def validate(cfg: Config, run: Run, step: int, log):
     """Held-out accuracy (mean@k, pass@k) of each task in play, seed prompt and pool's best.
-    `step` here counts the updates done so far: 0 is the model before training."""
+    `step` here counts the updates done so far: 0 is the model before training. Under torchrun the
+    problems are split over ranks (eval.evaluate gathers the results)."""
     import eval as evaluation  # eval.py imports this file: at the top this import would be circular
     prompts = {"seed": run.seed_prompt} | ({"best": run.pool.best().text} if cfg.mode != "rl" else {})
     for name, (task, problems) in run.val_sets.items():
         for which, text in prompts.items():
-            gen = torch.Generator(device=run.device).manual_seed(seed_for("validation", cfg.train.seed))
+            gen = torch.Generator(device=run.device).manual_seed(
+                run.dist.rank_seed(seed_for("validation", cfg.train.seed)))
             acc = evaluation.evaluate(run.model, run.tok, task, problems, text, k=cfg.eval.k,
                                       max_new_tokens=cfg.sampling.max_new_tokens,
                                       temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                      generator=gen)
+                                      generator=gen, dist=run.dist)
             log({"kind": "eval", "step": step, "task": name, "prompt": which, **acc, **run.totals})
+
+
+def _split_pairs(evaluate, dist: Dist):
+    """evaluate(prompt_texts, problems) with its aligned pairs split over ranks and the results gathered."""
+    def split(texts, problems):
+        return dist.map(lambda pairs: evaluate([t for t, _ in pairs], [p for _, p in pairs]),
+                        list(zip(texts, problems)))
+    return split
 
 
 def _counted(fn, totals: dict, key: str):
@@ -1238,6 +1324,7 @@ class Run:
     pool: context_opt.PromptPool       # the fast weights
     val_sets: dict                     # task name -> (task, held-out problems); {} without eval.every
     guard: UpdateGuard
+    dist: Dist = Dist()                # under torchrun: this process's rank and the world size
     totals: dict = field(default_factory=lambda: {"rollouts_rl": 0, "rollouts_fast": 0, "reflector_calls": 0})
     demo_buffer: list = field(default_factory=list)  # (problem, completion, reward) for the demo operator
     start: int = 0                     # the first step this process runs
@@ -1253,16 +1340,20 @@ class Run:
 
     def remember(self, exp: Experience, demo_buffer_size: int):
         """Count the step's rollouts; keep its fully correct answers as demo candidates (partial credit,
-        a format reward, would otherwise teach wrong worked examples)."""
-        self.totals["rollouts_rl"] += len(exp.rollouts.texts)
+        a format reward, would otherwise teach wrong worked examples). Under torchrun: every rank's,
+        in rank order, on every rank (the fast round draws demos on all ranks alike)."""
         demos = [(exp.problems[g], text, r) for g, text, (r, _) in
                  zip(exp.group.tolist(), exp.rollouts.texts, exp.scored) if r >= 1.0]
-        self.demo_buffer = (self.demo_buffer + demos)[-demo_buffer_size:]
+        ranks = self.dist.gather([(len(exp.rollouts.texts), demos)])
+        self.totals["rollouts_rl"] += sum(n for n, _ in ranks)
+        self.demo_buffer = (self.demo_buffer + [d for _, part in ranks for d in part])[-demo_buffer_size:]
 
     def checkpoint(self, step: int):
-        save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.pool,
-                        {"streams": [s.state_dict() for s in self.streams], "totals": dict(self.totals),
-                         "demo_buffer": self.demo_buffer})
+        """Rank 0 saves (every rank holds the same weights, pool and data position)."""
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.pool,
+                            {"streams": [s.state_dict() for s in self.streams], "totals": dict(self.totals),
+                             "demo_buffer": self.demo_buffer, "world": self.dist.world})
 
     def restore(self, ckpt: Path):
         """Continue from `ckpt`: optimiser, scheduler, data positions, RNG, pool and counters as saved;
@@ -1275,9 +1366,15 @@ class Run:
         _set_rng_state(state["rng"])
         self.pool = context_opt.PromptPool.load(ckpt / "pool.json")
         self.totals, self.demo_buffer, self.start = state["totals"], state["demo_buffer"], state["step"] + 1
+        if not self.dist.is_main:
+            return
         for name in ("metrics.jsonl", "samples.jsonl"):
             _truncate_jsonl(self.run_dir / name, self.start)
         print(f"[fst] resumed from {ckpt} at step {self.start}", file=sys.stderr)
+        if state.get("world", 1) != self.dist.world:  # it works, but it is not the run it would have been
+            print(f"[fst] note: saved by {state.get('world', 1)} process(es), resumed by {self.dist.world}: the "
+                  "batches go on where they stopped, but each rank's sampling seed differs, so the run will "
+                  "not replay what the saved world size would have done", file=sys.stderr)
 
 
 def make_optimizer(model, tc: TrainConfig):
@@ -1293,9 +1390,12 @@ def make_task(tc: TaskConfig):
     return rewards.task_from_config(tc.name, tc.seed, tc.train_path, tc.test_path, tc.options)
 
 
-def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config") -> Run:
+def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config",
+              dist: Dist = Dist()) -> Run:
     """Set-up: device, model (a fresh adapter, the run's last checkpoint, or init_from's), the tasks and
-    their data streams, the prompt pool, the optimiser; on resume, all of it as the checkpoint left it."""
+    their data streams, the prompt pool, the optimiser; on resume, all of it as the checkpoint left it.
+    Under torchrun every rank builds the same: same initial adapter, same streams (each rank then
+    takes its slice of every batch), same pool."""
     device = pick_device(cfg, config_name)
     ckpt = latest_checkpoint(run_dir) if resume else None
     init = resolve_checkpoint(cfg.init_from) if cfg.init_from and not ckpt else None
@@ -1315,31 +1415,39 @@ def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str
     optimizer, scheduler = make_optimizer(model, cfg.train)
     run = Run(run_dir, device, model, tok, optimizer, scheduler, tasks, streams,
               list(itertools.accumulate(s.steps for s in stages)), seed_prompt, pool, val_sets,
-              UpdateGuard(run_dir))
+              UpdateGuard(run_dir), dist)
     if ckpt:
         run.restore(ckpt)
     return run
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config"):
+def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config",
+          dist: Dist = Dist()):
     """The loop: set up (or resume), then per step 1-4 experience, 5 KL to base, 6 update, 7 log,
-    8 fast round; validation and checkpoints on their schedules; Ctrl-C saves the last whole step."""
-    run = start_run(cfg, run_dir, resume, config_name)
-    metrics_file, samples_file = open(run_dir / "metrics.jsonl", "a"), open(run_dir / "samples.jsonl", "a")
-    trackers = Trackers(cfg.log, run_dir, config_to_dict(cfg), first_step=run.start)  # log.report_to
+    8 fast round; validation and checkpoints on their schedules; Ctrl-C saves the last whole step.
+    Under torchrun (dist.world > 1) every rank runs this same loop on its slice of each batch; the
+    numbers are reduced over ranks where they are computed, and rank 0 alone writes files."""
+    run = start_run(cfg, run_dir, resume, config_name, dist)
+    main_rank = dist.is_main
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if main_rank else None
+    samples_file = open(run_dir / "samples.jsonl", "a") if main_rank else None
+    trackers = Trackers(cfg.log if main_rank else LogConfig(), run_dir, config_to_dict(cfg), first_step=run.start)
 
     def log(row):
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        trackers.log(row)
+        if main_rank:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            trackers.log(row)
 
-    def log_samples(rows):
-        samples_file.write("".join(json.dumps(row) + "\n" for row in rows))
-        samples_file.flush()
+    def log_samples(rows):  # rank 0's own rollouts: the first problems of the batch
+        if main_rank:
+            samples_file.write("".join(json.dumps(row) + "\n" for row in rows))
+            samples_file.flush()
 
     if cfg.eval.every and run.start == 0:
         validate(cfg, run, 0, log)
-    bar = tqdm(range(run.start, run.total_steps), initial=run.start, total=run.total_steps, desc=cfg.mode)
+    bar = tqdm(range(run.start, run.total_steps), initial=run.start, total=run.total_steps, desc=cfg.mode,
+               disable=not main_rank)
     step = last_done = run.start - 1
     try:
         for step in bar:
@@ -1356,15 +1464,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             # 5. KL to base on every rollout: the sampler's log-probs vs one no-grad pass, adapter off.
             with _timed(seconds, "seconds_base_kl"):
                 base_logp = base_logprobs(run.model, exp.batch, cfg.train.micro_batch, cfg.train.logprob_chunk)
-                kl = mean_kl(exp, base_logp)
+                kl = mean_kl(exp, base_logp, dist.total)
 
             # 6. The update (not in gepa mode): the loss over the kept groups, in micro-batches, guarded.
             with _timed(seconds, "seconds_training"):
                 upd = (update(run.model, run.optimizer, run.scheduler, exp, base_logp, cfg.train,
-                              cfg.sampling.max_new_tokens, run.guard, step) if cfg.mode != "gepa" else UpdateStats())
+                              cfg.sampling.max_new_tokens, run.guard, step, dist)
+                       if cfg.mode != "gepa" else UpdateStats())
 
             # 7. Log: the metrics row (written after step 8, whose counters it includes), a few samples.
-            row = train_row(cfg, step, task, exp, kl, upd, lr, seconds)
+            row = train_row(cfg, step, task, exp, kl, upd, lr, seconds, dist)
             log_samples(sample_rows(exp, step, cfg.train.log_samples))
 
             # 8. The fast loop (fst, gepa): every T steps, evolve the pool on the next T batches.
@@ -1372,6 +1481,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
 
             row.update(run.totals, seconds_fast=t_fast, seconds_step=time.perf_counter() - t_step)
             log(row)
+            dist.check_same(f"the adapter or the prompt pool after step {step}",
+                            fingerprint(run.model, run.pool))  # torchrun only: a cheap all-gather
             last_done = step  # the step's update, fast round and log line are all in
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{kl:.4f}", s_step=f"{row['seconds_step']:.1f}")
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == run.total_steps):
@@ -1389,8 +1500,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
                   f"resume with: python fst.py --resume {run_dir}", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        metrics_file.close()
-        samples_file.close()
+        for f in (metrics_file, samples_file):
+            if f is not None:
+                f.close()
         trackers.close()
     return run_dir
 
@@ -1473,6 +1585,7 @@ def main(argv=None):
         return
     if not args.config and not args.resume:
         ap.error("give --config (a new run) or --resume RUN_DIR")
+    dist = init_distributed()  # torchrun: join the other ranks (every rank runs all of main)
     # Every check that can fail runs here, before the run folder exists: one line, no traceback.
     try:
         if args.resume:
@@ -1489,21 +1602,29 @@ def main(argv=None):
             cfg = load_config(args.config, args.set)
             config_name = str(find_config(args.config))
             name = cfg.run_name or f"{Path(args.config).stem}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-            run_dir = Path(cfg.out_dir) / name
+            run_dir = Path(cfg.out_dir) / dist.gather([name])[0]  # rank 0's clock names the run
+        if cfg.train.batch_size < dist.world:
+            raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} problems cannot be shared "
+                              f"by {dist.world} processes (each takes whole problems); use at least {dist.world}")
         check_paths_and_tasks(cfg)
         pick_device(cfg, config_name)  # a GPU recipe on a CPU machine stops here too
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
     check_trackers(cfg.log.report_to)  # a missing tracker stops us before the run folder exists
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"  # replaced whole: a kill never leaves half a config behind
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, run_dir / "config.yaml")
-    print(f"[fst] run folder: {run_dir}", file=sys.stderr)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"  # replaced whole: a kill never leaves half a config behind
+        tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
+        print(f"[fst] run folder: {run_dir}" + (f" ({dist.world} processes)" if dist.world > 1 else ""),
+              file=sys.stderr)
+    dist.gather([])  # the others wait until the folder exists
     try:
-        train(cfg, run_dir, resume=bool(args.resume), config_name=config_name)
+        train(cfg, run_dir, resume=bool(args.resume), config_name=config_name, dist=dist)
     except TrainingError as e:
         raise SystemExit(f"training error: {e}")
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

@@ -25,9 +25,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Fields that depend on wall-clock time, not on the computation.
-TIMING = {"seconds_sampling", "seconds_base_kl", "seconds_training", "seconds_fast", "seconds_step",
-          "tokens_per_s", "seconds"}
+
+
+def is_timing(key: str) -> bool:
+    """Fields that depend on wall-clock time, not on the computation (seconds_*, tokens_per_s)."""
+    return key.startswith("seconds") or key == "tokens_per_s"
+
+
 SETTINGS = {"train.steps": 3, "train.save_every": 100, "sampling.group_size": 8, "sampling.max_new_tokens": 48,
             "fast.every": 2, "fast.budget": 2, "fast.reflector_max_new_tokens": 48,
             "eval.every": 3, "eval.n": 2, "eval.k": 2}
@@ -56,7 +60,7 @@ def run(code: Path, out: Path, mode: str, model: str | None, threads: int) -> Pa
 def rows_of(path: Path) -> list:
     text = path.read_text()
     rows = [json.loads(line) for line in text.splitlines()] if path.suffix == ".jsonl" else [json.loads(text)]
-    return [{k: v for k, v in r.items() if k not in TIMING} if isinstance(r, dict) else r for r in rows]
+    return [{k: v for k, v in r.items() if not is_timing(k)} if isinstance(r, dict) else r for r in rows]
 
 
 def compare(old: Path, new: Path) -> list[str]:

@@ -1,11 +1,20 @@
 """Run under torchrun by tests/test_distributed.py (not a test module itself):
 
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py grads MODEL_DIR OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py train MODEL_DIR OUT_DIR [diverge] -- FST_ARGS
 
 `grads`: every rank takes its share of whole groups of one fixed batch of rollouts, weights the tokens
 with the batch-wide normalisers (Dist.total), backpropagates each loss and sums the LoRA gradients over
 ranks (Dist.sum_gradients); rank 0 saves them for the test to compare with the one-process gradients.
+
+`train`: fst.main(FST_ARGS) as `torchrun ... fst.py FST_ARGS` runs it, with every task scoring the
+parity of the completion's length (conftest.parity_get_task: a random model has mixed rewards). Each
+rank records the fingerprints fst checks after every step (adapter + pool) in
+OUT_DIR/fingerprints_rank{r}.jsonl, so the test can compare the ranks itself. `diverge`: rank 1
+nudges one LoRA weight after its first update, which fst must notice and stop on.
 """
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,8 +65,35 @@ def lora_gradients(model_dir: str, loss: str, dist: fst.Dist) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def train(out_dir: str, diverge: bool, fst_args: list[str]) -> None:
+    import conftest
+    import rewards
+    rewards.get_task = conftest.parity_get_task
+    check_same = fst.Dist.check_same
+
+    def recorded(self, what, fingerprint):
+        with open(Path(out_dir) / f"fingerprints_rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"what": what, "fingerprint": fingerprint}) + "\n")
+        return check_same(self, what, fingerprint)
+    fst.Dist.check_same = recorded
+    if diverge:
+        update = fst.update
+
+        def nudged(model, *args, **kwargs):
+            stats = update(model, *args, **kwargs)
+            if int(os.environ["RANK"]) == 1:
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).add_(1e-3)
+            return stats
+        fst.update = nudged
+    fst.main(fst_args)
+
+
 def main():
     command, model_dir, out_dir = sys.argv[1:4]
+    if command == "train":
+        rest = sys.argv[4:]
+        return train(out_dir, rest[0] == "diverge", rest[rest.index("--") + 1:])
     dist = fst.init_distributed()
     if command == "grads":
         grads = {loss: lora_gradients(model_dir, loss, dist) for loss in LOSSES}
