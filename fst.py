@@ -1457,7 +1457,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             seed_everything(seed_for("step", cfg.train.seed, step))  # replayable: resume == uninterrupted
             lr = run.optimizer.param_groups[0]["lr"]
 
-            # 1-4. B problems x G rollouts over the pool's prompts: sampled, scored, advantages per problem.
+            # 1-4. B problems x G rollouts over the pool's prompts: sampled, scored, advantages per problem
+            # (under torchrun: this rank's slice of the B problems; the rest of the step sums over ranks).
             exp = make_experience(cfg, run, task, stream.next_batch(), step)
             run.remember(exp, cfg.fast.demo_buffer)
 
