@@ -447,11 +447,10 @@ def pick_device(cfg: Config, config_name: str = "this config") -> torch.device:
             f"{config_name} is a GPU recipe (device: cuda) and no CUDA GPU is visible here.\n"
             "For a CPU run use:  python fst.py --config configs/tiny.yaml\n"
             "(or force this recipe onto the CPU, slowly, with --set device=cpu --set model.quant=none)")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    # The GPU by index: under torchrun each rank has its own (init_distributed set it current), and
+    name = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    # A GPU by index: under torchrun each rank has its own (init_distributed made it current), and
     # bitsandbytes' device_map would read a bare "cuda" as cuda:0 on every rank.
-    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
 def load_model(cfg: ModelConfig, device: torch.device, adapter_path: str | None = None):
@@ -633,6 +632,15 @@ class Dist:
         if len(set(seen)) > 1:
             differ = [r for r, f in enumerate(seen) if f != seen[0]]
             raise TrainingError(f"ranks diverged: {what} on rank(s) {differ} differs from rank 0's")
+
+    def from_main(self, obj):
+        """Rank 0's `obj` on every rank (picklable; the object itself in one process)."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def shard(self, items: list) -> list:
         """This rank's contiguous slice of `items`: sizes differ by at most one, rank order = item order."""
@@ -1089,10 +1097,10 @@ def make_experience(cfg: Config, run: Run, task, batch: list[dict], step: int) -
     """Steps 1-4: plan which pool prompt each rollout uses, sample all B*G completions (each distinct
     prompt prefilled once), score them, and compute the advantages. Under torchrun each rank does this
     for its own slice of the batch's problems (whole groups), with a sampling seed of its own."""
-    first = run.dist.shard(list(range(len(batch))))[0]
-    problems = run.dist.shard(batch)
+    mine = run.dist.shard(list(range(len(batch))))  # this rank's batch indices (all of them in one process)
+    problems = [batch[i] for i in mine]
     plan = plan_rollouts(run.tok, task, problems, [p for p in run.pool if p.in_top_k],
-                         cfg.sampling.group_size, cfg.train.seed, step, first)
+                         cfg.sampling.group_size, cfg.train.seed, step, mine[0])
     t0 = time.perf_counter()
     gen = torch.Generator(device=run.device).manual_seed(run.dist.rank_seed(seed_for("step", cfg.train.seed, step)))
     ro = rollout.sample(run.model, run.tok, plan.chats, plan.counts, max_new_tokens=cfg.sampling.max_new_tokens,
@@ -1264,7 +1272,7 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
             rescore_parent=cfg.fast.rescore_parent, max_proposals=cfg.fast.max_proposals)
     run.totals["rollouts_fast"] += stats["metric_calls"]
     if run.dist.world > 1:
-        run.pool = context_opt.PromptPool.from_json(run.dist.gather([run.pool.to_json()])[0])
+        run.pool = context_opt.PromptPool.from_json(run.dist.from_main(run.pool.to_json()))
     if run.dist.is_main:
         run.pool.save(run.run_dir / "pool" / f"step_{step:06d}.json")
     seconds = time.perf_counter() - t0
@@ -1603,7 +1611,7 @@ def main(argv=None):
             cfg = load_config(args.config, args.set)
             config_name = str(find_config(args.config))
             name = cfg.run_name or f"{Path(args.config).stem}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-            run_dir = Path(cfg.out_dir) / dist.gather([name])[0]  # rank 0's clock names the run
+            run_dir = Path(cfg.out_dir) / dist.from_main(name)  # rank 0's clock names the run
         if cfg.train.batch_size < dist.world:
             raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} problems cannot be shared "
                               f"by {dist.world} processes (each takes whole problems); use at least {dist.world}")
