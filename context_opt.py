@@ -1,32 +1,71 @@
 """context_opt.py -- the fast weights: keep and improve a small Pareto pool of system prompts.
 
 Every T RL steps `fast_round` re-scores the pool on a fresh anchor set, proposes children of
-Pareto-sampled parents (GEPA-style reflective mutation, or a bootstrapped worked example) in waves
-of several at once, guards against malformed proposals, and keeps a child only if it strictly beats
-its parent, re-run beside it, on a minibatch.
+Pareto-sampled parents in waves of several at once, guards against malformed proposals, and keeps a
+child only if it strictly beats its parent, re-run beside it, on a minibatch. The children come from
+operators, functions registered with @operator (GEPA-style reflective mutation, a bootstrapped worked
+example): a new operator is one more such function.
 The core is model-free: it calls two plain callables, `evaluate` and `reflect`. The thin adapters at
 the bottom (make_evaluate, make_reflector) bind them to a model through rollout.py and rewards.py.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, Literal, NamedTuple, Sequence
+
+import infra
 
 PERFECT = 1.0        # rewards live in [0, 1]; a prompt at 1.0 on a problem has nothing to learn there
-OPERATORS = ("reflect", "demo")
 REJECT_REASONS = ("empty", "no_fence", "too_long", "thinking", "same_as_parent", "copies_anchor",
                   "not_better")
-SKIP_REASONS = ("perfect_parent", "no_demo")
-REPLY_FORMATS = ("fenced", "free")   # the reflector's reply: starts inside the block, or free-form
+ReplyFormat = Literal["fenced", "free"]   # the reflector's reply: starts inside the block, or free-form
+REPLY_FORMATS = typing.get_args(ReplyFormat)
 FENCE = "```"
 COPY_NGRAM = 8       # words per n-gram when looking for an anchor question pasted into a prompt
 COPY_FRACTION = 0.5  # share of a question's n-grams found in the prompt that counts as a copy
+
+
+# ---------------------------------------------------------------- settings (the config's `fast` section)
+@dataclass
+class FastConfig:
+    every: int = 6  # T: a fast round after every T slow steps
+    pool_size: int = 4  # K prompts used for rollouts
+    budget: float = 5.0  # metric calls per round = budget x anchor-set size (paper: 5x)
+    minibatch: int = 3  # anchor problems shown to the reflector
+    reflector: Literal["base", "policy"] = "base"  # base = adapter off (frozen critic)
+    # proposal operators, taken in turn: names registered with @operator in context_opt.py (reflect, demo, ...)
+    operators: list[str] = field(default_factory=lambda: ["reflect"])
+    demo_buffer: int = 256  # rewarded RL rollouts kept as candidate worked examples (demo operator)
+    max_prompt_chars: int = 4000
+    reflector_max_new_tokens: int = 1024
+    reflector_temperature: float = 0.7
+    reflector_top_p: float = 0.95
+    reflector_format: ReplyFormat = "fenced"  # fenced: reply starts in the block, stops at its end
+    wave: int = 4  # children proposed at once (reflections and scoring batched); 1 = one at a time
+    rescore_parent: bool = True  # judge a child against a fresh rollout of its parent (fair); false = reuse
+    max_proposals: int = 0  # end a round after this many proposals (0 = only budget and patience end it)
+    patience: int = 10  # end a round after this many draws in a row that spend nothing (skips, guard rejections)
+
+    ranges = {"every": ">= 1", "pool_size": ">= 1", "budget": "> 0", "minibatch": ">= 1", "wave": ">= 1",
+              "max_proposals": ">= 0", "patience": ">= 1",
+              "demo_buffer": ">= 1",  # the buffer keeps its last N entries: N = 0 would keep them all
+              "max_prompt_chars": ">= 1", "reflector_max_new_tokens": ">= 1",
+              "reflector_temperature": ">= 0", "reflector_top_p": "(0, 1]"}
+
+    def check(self, prefix: str = "") -> None:
+        """What `ranges` cannot say: at least one operator, every one a registered one."""
+        if not self.operators:
+            raise infra.ConfigError(f"config key '{prefix}operators' must name at least one of {list(OPERATORS)}")
+        for i, name in enumerate(self.operators):
+            if name not in OPERATORS:
+                raise infra.ConfigError(
+                    f"config key '{prefix}operators[{i}]' must be one of {list(OPERATORS)}, got {name!r}")
 
 
 @dataclass
@@ -206,7 +245,46 @@ def vet_reflection(reflector_output: str, parent_text: str, anchor_questions: Se
     return (None, reason) if reason else (text, None)
 
 
-# ---------------------------------------------------------------- the two operators
+# ---------------------------------------------------------------- operators
+@dataclass(kw_only=True)
+class Proposal:
+    """One child of a wave, from its parent's draw to the acceptance test. An operator returns it with
+    exactly one of `text` (a ready candidate: the guards check it at once) and `reflection_prompt`
+    (the wave's one reflect call writes the candidate from it, then the guards check that)."""
+    parent: Prompt
+    batch: list[int]                    # anchor indices of its minibatch
+    text: str | None = None             # the candidate prompt, once built and vetted
+    reflection_prompt: str | None = None  # what the reflector reads, for a child the reflector writes
+    operator: str = ""                  # the name it was registered under (set by _draw)
+    reason: str | None = None           # why it was rejected, if it was
+
+    @property
+    def scored(self) -> bool:
+        """Did it pass the guards (and so spend budget on its minibatch)?"""
+        return self.text is not None and self.reason in (None, "not_better")
+
+
+class Operator(NamedTuple):
+    propose: Callable[[_Round, Prompt, list[int]], Proposal | None]   # (round, parent, minibatch)
+    skip: str | None                    # the `skipped` stat a None (nothing to propose) counts under
+
+
+OPERATORS: dict[str, Operator] = {}     # name (as in FastConfig.operators) -> operator; filled by @operator
+
+
+def operator(name: str, *, skip: str | None = None):
+    """Register `propose(r, parent, batch) -> Proposal | None` as the operator `name`: it reads what it
+    needs from the round `r` (anchors, rollouts so far, rng, demo buffer) and returns a Proposal (see
+    there) or None to skip this draw, counted as `skip` in the round's stats. That is the whole of an
+    operator: the round draws the parent and minibatch, and reflects, vets, scores and accepts."""
+    def register(propose):
+        if name in OPERATORS:
+            raise ValueError(f"operator {name!r} is registered twice")
+        OPERATORS[name] = Operator(propose, skip)
+        return propose
+    return register
+
+
 def build_reflection_prompt(parent_text: str, examples: Sequence[dict]) -> str:
     """examples: dicts with question, output (the model's full response), reward, feedback."""
     shown = "\n\n".join(
@@ -229,14 +307,24 @@ def build_reflection_prompt(parent_text: str, examples: Sequence[dict]) -> str:
         "and put nothing after the block.")
 
 
+@operator("reflect")
+def reflective_mutation(r: _Round, parent: Prompt, batch: list[int]) -> Proposal:
+    """GEPA's reflective mutation: the reflector reads the parent and its graded attempts on the
+    minibatch (its rollouts of this round) and rewrites it."""
+    examples = [{"question": r.questions[i], "output": r.outputs[parent.id, r.ids[i]][0],
+                 "reward": r.outputs[parent.id, r.ids[i]][1], "feedback": r.outputs[parent.id, r.ids[i]][2]}
+                for i in batch]
+    return Proposal(parent=parent, batch=batch, reflection_prompt=build_reflection_prompt(parent.text, examples))
+
+
 def make_demo(parent_text: str, demo_buffer: Sequence[tuple[dict, str, float]], anchor_ids: set[str],
-              rng, problem_text: Callable[[dict], str]) -> str | None:
+              rng) -> str | None:
     """Bootstrapped few-shot: the parent plus one of the policy's own best-rewarded past solutions,
     never an anchor problem (that would leak the answer into the set it is judged on), never one the
     parent already shows. demo_buffer holds (problem, completion, reward) from earlier RL rollouts."""
     fresh = []
     for problem, completion, reward in demo_buffer:
-        question = problem_text(problem)
+        question = problem["question"]
         if reward > 0 and str(problem["id"]) not in anchor_ids and question not in parent_text:
             fresh.append((reward, question, completion))
     if not fresh:
@@ -244,6 +332,15 @@ def make_demo(parent_text: str, demo_buffer: Sequence[tuple[dict, str, float]], 
     top = max(r for r, _, _ in fresh)
     _, question, completion = rng.choice([d for d in fresh if d[0] == top])
     return f"{parent_text.rstrip()}\n\nExample:\nProblem: {question}\nSolution: {completion.strip()}"
+
+
+@operator("demo", skip="no_demo")
+def worked_example(r: _Round, parent: Prompt, batch: list[int]) -> Proposal | None:
+    """The parent plus a worked example (make_demo); a skip when the buffer has none left to add."""
+    started = time.perf_counter()
+    text = make_demo(parent.text, r.demo_buffer, set(r.ids), r.rng)
+    r.stats["seconds_demo"] += time.perf_counter() - started
+    return None if text is None else Proposal(parent=parent, batch=batch, text=text)
 
 
 def _failures_first(parent: Prompt, problem_ids: list[str], size: int, rng) -> list[int] | None:
@@ -269,26 +366,11 @@ class Reflection(NamedTuple):
 Reflect = Callable[[list[str]], list["Reflection | str"]]
 
 
-@dataclass
-class Proposal:
-    """One child of a wave, from its parent's draw to the acceptance test."""
-    operator: str
-    parent: Prompt
-    batch: list[int]                    # anchor indices of its minibatch
-    reflection_prompt: str = ""         # reflect: what the reflector reads
-    text: str | None = None             # the candidate prompt, once built and vetted
-    reason: str | None = None           # why it was rejected, if it was
-
-    @property
-    def scored(self) -> bool:
-        """Did it pass the guards (and so spend budget on its minibatch)?"""
-        return self.text is not None and self.reason in (None, "not_better")
-
-
-@dataclass
+@dataclass(kw_only=True)
 class _Round:
     """What the phases of one fast_round share: its settings, the anchor set, every rollout result so
     far and the stats it returns. The phases below run in the order fast_round calls them."""
+    cfg: FastConfig
     pool: PromptPool
     anchors: list[dict]
     ids: list[str]                      # the anchors' problem ids, aligned with anchors
@@ -298,15 +380,8 @@ class _Round:
     reflect: Reflect
     rng: object
     step: int
-    budget: int
-    operators: Sequence[str]
+    budget: int                         # metric calls of the proposal loop: int(cfg.budget x anchors)
     demo_buffer: Sequence
-    problem_text: Callable[[dict], str]
-    max_prompt_chars: int
-    patience: int
-    wave: int
-    rescore_parent: bool
-    max_proposals: int                  # 0 = no cap
     size: int                           # minibatch size
     most: int                           # the most one proposal can cost on its minibatch
     # (prompt id, problem id) -> (completion, reward, feedback) of its latest rollout
@@ -342,11 +417,13 @@ class _Round:
         self.stats["rejected_by_operator"][proposal.operator][reason] += 1
 
 
-def _new_stats(step: int, anchor_size: int, budget: int, wave: int, operators: Sequence[str]) -> dict:
-    return {"step": step, "anchor_size": anchor_size, "budget": budget, "wave": wave, "metric_calls": 0,
+def _new_stats(step: int, anchor_size: int, budget: int, cfg: FastConfig) -> dict:
+    operators = cfg.operators
+    skips = ["perfect_parent", *(OPERATORS[op].skip for op in operators if OPERATORS[op].skip)]
+    return {"step": step, "anchor_size": anchor_size, "budget": budget, "wave": cfg.wave, "metric_calls": 0,
             "waves": 0, "proposals": 0, "accepted": 0, "rejected": dict.fromkeys(REJECT_REASONS, 0),
             "rejected_by_operator": {op: dict.fromkeys(REJECT_REASONS, 0) for op in operators},
-            "skipped": dict.fromkeys(SKIP_REASONS, 0), "proposals_by_operator": dict.fromkeys(operators, 0),
+            "skipped": dict.fromkeys(skips, 0), "proposals_by_operator": dict.fromkeys(operators, 0),
             "accepted_by_operator": dict.fromkeys(operators, 0), "accepted_prompts": [],
             "seconds_reflecting": 0.0, "seconds_scoring": 0.0, "seconds_demo": 0.0, "reflector_tokens": 0}
 
@@ -368,57 +445,58 @@ def _score_live_pool(r: _Round) -> None:
 
 
 def _draw(r: _Round) -> Proposal | None:
-    """One draw: parent, operator, minibatch, and the demo child or the reflection prompt; None for a
-    skip (a parent perfect everywhere, or no demo to add)."""
+    """One draw: parent, operator (cfg.operators in turn), minibatch, then the operator's proposal;
+    None for a skip (a parent perfect everywhere, or an operator with nothing to propose)."""
     parent = r.pool.sample_parent(r.rng, r.ids)
-    operator = r.operators[r.turn % len(r.operators)]
+    name = r.cfg.operators[r.turn % len(r.cfg.operators)]
     r.turn += 1
     batch = _failures_first(parent, r.ids, r.size, r.rng)
     if batch is None:
         r.stats["skipped"]["perfect_parent"] += 1
         return None
-    proposal = Proposal(operator, parent, batch)
-    if operator == "reflect":
-        examples = [{"question": r.questions[i], "output": r.outputs[parent.id, r.ids[i]][0],
-                     "reward": r.outputs[parent.id, r.ids[i]][1], "feedback": r.outputs[parent.id, r.ids[i]][2]}
-                    for i in batch]
-        proposal.reflection_prompt = build_reflection_prompt(parent.text, examples)
-    else:
-        started = time.perf_counter()
-        proposal.text = make_demo(parent.text, r.demo_buffer, set(r.ids), r.rng, r.problem_text)
-        r.stats["seconds_demo"] += time.perf_counter() - started
-        if proposal.text is None:
-            r.stats["skipped"]["no_demo"] += 1
-            return None
+    op = OPERATORS[name]
+    proposal = op.propose(r, parent, batch)
+    if proposal is None:
+        if op.skip is None:
+            raise ValueError(f"operator {name!r} skipped a draw but registered no skip reason (@operator skip=)")
+        r.stats["skipped"][op.skip] += 1
+        return None
+    if (proposal.text is None) == (proposal.reflection_prompt is None):
+        has = "both text and" if proposal.text is not None else "neither text nor"
+        raise ValueError(f"operator {name!r} returned a proposal with {has} reflection_prompt: "
+                         "it must set exactly one")
+    proposal.operator = name
     r.stats["proposals"] += 1
-    r.stats["proposals_by_operator"][operator] += 1
+    r.stats["proposals_by_operator"][name] += 1
     return proposal
 
 
 def _capped(r: _Round) -> bool:
-    """Has the round made the most proposals it may (max_proposals; 0 = no cap)?"""
-    return bool(r.max_proposals) and r.stats["proposals"] >= r.max_proposals
+    """Has the round made the most proposals it may (cfg.max_proposals; 0 = no cap)?"""
+    return bool(r.cfg.max_proposals) and r.stats["proposals"] >= r.cfg.max_proposals
 
 
 def _draw_wave(r: _Round) -> list[Proposal | None]:
-    """Up to `wave` proposals, in draw order (None = a skip). A draw the budget could not score ends
-    the wave before it is made; demo children meet the guards here, reflections after reflecting."""
+    """Up to cfg.wave proposals, in draw order (None = a skip). A draw the budget could not score ends
+    the wave before it is made; ready-made children (demo) meet the guards here, reflections after
+    reflecting."""
     spent = r.spent()
     draws: list[Proposal | None] = []
     reserved, fresh_pairs, run_idle = 0, set(), r.idle
-    while (sum(d is not None for d in draws) < r.wave and run_idle < r.patience
+    while (sum(d is not None for d in draws) < r.cfg.wave and run_idle < r.cfg.patience
            and spent + reserved + r.most <= r.budget and not _capped(r)):
         proposal = _draw(r)
         draws.append(proposal)
         if proposal is None:
             run_idle += 1
             continue
-        if proposal.operator == "demo" and (reason := check_proposal(
-                proposal.text, proposal.parent.text, r.questions, r.max_prompt_chars)):
+        if proposal.reflection_prompt is None and (reason := check_proposal(
+                proposal.text, proposal.parent.text, r.questions, r.cfg.max_prompt_chars)):
             r.reject(proposal, reason)
             run_idle += 1
             continue
-        new_pairs = {(proposal.parent.id, i) for i in proposal.batch} - fresh_pairs if r.rescore_parent else set()
+        new_pairs = ({(proposal.parent.id, i) for i in proposal.batch} - fresh_pairs if r.cfg.rescore_parent
+                     else set())
         reserved += r.size + len(new_pairs)
         fresh_pairs |= new_pairs
         run_idle = 0                            # it may spend; the real count comes after scoring
@@ -427,7 +505,7 @@ def _draw_wave(r: _Round) -> list[Proposal | None]:
 
 def _reflect_and_vet(r: _Round, proposals: list[Proposal]) -> None:
     """Every reflection of the wave in one batched call, then the guards."""
-    reflecting = [p for p in proposals if p.operator == "reflect"]
+    reflecting = [p for p in proposals if p.reflection_prompt is not None]
     if not reflecting:
         return
     started = time.perf_counter()
@@ -439,7 +517,7 @@ def _reflect_and_vet(r: _Round, proposals: list[Proposal]) -> None:
         reply = reply if isinstance(reply, Reflection) else Reflection(reply)
         r.stats["reflector_tokens"] += reply.tokens
         proposal.text, reason = vet_reflection(reply.text, proposal.parent.text, r.questions,
-                                               r.max_prompt_chars)
+                                               r.cfg.max_prompt_chars)
         if reason:
             r.reject(proposal, reason)
 
@@ -448,9 +526,11 @@ def _score_children(r: _Round, trying: list[Proposal]) -> tuple[list, dict[tuple
     """Every surviving child on its minibatch, then (rescore_parent) each parent afresh, once per
     problem its children are judged on, all in one evaluate call. Returns the children's results
     (concatenated in `trying` order) and the parents' fresh rewards by (parent id, anchor index)."""
+    if unready := [p.operator for p in trying if p.text is None]:
+        raise RuntimeError(f"proposals of operators {unready} reached scoring without a candidate text")
     child_pairs = [(p.text, i) for p in trying for i in p.batch]
     parent_pairs = (list(dict.fromkeys((p.parent.id, i) for p in trying for i in p.batch))
-                    if r.rescore_parent else [])
+                    if r.cfg.rescore_parent else [])
     pairs = child_pairs + [(r.pool[pid].text, i) for pid, i in parent_pairs]
     results = r.run([text for text, _ in pairs], [r.anchors[i] for _, i in pairs])
     fresh = {pair: result[1] for pair, result in zip(parent_pairs, results[len(child_pairs):], strict=True)}
@@ -466,7 +546,7 @@ def _accept(r: _Round, trying: list[Proposal], child_results: list,
     for proposal in trying:
         results, at = child_results[at:at + len(proposal.batch)], at + len(proposal.batch)
         parent = proposal.parent
-        parent_sum = (sum(fresh[parent.id, i] for i in proposal.batch) if r.rescore_parent
+        parent_sum = (sum(fresh[parent.id, i] for i in proposal.batch) if r.cfg.rescore_parent
                       else sum(parent.scores[r.ids[i]] for i in proposal.batch))
         if sum(reward for _, reward, _ in results) <= parent_sum:
             r.reject(proposal, "not_better")
@@ -490,10 +570,10 @@ def _score_rest(r: _Round, accepted: list[tuple[Prompt, list[int]]]) -> None:
         at += len(rest)
 
 
-def _finish(r: _Round, top_k: int, started: float) -> dict:
-    """Prune the pool to its Pareto front, mark the top K active, and close the stats."""
+def _finish(r: _Round, started: float) -> dict:
+    """Prune the pool to its Pareto front, mark the top K (cfg.pool_size) active, and close the stats."""
     r.pool.retain({p.id for p in r.pool.nondominated(r.ids)})
-    active = r.pool.top_k(top_k, r.ids)
+    active = r.pool.top_k(r.cfg.pool_size, r.ids)
     r.stats.update(best_score_after=r.pool.best().mean_score(),
                    mean_score_after=sum(p.mean_score() for p in active) / len(active),
                    pool_size=len(r.pool), top_k_ids=[p.id for p in active],
@@ -501,59 +581,59 @@ def _finish(r: _Round, top_k: int, started: float) -> dict:
     return r.stats
 
 
-def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: Evaluate,
-               reflect: Reflect, step: int, budget: int, rng,
-               operators: Sequence[str] = ("reflect",), demo_buffer: Sequence = (),
-               minibatch_size: int = 3, top_k: int = 4, max_prompt_chars: int = 4000,
-               problem_text: Callable[[dict], str] = lambda p: p["question"],
-               patience: int = 10, wave: int = 4, rescore_parent: bool = True,
-               max_proposals: int = 0) -> dict:
-    """Improve the pool in place on this round's anchor set; return stats.
+def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfig, *, evaluate: Evaluate,
+               reflect: Reflect, step: int, rng, demo_buffer: Sequence = ()) -> dict:
+    """Improve the pool in place on this round's anchor set, as `cfg` (the config's `fast` section)
+    says; return stats.
 
     evaluate(prompt_texts, problems) scores aligned (prompt, problem) pairs, one rollout each, in one
     batched call -> [(completion, reward, feedback)]. reflect(prompts) -> one reply per reflection
-    prompt (a Reflection or a str), all generated in one batched call.
+    prompt (a Reflection or a str), all generated in one batched call. Problems are dicts with an
+    "id" and a "question"; demo_buffer holds (problem, completion, reward) of earlier RL rollouts.
 
-    The round proposes in waves of `wave` children: it draws that many parents (and their
-    minibatches) from the pool as it stands, builds every child (all reflections in one reflect call,
-    demo children beside them), vets them, scores every surviving child on its minibatch in one
+    The round proposes in waves of cfg.wave children: it draws that many parents (and their
+    minibatches of cfg.minibatch) from the pool as it stands, each child from the next of
+    cfg.operators in turn, builds every child (all reflections in one reflect call, ready-made ones
+    such as demos beside them), vets them, scores every surviving child on its minibatch in one
     evaluate call, accepts or rejects each against its own parent (strict improvement), scores the
     accepted ones on the rest of the anchors in one more call, and repeats. wave=1 is the sequential
     loop: one proposal at a time, each seeing the children accepted before it.
 
-    rescore_parent: the parent's side of the acceptance test is a fresh rollout of the parent on the
-    child's minibatch, in the same evaluate call as the children (shared by its children in a wave,
-    charged to the budget). The minibatch is picked from the parent's failures, so its anchor scores
-    there are its unlucky draws: judged against those (rescore_parent=False) a child no better than
-    its parent passes about twice as often as a fair test lets it.
+    cfg.rescore_parent: the parent's side of the acceptance test is a fresh rollout of the parent on
+    the child's minibatch, in the same evaluate call as the children (shared by its children in a
+    wave, charged to the budget). The minibatch is picked from the parent's failures, so its anchor
+    scores there are its unlucky draws: judged against those (rescore_parent=False) a child no better
+    than its parent passes about twice as often as a fair test lets it.
 
-    Budget = metric calls (rollouts) of the proposal loop (paper: 5 x anchors). Scoring the L live
-    prompts on the anchor set first is the round's step 2 and is counted in metric_calls but not
-    charged to the budget: with K = 4 it would otherwise eat 4/5 of it. A proposal joins a wave only
-    while its minibatch (and its parent's, when re-scored) still fits, but an accepted child is always
-    scored on the rest of the anchors, so metric_calls <= L * len(anchors) + budget
-    + wave * (len(anchors) - minibatch). `patience` consecutive draws that spend nothing (skips,
+    Budget = int(cfg.budget x len(anchors)) metric calls (rollouts) of the proposal loop (paper: 5x).
+    Scoring the L live prompts on the anchor set first is the round's step 2 and is counted in
+    metric_calls but not charged to the budget: with K = 4 it would otherwise eat 4/5 of it. A proposal
+    joins a wave only while its minibatch (and its parent's, when re-scored) still fits, but an accepted
+    child is always scored on the rest of the anchors, so metric_calls <= L * len(anchors) + budget
+    + wave * (len(anchors) - minibatch). cfg.patience consecutive draws that spend nothing (skips,
     guard rejections; counted in draw order, checked between waves) end the round: reflecting costs
-    time too. max_proposals > 0 also ends it after that many proposals (skips are not proposals), so
-    that two rounds can be compared at equal work (bench/fast_round.py).
+    time too. cfg.max_proposals > 0 also ends it after that many proposals (skips are not proposals),
+    so that two rounds can be compared at equal work (bench/fast_round.py). At the end the pool keeps
+    its Pareto front, and its top cfg.pool_size prompts are marked for RL.
     """
-    if unknown := set(operators) - set(OPERATORS):
-        raise ValueError(f"unknown operators {sorted(unknown)}; known: {OPERATORS}")
+    if unknown := set(cfg.operators) - set(OPERATORS):
+        raise ValueError(f"unknown operators {sorted(unknown)}; known: {list(OPERATORS)}")
     if not anchor_problems:
         raise ValueError("fast_round needs at least one anchor problem")
-    if wave < 1:
-        raise ValueError(f"wave must be >= 1, got {wave}")
-    if max_proposals < 0:
-        raise ValueError(f"max_proposals must be >= 0 (0 = no cap), got {max_proposals}")
+    if cfg.wave < 1:
+        raise ValueError(f"wave must be >= 1, got {cfg.wave}")
+    if cfg.max_proposals < 0:
+        raise ValueError(f"max_proposals must be >= 0 (0 = no cap), got {cfg.max_proposals}")
     t0 = time.perf_counter()
     anchors = list(anchor_problems)
-    size = min(minibatch_size, len(anchors))
-    r = _Round(pool, anchors, [str(p["id"]) for p in anchors], [problem_text(p) for p in anchors],
-               _new_stats(step, len(anchors), budget, wave, operators), evaluate, reflect, rng, step, budget,
-               operators, demo_buffer, problem_text, max_prompt_chars, patience, wave, rescore_parent,
-               max_proposals, size=size, most=size * (2 if rescore_parent else 1))
+    budget = int(cfg.budget * len(anchors))
+    size = min(cfg.minibatch, len(anchors))
+    r = _Round(cfg=cfg, pool=pool, anchors=anchors, ids=[str(p["id"]) for p in anchors],
+               questions=[p["question"] for p in anchors], stats=_new_stats(step, len(anchors), budget, cfg),
+               evaluate=evaluate, reflect=reflect, rng=rng, step=step, budget=budget, demo_buffer=demo_buffer,
+               size=size, most=size * (2 if cfg.rescore_parent else 1))
     _score_live_pool(r)
-    while r.spent() + r.most <= budget and r.idle < patience and not _capped(r):
+    while r.spent() + r.most <= budget and r.idle < cfg.patience and not _capped(r):
         draws = _draw_wave(r)
         proposals = [d for d in draws if d]
         if proposals:
@@ -564,7 +644,7 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], *, evaluate: E
         _score_rest(r, _accept(r, trying, child_results, fresh))
         for draw in draws:                      # patience, in draw order
             r.idle = 0 if draw is not None and draw.scored else r.idle + 1
-    return _finish(r, top_k, t0)
+    return _finish(r, t0)
 
 
 # ---------------------------------------------------------------- model-backed adapters
@@ -599,11 +679,11 @@ def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: f
 
 
 def make_reflector(model, tokenizer, *, use_adapter: bool, max_new_tokens: int, temperature: float = 1.0,
-                   top_p: float = 1.0, generator=None, reply_format: str = "fenced") -> Reflect:
+                   top_p: float = 1.0, generator=None, reply_format: ReplyFormat = "fenced") -> Reflect:
     """reflect() for fast_round: the same model in the same process, every prompt of a wave in ONE
-    rollout.sample call. use_adapter=False runs under peft's disable_adapter(), i.e. the frozen base
-    model critiques (a frozen reflector at no extra memory); a model without that context manager
-    (no LoRA) just runs as it is.
+    rollout.sample call. use_adapter=False runs under peft's disable_adapter() (rollout.weights), i.e.
+    the frozen base model critiques (a frozen reflector at no extra memory); a model without that
+    context manager (no LoRA) just runs as it is.
 
     reply_format "fenced": the assistant turn starts with an opening fence (encoded after the
     generation prompt) and sampling stops at the closing one, so the reply IS the new prompt: no
@@ -621,8 +701,7 @@ def make_reflector(model, tokenizer, *, use_adapter: bool, max_new_tokens: int, 
 
     def reflect(prompts: list[str]) -> list[Reflection]:
         chats = [rollout.encode_chat(tokenizer, [{"role": "user", "content": p}]) + prefix for p in prompts]
-        disable = getattr(model, "disable_adapter", None)
-        with disable() if disable is not None and not use_adapter else contextlib.nullcontext():
+        with rollout.weights(model, use_adapter):
             out = rollout.sample(model, tokenizer, chats, [1] * len(chats), max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, stop=[FENCE] if fenced else [],
                                  generator=generator)

@@ -21,7 +21,6 @@ The base model is always the same weights with the LoRA adapter disabled: never 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -32,18 +31,12 @@ from pathlib import Path
 
 import torch
 
+import infra
 import fst
 import rewards
 import rollout
 
 WEIGHTS, PROMPTS = ("base", "trained"), ("seed", "evolved")
-
-
-def _weights(model, use_adapter: bool):
-    """Context: the trained policy (adapter on) or the base weights (adapter off)."""
-    if use_adapter or not hasattr(model, "disable_adapter"):
-        return contextlib.nullcontext()
-    return model.disable_adapter()
 
 
 # ---------------------------------------------------------------------------------- accuracy
@@ -52,16 +45,16 @@ def evaluate(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, 
     """k samples per problem in one batched rollout.sample call. mean@k = mean reward over all
     n*k samples; accuracy = fraction of those samples with reward >= 1 (differs from mean@k when a
     task gives partial credit, e.g. arithmetic's format_reward); pass@k = fraction of problems with
-    at least one sample of reward >= 1. Under torchrun (dist, an fst.Dist) each rank samples its
+    at least one sample of reward >= 1. Under torchrun (dist, an infra.Dist) each rank samples its
     slice of the problems and every rank returns the numbers over all of them."""
-    dist = dist or fst.Dist()
+    dist = dist or infra.Dist()
     if not problems:
         return {"mean_at_k": float("nan"), "accuracy": float("nan"), "pass_at_k": float("nan"), "n": 0, "k": k}
     mine = dist.shard(list(range(len(problems))))
     scored = []  # (problem index, reward) of every sample this rank drew
     if mine:
         prompts = [rollout.encode_chat(tok, task.messages(problems[i], system_prompt)) for i in mine]
-        with _weights(model, use_adapter):  # rollout.sample runs in eval mode and restores the model's mode
+        with rollout.weights(model, use_adapter):  # rollout.sample runs in eval mode and restores the model's mode
             ro = rollout.sample(model, tok, prompts, [k] * len(prompts), max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, stop=list(stop),
                                 generator=generator, batch_size=batch_size)
@@ -110,7 +103,7 @@ def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_ne
     """Sample n_samples completions per problem from the TRAINED policy, then average the exact
     per-token KL(pi_trained || pi_base) over all completion tokens (under torchrun: each rank its
     slice of the problems, the sums added over ranks)."""
-    dist = dist or fst.Dist()
+    dist = dist or infra.Dist()
     total, tokens = 0.0, 0
     prompts = [rollout.encode_chat(tok, task.messages(p, system_prompt)) for p in dist.shard(list(problems))]
     if prompts:
@@ -134,19 +127,6 @@ def make_task(name: str, cfg):
     return fst.make_task(cfg.task if name == cfg.task.name else fst.TaskConfig(name=name, seed=cfg.task.seed))
 
 
-def find_checkpoint(run: Path, step: int | None) -> Path:
-    if step is None:
-        ckpt = fst.latest_checkpoint(run)
-        if ckpt is None:
-            raise SystemExit(f"{run}: no complete checkpoint; has this run saved one yet?")
-        return ckpt
-    ckpt = run / "checkpoints" / f"step_{step:06d}"
-    if not ckpt.is_dir():
-        have = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
-        raise SystemExit(f"{ckpt} not found; saved: {', '.join(have) or 'none'}")
-    return ckpt
-
-
 def run_tasks(run: Path, cfg) -> list[str]:
     """The tasks a run trained on, in order (a continual run has several), from its train rows."""
     seen = [r["task"] for r in read_metrics(run) if r.get("kind", "train") == "train" and "task" in r]
@@ -157,12 +137,12 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
            seed=0, batch_size=None, overrides=(), dist=None) -> dict:
     """Every measurement on one checkpoint. Writes RUN/eval/step_N.json; returns the same dict.
     Under torchrun (dist) every measurement splits its problems over the ranks; rank 0 writes."""
-    dist = dist or fst.Dist()
+    dist = dist or infra.Dist()
     cfg = fst.load_config(str(run / "config.yaml"), list(overrides))
-    ckpt = find_checkpoint(run, step)
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
-    device = fst.pick_device(cfg, str(run / "config.yaml"))
-    model, tok = fst.load_model(cfg.model, device, adapter_path=str(ckpt))
+    ckpt = infra.find_checkpoint(run, step)
+    state = infra.load_trainer_state(ckpt)
+    device = infra.pick_device(cfg, str(run / "config.yaml"))
+    model, tok = infra.load_model(cfg.model, device, adapter_path=str(ckpt))
     model.eval()
     n, k = n or cfg.eval.n, k or cfg.eval.k
     s = cfg.sampling
@@ -170,7 +150,7 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
     best_file = ckpt / "best_prompt.txt"
     evolved = best_file.read_text() if best_file.exists() else None
     tasks = tasks or run_tasks(run, cfg)
-    gen = lambda: torch.Generator(device=device).manual_seed(dist.rank_seed(seed))  # same draws every cell  # noqa: E731
+    gen = lambda: dist.generator(device, seed)  # the same draws in every cell  # noqa: E731
     sampling = dict(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop)
     out = {"run": str(run), "checkpoint": ckpt.name, "step": int(state["step"]), "mode": cfg.mode,
            "n": n, "k": k, "seed": seed, "sampling": sampling, "evolved_prompt": evolved,
@@ -183,7 +163,7 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
     for name in tasks:
         task = make_task(name, cfg)
         problems = task.load("test")[:n]
-        prompt = {"seed": cfg.task.system_prompt or task.default_system_prompt}
+        prompt = {"seed": fst.seed_prompt(cfg, task)}  # a continual run's is the task-agnostic one
         prompt["evolved"] = evolved if evolved is not None else prompt["seed"]
         cache = {}
 
@@ -460,7 +440,7 @@ def _model_card(cfg, *, run: Path, ckpt: Path, base: str, merge: bool, dtype: st
     steps = int(ckpt.name.split("_")[-1]) + 1
     tasks = ", ".join(f"{s.name} ({s.steps} steps)" for s in cfg.schedule) or cfg.task.name
     name = cfg.model.name
-    hub_id = name not in fst.MODEL_ALIASES and not Path(name).exists() and not name.endswith(".gguf")
+    hub_id = name not in infra.MODEL_ALIASES and not Path(name).exists() and not name.endswith(".gguf")
     what = (f"merged weights ({dtype}: the base with the LoRA adapter added in, no peft needed)" if merge
             else "a LoRA adapter (peft format) for the base below")
     lines = ["---", *([f"base_model: {name}"] if hub_id else []),
@@ -474,8 +454,8 @@ def _model_card(cfg, *, run: Path, ckpt: Path, base: str, merge: bool, dtype: st
              f"| steps | {steps} (checkpoint `{ckpt.name}`) |",
              f"| LoRA | r={cfg.model.lora_r}, alpha={cfg.model.lora_alpha}, targets {cfg.model.lora_targets} |",
              f"| loss | {cfg.train.loss}, lr {cfg.train.lr}, kl_coef {cfg.train.kl_coef} |", ""]
-    if name in fst.MODEL_ALIASES:
-        package, filename = fst.MODEL_ALIASES[name]
+    if name in infra.MODEL_ALIASES:
+        package, filename = infra.MODEL_ALIASES[name]
         lines += [f"`{name}` is fst's alias for `{filename}` from the `{package}` package, dequantised into "
                   f"`{base}`: not the same weights as the full-precision original on the hub.", ""]
     if not merge:
@@ -517,7 +497,7 @@ def _tokenizer_with_default_prompt(base: str, prompt: str):
     User-only conversations must render exactly as fst prompted the model (best prompt as system
     message), and a caller's own system message must still win; checked here, before anything is
     loaded or written."""
-    tok = fst.load_tokenizer(base)
+    tok = infra.load_tokenizer(base)
     if not tok.chat_template:
         raise SystemExit(f"{base}: its tokenizer has no chat template to put the best prompt in")
     original, user = tok.chat_template, [{"role": "user", "content": "2 + 3?"}]
@@ -547,7 +527,7 @@ def _write_weights(cfg, ckpt: Path, base: str, tmp: Path, *, merge: bool, dtype:
         quantised = cfg.model.quant != "none"
         spec = dataclasses.replace(cfg.model, dtype=cfg.model.dtype if quantised else "float32", attn="sdpa",
                                    gradient_checkpointing=False)
-        model, _ = fst.load_model(spec, torch.device("cpu"), adapter_path=str(ckpt))
+        model, _ = infra.load_model(spec, torch.device("cpu"), adapter_path=str(ckpt))
         if quantised:
             from peft import PeftModel
             base_model = model.unload().dequantize().float()
@@ -578,18 +558,17 @@ def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False
     Returns the lines printed. A quantised base (QLoRA) is merged into its DEQUANTISED weights, the
     ones the run trained and was measured on, so the merged model is the trained policy exactly."""
     cfg = fst.load_config(str(run / "config.yaml"), list(overrides))
-    ckpt = find_checkpoint(run, step)
+    ckpt = infra.find_checkpoint(run, step)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--out {out} exists and is not empty; give a new folder")
-    base = fst.resolve_model_path(cfg.model.name)
+    base = infra.resolve_model_path(cfg.model.name)
     if Path(base).exists():
         base = str(Path(base).resolve())
     best_file, notes = ckpt / "best_prompt.txt", []
     if best_file.exists():
         prompt = best_file.read_text()
     else:  # the seed prompt, chosen as fst.train chooses it
-        prompt = cfg.task.system_prompt or (rewards.TASK_AGNOSTIC_PROMPT if cfg.schedule
-                                            else make_task(cfg.task.name, cfg).default_system_prompt)
+        prompt = fst.seed_prompt(cfg, make_task(cfg.task.name, cfg))
         notes.append(f"> {best_file} is missing: the default system message is the run's seed prompt.")
 
     tok = _tokenizer_with_default_prompt(base, prompt)   # first: its template is checked before any writing
@@ -632,7 +611,7 @@ def main(argv=None):
         try:
             lines = export(args.run, args.out, step=args.step, merge=args.merge, dtype=args.dtype,
                            overrides=args.set)
-        except fst.ConfigError as e:
+        except infra.ConfigError as e:
             raise SystemExit(f"config error: {e}")
         print("\n".join(lines))
         return
@@ -656,12 +635,12 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set device=cpu --set model.quant=none")
     args = ap.parse_args(argv)
-    dist = fst.init_distributed()  # under torchrun: every measurement split over the ranks
+    dist = infra.init_distributed()  # under torchrun: every measurement split over the ranks
     try:
         out = report(args.run, step=args.step, tasks=args.tasks, forgetting=args.forgetting, n=args.n, k=args.k,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
                      overrides=args.set, dist=dist)
-    except fst.ConfigError as e:  # a bad --set or a folder that is not a run: one line, like fst.py
+    except infra.ConfigError as e:  # a bad --set or a folder that is not a run: one line, like fst.py
         raise SystemExit(f"config error: {e}")
     finally:
         dist.close()

@@ -44,14 +44,24 @@ def register_task(cls_or_name):
     return cls
 
 
+class TaskConfigError(ValueError):
+    """A task that cannot be built as asked; `key` is the config key at fault, relative to the task's
+    section ("name", "options.level", "train_path"), so a start-up check can name it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 def get_task(name: str, **options):
+    """The registered task `name`, built with `options` (its constructor's keywords)."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS))}")
+        raise TaskConfigError("name", f"unknown task {name!r}; registered tasks: {', '.join(sorted(TASKS))}")
     accepted = inspect.signature(TASKS[name]).parameters
     for option in options:
         if option not in accepted:
-            raise TypeError(f"task {name!r} has no option {option!r}; "
-                            f"its options are: {', '.join(accepted) or 'none'}")
+            raise TaskConfigError(f"options.{option}", f"task {name!r} takes no option {option!r}; "
+                                  f"its options are: {', '.join(accepted) or 'none'}")
     return TASKS[name](**options)
 
 
@@ -62,6 +72,10 @@ def task_from_config(name: str, seed: int = 0, train_path: str | None = None, te
     (gsm8k takes the paths, a procedural task the seed); `options` are the task's own keywords and go
     as given, overriding those three (get_task names an option the task does not take)."""
     accepted = inspect.signature(TASKS[name]).parameters if name in TASKS else {}
+    for key, path in (("train_path", train_path), ("test_path", test_path)):
+        if path is not None and name in TASKS and key not in accepted:
+            raise TaskConfigError(key, f"task {name!r} reads no data files (it generates its problems); "
+                                  "remove the key")
     common = {"seed": seed, "train_path": train_path, "test_path": test_path}
     return get_task(name, **({k: v for k, v in common.items() if k in accepted} | dict(options or {})))
 

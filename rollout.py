@@ -23,17 +23,6 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
-def attn_implementation() -> str:
-    """flash_attention_2 when it is installed and a GPU is present, else PyTorch's sdpa."""
-    if not torch.cuda.is_available():
-        return "sdpa"
-    try:
-        import flash_attn  # noqa: F401
-    except Exception:  # missing, or built against another torch/CUDA (then import raises oddly)
-        return "sdpa"
-    return "flash_attention_2"
-
-
 @contextlib.contextmanager
 def eval_mode(model):
     """model.eval() inside the block; the model's own train/eval mode again after it (also on errors).
@@ -45,6 +34,14 @@ def eval_mode(model):
         yield model
     finally:
         model.train(was_training)
+
+
+def weights(model, use_adapter: bool):
+    """Context: the trained policy (adapter on), or the frozen base weights (peft's disable_adapter:
+    the reference model and the default critic, at no extra memory). A model without LoRA runs as is."""
+    if use_adapter or not hasattr(model, "disable_adapter"):
+        return contextlib.nullcontext()
+    return model.disable_adapter()
 
 
 def encode_chat(tokenizer, messages) -> list[int]:

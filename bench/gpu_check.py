@@ -5,7 +5,7 @@
 
 Models are random-init from config objects with the real shapes, saved to a temp folder with a tokenizer
 built in code (a `tokenizers` WordLevel vocabulary "t0".."t151935" whose ids 151643/151645 are Qwen's
-<|endoftext|> (pad) / <|im_end|> (EOS)), then loaded by fst.load_model exactly as the recipe does: NF4 4-bit
+<|endoftext|> (pad) / <|im_end|> (EOS)), then loaded by infra.load_model exactly as the recipe does: NF4 4-bit
 base with double quantisation, bf16 compute, LoRA r=16 on all linear layers, gradient checkpointing.
 Prompts are random token-id lists (120-200 tokens); a random-init model almost never samples EOS, so every
 rollout runs to max_new_tokens: the worst case for time and memory. Reported, as one JSON:
@@ -35,6 +35,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import infra  # noqa: E402
 import fst  # noqa: E402
 import rollout  # noqa: E402
 
@@ -204,9 +205,9 @@ def rl_step(model, tok, optimizer, scheduler, guard, prompts, G, new_tokens, mb,
 def check_model(name: str, a, root: Path, device: str, quant: str) -> dict:
     t0 = time.perf_counter()
     folder = build_folder(name, root, device)
-    mcfg = fst.ModelConfig(name=str(folder), dtype="bfloat16" if device == "cuda" else "float32", quant=quant,
+    mcfg = infra.ModelConfig(name=str(folder), dtype="bfloat16" if device == "cuda" else "float32", quant=quant,
                            lora_r=16, lora_alpha=32, lora_targets="all-linear", gradient_checkpointing=True)
-    model, tok = fst.load_model(mcfg, torch.device(device))
+    model, tok = infra.load_model(mcfg, torch.device(device))
     shutil.rmtree(folder, ignore_errors=True)
     res = {"model": name, "quant": quant, "attn": model.config._attn_implementation,
            "seconds_build_and_load": round(time.perf_counter() - t0, 1)}
@@ -226,7 +227,7 @@ def check_model(name: str, a, root: Path, device: str, quant: str) -> dict:
     res["sampler"] = sampler_vs_generate(model, tok, make_prompts(a.gen_prompts, 1), a.group, a.gen_tokens,
                                          a.repeats if name != "qwen3-8b" else a.repeats_8b, device)
     optimizer, scheduler = fst.make_optimizer(model, fst.TrainConfig(lr=1e-5))
-    guard = fst.UpdateGuard()  # its gradient-flow check runs on the warm-up step
+    guard = infra.UpdateGuard()  # its gradient-flow check runs on the warm-up step
     rl_step(model, tok, optimizer, scheduler, guard, make_prompts(2, 2), 2, 16, a.micro_batch)  # warm-up: kernels, Adam
     res["step"] = rl_step(model, tok, optimizer, scheduler, guard, make_prompts(a.batch, 3), a.group, a.new_tokens,
                           a.micro_batch)

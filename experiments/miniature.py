@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
+import infra  # noqa: E402
 import fst  # noqa: E402
 import rewards  # noqa: E402
 
@@ -63,7 +64,7 @@ COST_GEPA_STEP = 9.0       # sampling + base pass without the update (estimate: 
 COST_FAST_ROUND = 150.0    # issue 9's target (< 10 RL steps); 293 s measured before its batched waves
 COST_EVAL_SAMPLE = 0.3     # per completion of a validation pass (32 x 4 x 64 tokens: 40 s measured, 1 thread)
 COST_KL_PROBLEM = 0.6      # kl_to_base: one completion + two full-vocabulary passes per problem
-COST_MODEL_LOAD = 3.0      # fst.load_model for one checkpoint
+COST_MODEL_LOAD = 3.0      # infra.load_model for one checkpoint
 
 # --quick: the same code on a 2-layer random Llama built in-process, a handful of steps.
 QUICK = dict(SEEDS=(0, 1), EVAL_EVERY=2, EVAL_N=2, EVAL_K=2, KL_N=2, STUDY1_STEPS=4,
@@ -162,7 +163,7 @@ def study3_specs(sizes: Sizes, runs_dir: Path) -> list[RunSpec]:
 
 
 def last_step_saved(run_dir: Path) -> int | None:
-    ckpt = fst.latest_checkpoint(run_dir)
+    ckpt = infra.latest_checkpoint(run_dir)
     return int(ckpt.name.removeprefix("step_")) if ckpt and ckpt.is_dir() else None
 
 
@@ -263,19 +264,18 @@ def measure_kl(run_dir: Path, tasks: list[str], kl_n: int) -> dict:
             cache["kl"][str(step)] = {t: 0.0 for t in tasks}
             continue
         if step == 0:
-            ckpt, prompt = fst.resolve_checkpoint(cfg.init_from), None  # None: the run's seed prompt
+            ckpt, prompt = infra.find_checkpoint(cfg.init_from), None  # None: the run's seed prompt
         else:
             ckpt = run_dir / "checkpoints" / f"step_{step - 1:06d}"  # eval step s = the weights after s updates
             if not ckpt.is_dir():
                 raise SystemExit(f"{ckpt} missing: validation at step {step} has no checkpoint "
                                  "(train.save_every must equal eval.every)")
             prompt = (ckpt / "best_prompt.txt").read_text()
-        model, tok = fst.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
+        model, tok = infra.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
         kl = {}
         for name in tasks:
             task = made.setdefault(name, evaluation.make_task(name, cfg))
-            seed_prompt = cfg.task.system_prompt or (rewards.TASK_AGNOSTIC_PROMPT if cfg.schedule
-                                                     else task.default_system_prompt)  # as fst.train picks it
+            seed_prompt = fst.seed_prompt(cfg, task)
             kl[name] = evaluation.kl_to_base(
                 model, tok, task, task.load("test")[:kl_n], prompt or seed_prompt, n_samples=1,
                 max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
@@ -298,11 +298,11 @@ def measure_two_by_two(run_dir: Path, task_name: str) -> dict:
     if "two_by_two" not in cache:
         t0 = time.perf_counter()
         cfg = fst.load_config(str(run_dir / "config.yaml"))
-        ckpt = fst.latest_checkpoint(run_dir)
+        ckpt = infra.latest_checkpoint(run_dir)
         rows = [r for r in evaluation.read_metrics(run_dir) if r.get("kind") == "eval" and r["task"] == task_name]
         last = max(r["step"] for r in rows)
         logged = {(r["step"], r["prompt"]): r for r in rows}
-        model, tok = fst.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
+        model, tok = infra.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
         task = evaluation.make_task(task_name, cfg)
         evolved = (ckpt / "best_prompt.txt").read_text()
         base_evolved = evaluation.evaluate(
@@ -809,7 +809,7 @@ def build_tiny_model(folder: Path) -> str:
     if (folder / "config.json").exists():
         return str(folder)
     from transformers import LlamaConfig, LlamaForCausalLM
-    tok = fst.load_tokenizer(fst.resolve_model_path("smollm2-135m"))
+    tok = infra.load_tokenizer(infra.resolve_model_path("smollm2-135m"))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

@@ -18,8 +18,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    import fst
-    return fst.load_tokenizer(fst.resolve_model_path("smollm2-135m"))
+    import infra
+    return infra.load_tokenizer(infra.resolve_model_path("smollm2-135m"))
 
 
 @pytest.fixture(scope="session")

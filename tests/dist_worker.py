@@ -23,6 +23,7 @@ sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
 import torch  # noqa: E402
 
+import infra  # noqa: E402
 import fst  # noqa: E402
 import rollout  # noqa: E402
 
@@ -42,9 +43,9 @@ def fixed_batch(vocab: int):
     return prompts, completions, group, advantage
 
 
-def lora_gradients(model_dir: str, loss: str, dist: fst.Dist) -> dict:
-    fst.seed_everything(0)
-    model, tok = fst.load_model(fst.ModelConfig(name=model_dir, dtype="float32", lora_r=4, lora_alpha=8),
+def lora_gradients(model_dir: str, loss: str, dist: infra.Dist) -> dict:
+    infra.seed_everything(0)
+    model, tok = infra.load_model(infra.ModelConfig(name=model_dir, dtype="float32", lora_r=4, lora_alpha=8),
                                 torch.device("cpu"))
     with torch.no_grad():  # non-zero B, so A gets a gradient too
         gen = torch.Generator().manual_seed(1)
@@ -59,7 +60,8 @@ def lora_gradients(model_dir: str, loss: str, dist: fst.Dist) -> dict:
     logp = rollout.sequence_logprobs(model, batch)
     weights = fst.token_weights(loss, batch.completion_mask, group[rows] - group[rows].min(), 6,
                                 batch_total=dist.total)
-    fst.policy_loss(loss, logp, logp.detach(), advantage[rows], weights).backward()
+    fst.policy_loss(fst.TrainConfig(loss=loss, kl_coef=0.0), logp, logp.detach(), advantage[rows],
+                    batch.completion_mask, weights).backward()
     params = [p for p in model.parameters() if p.requires_grad]
     dist.sum_gradients(params)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -69,13 +71,13 @@ def train(out_dir: str, diverge: bool, fst_args: list[str]) -> None:
     import conftest
     import rewards
     rewards.get_task = conftest.parity_get_task
-    check_same = fst.Dist.check_same
+    check_same = infra.Dist.check_same
 
     def recorded(self, what, fingerprint):
         with open(Path(out_dir) / f"fingerprints_rank{self.rank}.jsonl", "a") as f:
             f.write(json.dumps({"what": what, "fingerprint": fingerprint}) + "\n")
         return check_same(self, what, fingerprint)
-    fst.Dist.check_same = recorded
+    infra.Dist.check_same = recorded
     if diverge:
         update = fst.update
 
@@ -94,7 +96,7 @@ def main():
     if command == "train":
         rest = sys.argv[4:]
         return train(out_dir, rest[0] == "diverge", rest[rest.index("--") + 1:])
-    dist = fst.init_distributed()
+    dist = infra.init_distributed()
     if command == "grads":
         grads = {loss: lora_gradients(model_dir, loss, dist) for loss in LOSSES}
         if dist.is_main:

@@ -9,6 +9,7 @@ import typing
 import pytest
 import torch
 
+import infra
 import fst
 from conftest import GSM8K_TEST, ROOT
 
@@ -93,7 +94,7 @@ def test_values_on_the_allowed_side_of_each_bound_load(override):
 
 def test_load_config_checks_ranges_for_every_entry_point():
     # eval.py and the tests build configs with load_config alone: the ranges apply there too.
-    with pytest.raises(fst.ConfigError, match=r"'sampling.top_p' must be in \(0, 1\], got 0"):
+    with pytest.raises(infra.ConfigError, match=r"'sampling.top_p' must be in \(0, 1\], got 0"):
         fst.load_config(None, ["sampling.top_p=0"])
 
 
@@ -120,16 +121,16 @@ def test_every_numeric_key_has_a_range_and_every_range_a_key():
         assert not missing, f"{cls.__name__}: no range for {missing}"
         assert set(ranges) <= set(hints), f"{cls.__name__}.ranges names no field: {set(ranges) - set(hints)}"
         for spec in ranges.values():
-            fst.in_range(0.5, spec)  # every spec parses
+            infra.in_range(0.5, spec)  # every spec parses
 
 
 def test_in_range_bounds():
-    assert fst.in_range(0, ">= 0") and not fst.in_range(-1e-9, ">= 0")
-    assert not fst.in_range(0, "> 0") and fst.in_range(1e-9, "> 0")
-    assert fst.in_range(1, "(0, 1]") and not fst.in_range(0, "(0, 1]")
-    assert fst.in_range(0, "[0, 1)") and not fst.in_range(1, "[0, 1)")
-    assert not fst.in_range(float("nan"), ">= 0") and not fst.in_range(float("inf"), "> 0")
-    assert fst.in_range(float("-inf"), "any")
+    assert infra.in_range(0, ">= 0") and not infra.in_range(-1e-9, ">= 0")
+    assert not infra.in_range(0, "> 0") and infra.in_range(1e-9, "> 0")
+    assert infra.in_range(1, "(0, 1]") and not infra.in_range(0, "(0, 1]")
+    assert infra.in_range(0, "[0, 1)") and not infra.in_range(1, "[0, 1)")
+    assert not infra.in_range(float("nan"), ">= 0") and not infra.in_range(float("inf"), "> 0")
+    assert infra.in_range(float("-inf"), "any")
 
 
 # --- missing files, unknown tasks, folders that are not runs ----------------------------------------

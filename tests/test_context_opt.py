@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import pytest
 
 import context_opt as co
+import infra
 from context_opt import Prompt, PromptPool, fast_round
 
 SEED = "Solve the problem step by step."
@@ -44,6 +45,16 @@ def scorer(reward_fn, log: list | None = None):
 
 def fenced(text: str) -> str:
     return f"Let me think about what failed.\n```text\n{text}\n```\n"
+
+
+def settings(n_anchors: int, budget: int, **fields) -> co.FastConfig:
+    """The round's FastConfig with a budget of exactly `budget` metric calls on n_anchors anchors
+    (fast_round spends int(cfg.budget * n_anchors))."""
+    per_anchor = budget / n_anchors
+    if int(per_anchor * n_anchors) < budget:                    # the float product fell just short
+        per_anchor = math.nextafter(per_anchor, math.inf)
+    assert int(per_anchor * n_anchors) == budget
+    return co.FastConfig(budget=per_anchor, **fields)
 
 
 def each(reply):
@@ -170,8 +181,8 @@ def test_round_with_a_better_proposal_improves_the_pool_and_links_parent():
         return fenced(SEED + "\nMAGIC: add what is bought to what is owned.")
 
     pool = PromptPool(SEED)
-    stats = fast_round(pool, anchors, evaluate=scorer(reward), reflect=each(reflect), step=6, budget=50,
-                       rng=random.Random(0), wave=1)
+    stats = fast_round(pool, anchors, settings(10, 50, wave=1), evaluate=scorer(reward), reflect=each(reflect),
+                       step=6, rng=random.Random(0))
     assert stats["accepted"] == 1 and stats["accepted_by_operator"] == {"reflect": 1}
     assert stats["best_score_before"] == 0.7 and stats["best_score_after"] == 1.0
     child = pool.best()
@@ -188,8 +199,9 @@ def test_round_with_a_better_proposal_improves_the_pool_and_links_parent():
 def test_acceptance_is_strict_a_tie_is_rejected(rescore_parent, proposals):
     half = lambda text, problem: 0.5 if "half" in text else 0.0  # noqa: E731
     pool = PromptPool("Think half as hard.")
-    stats = fast_round(pool, problems(6), evaluate=scorer(half), reflect=each(lambda _: fenced("Try half the work.")),
-                       step=6, budget=30, rng=random.Random(0), wave=1, rescore_parent=rescore_parent)
+    stats = fast_round(pool, problems(6), settings(6, 30, wave=1, rescore_parent=rescore_parent),
+                       evaluate=scorer(half), reflect=each(lambda _: fenced("Try half the work.")), step=6,
+                       rng=random.Random(0))
     assert stats["accepted"] == 0 and stats["rejected"]["not_better"] == stats["proposals"] == proposals
     assert [p.text for p in pool] == ["Think half as hard."]
     # scoring the pool, then 30 calls of budget: 3 per child, and 3 more for its parent when re-scored
@@ -203,8 +215,8 @@ def test_garbage_reflector_leaves_pool_unchanged_and_counts_reasons(wave):
     replies = iter(garbage * 10)
     pool = PromptPool(SEED)
     before = co.PromptPool.from_json(pool.to_json())
-    stats = fast_round(pool, problems(4), evaluate=scorer(magic), reflect=each(lambda _: next(replies)),
-                       step=6, budget=100, rng=random.Random(0), max_prompt_chars=2000, patience=12, wave=wave)
+    stats = fast_round(pool, problems(4), settings(4, 100, max_prompt_chars=2000, patience=12, wave=wave),
+                       evaluate=scorer(magic), reflect=each(lambda _: next(replies)), step=6, rng=random.Random(0))
     assert [p.text for p in pool] == [p.text for p in before] and stats["accepted"] == 0
     assert stats["proposals"] == 12 and stats["metric_calls"] == 4        # patience ends the round
     assert stats["waves"] == 12 // wave
@@ -215,8 +227,8 @@ def test_garbage_reflector_leaves_pool_unchanged_and_counts_reasons(wave):
 
 def test_round_with_a_perfect_pool_stops_without_spending():
     pool = PromptPool("MAGIC prompt")
-    stats = fast_round(pool, problems(5), evaluate=scorer(magic), reflect=pytest.fail, step=6,
-                       budget=1000, rng=random.Random(0))
+    stats = fast_round(pool, problems(5), settings(5, 1000), evaluate=scorer(magic), reflect=pytest.fail, step=6,
+                       rng=random.Random(0))
     assert stats["skipped"]["perfect_parent"] == 10 and stats["proposals"] == 0
     assert stats["metric_calls"] == 5
 
@@ -230,9 +242,9 @@ def test_budget_is_respected(budget, wave, rescore_parent):
         return float(zlib.crc32(f"{text}|{problem['id']}".encode()) % 3 == 0)
 
     pool = PromptPool(SEED)
-    stats = fast_round(pool, anchors, evaluate=scorer(noisy, log), step=6, budget=budget,
-                       reflect=each(lambda _: fenced(f"{SEED} variant {next(counter)}")), rng=random.Random(1),
-                       wave=wave, rescore_parent=rescore_parent)
+    stats = fast_round(pool, anchors, settings(12, budget, wave=wave, rescore_parent=rescore_parent),
+                       evaluate=scorer(noisy, log), step=6,
+                       reflect=each(lambda _: fenced(f"{SEED} variant {next(counter)}")), rng=random.Random(1))
     assert stats["metric_calls"] == len(log)
     scoring, most = len(anchors), 3 * (2 if rescore_parent else 1)       # one live prompt, scored first
     assert stats["metric_calls"] <= scoring + budget + wave * (len(anchors) - 3)   # documented overshoot
@@ -255,18 +267,20 @@ def test_max_proposals_ends_the_round_at_exactly_that_many(wave, cap):
         n = next(counter)
         return fenced(f"{SEED} variant {n}") if n % 3 else "no fence"
 
-    stats = fast_round(PromptPool(SEED), problems(12), evaluate=scorer(noisy), reflect=each(reply), step=6,
-                       budget=10 ** 4, rng=random.Random(0), wave=wave, patience=100, max_proposals=cap)
+    stats = fast_round(PromptPool(SEED), problems(12),
+                       settings(12, 10 ** 4, wave=wave, patience=100, max_proposals=cap),
+                       evaluate=scorer(noisy), reflect=each(reply), step=6, rng=random.Random(0))
     assert stats["proposals"] == cap
     assert stats["rejected"]["no_fence"] == len(range(0, cap, 3))
     assert stats["waves"] == math.ceil(cap / wave)
-    uncapped = fast_round(PromptPool(SEED), problems(12), evaluate=scorer(lambda t, p: 0.0),
+    uncapped = fast_round(PromptPool(SEED), problems(12), settings(12, 60, wave=wave, max_proposals=0),
+                          evaluate=scorer(lambda t, p: 0.0),
                           reflect=each(lambda _: fenced(f"{SEED} variant {next(counter)}")), step=6,
-                          budget=60, rng=random.Random(0), wave=wave, max_proposals=0)
+                          rng=random.Random(0))
     assert uncapped["proposals"] > 7                          # 0 = no cap: the budget ends that round
     with pytest.raises(ValueError, match="max_proposals"):
-        fast_round(PromptPool(SEED), problems(4), evaluate=scorer(magic), reflect=pytest.fail, step=6,
-                   budget=10, rng=random.Random(0), max_proposals=-1)
+        fast_round(PromptPool(SEED), problems(4), settings(4, 10, max_proposals=-1), evaluate=scorer(magic),
+                   reflect=pytest.fail, step=6, rng=random.Random(0))
 
 
 def test_demo_operator_uses_only_rewarded_non_anchor_solutions():
@@ -280,8 +294,8 @@ def test_demo_operator_uses_only_rewarded_non_anchor_solutions():
         return 1.0 if "Answer: 15" in text and problem["id"] != "p05" else 0.0
 
     pool = PromptPool(SEED)
-    stats = fast_round(pool, anchors, evaluate=scorer(reward, log), reflect=pytest.fail, step=12, budget=60,
-                       rng=random.Random(0), operators=("demo",), demo_buffer=buffer, wave=1)
+    stats = fast_round(pool, anchors, settings(6, 60, operators=["demo"], wave=1), evaluate=scorer(reward, log),
+                       reflect=pytest.fail, step=12, rng=random.Random(0), demo_buffer=buffer)
     child = pool.best()
     assert stats["accepted_by_operator"] == {"demo": 1} and child.operator == "demo" and child.parent_id == 0
     assert child.text == f"{SEED}\n\nExample:\nProblem: {past[1]['question']}\nSolution: 6 + 9 = 15. Answer: 15"
@@ -292,13 +306,52 @@ def test_demo_operator_uses_only_rewarded_non_anchor_solutions():
 def test_operators_cycle_and_are_counted():
     pool = PromptPool(SEED)
     buffer = [(problems(9)[8], "a worked solution", 1.0)]
-    stats = fast_round(pool, problems(6), evaluate=scorer(magic), reflect=each(lambda _: fenced("Plain prompt.")),
-                       step=6, budget=40, rng=random.Random(0), operators=("reflect", "demo"),
+    stats = fast_round(pool, problems(6), settings(6, 40, operators=["reflect", "demo"]), evaluate=scorer(magic),
+                       reflect=each(lambda _: fenced("Plain prompt.")), step=6, rng=random.Random(0),
                        demo_buffer=buffer)
     assert stats["proposals_by_operator"]["reflect"] >= 1 and stats["proposals_by_operator"]["demo"] >= 1
     with pytest.raises(ValueError, match="unknown operators"):
-        fast_round(pool, problems(6), evaluate=scorer(magic), reflect=str, step=6, budget=40,
-                   rng=random.Random(0), operators=("crossover",))
+        fast_round(pool, problems(6), settings(6, 40, operators=["crossover"]), evaluate=scorer(magic),
+                   reflect=str, step=6, rng=random.Random(0))
+
+
+@pytest.fixture()
+def registry(monkeypatch):
+    """co.operator registers into a copy of the registry, dropped after the test."""
+    monkeypatch.setattr(co, "OPERATORS", dict(co.OPERATORS))
+    return co.operator
+
+
+def test_a_registered_operator_is_all_a_new_operator_takes(registry):
+    @registry("magic", skip="already_magic")
+    def add_magic(r, parent, batch):                # a ready-made child: guards, scoring, no reflector
+        if "MAGIC" in parent.text:
+            return None
+        return co.Proposal(parent=parent, batch=batch, text=parent.text + " MAGIC")
+
+    pool = PromptPool(SEED)
+    stats = fast_round(pool, problems(6), settings(6, 40, operators=["magic"], wave=1), evaluate=scorer(magic),
+                       reflect=pytest.fail, step=6, rng=random.Random(0))
+    assert stats["accepted_by_operator"] == {"magic": 1} and pool.best().operator == "magic"
+    assert stats["skipped"] == {"perfect_parent": stats["skipped"]["perfect_parent"], "already_magic": 0}
+    co.FastConfig(operators=["reflect", "magic"]).check("fast.")
+
+
+def test_an_operator_proposal_without_text_or_reflection_prompt_cannot_reach_scoring(registry):
+    registry("empty_handed")(lambda r, parent, batch: co.Proposal(parent=parent, batch=batch))
+    scored = []
+    with pytest.raises(ValueError, match="'empty_handed' returned a proposal with neither text nor"):
+        fast_round(PromptPool(SEED), problems(4), settings(4, 40, operators=["empty_handed"]),
+                   evaluate=scorer(magic, scored), reflect=pytest.fail, step=6, rng=random.Random(0))
+    assert len(scored) == 4                         # the live pool's scoring only: no child was scored
+
+
+def test_config_check_names_an_unknown_operator():
+    co.FastConfig(operators=["reflect", "demo"]).check("fast.")
+    with pytest.raises(infra.ConfigError) as error:
+        co.FastConfig(operators=["reflect", "crossover"]).check("fast.")
+    assert str(error.value) == ("config key 'fast.operators[1]' must be one of "
+                                f"{list(co.OPERATORS)}, got 'crossover'")   # ['reflect', 'demo', ...]
 
 
 def sequential_scenario(**wave_settings) -> tuple[list[dict], dict]:
@@ -319,9 +372,9 @@ def sequential_scenario(**wave_settings) -> tuple[list[dict], dict]:
 
     pool, rounds = PromptPool(SEED), []
     for step, budget in ((5, 60), (11, 45)):
-        stats = fast_round(pool, anchors, evaluate=scorer(reward), reflect=each(reply), step=step, budget=budget,
-                           rng=random.Random(step), operators=("reflect", "demo"), demo_buffer=buffer,
-                           **wave_settings)
+        stats = fast_round(pool, anchors, settings(10, budget, operators=["reflect", "demo"], **wave_settings),
+                           evaluate=scorer(reward), reflect=each(reply), step=step, rng=random.Random(step),
+                           demo_buffer=buffer)
         rounds.append(stats)
     return rounds, pool.to_json()
 
@@ -361,9 +414,10 @@ def test_a_child_no_better_than_its_parent_passes_only_by_fair_chance(wave):
         evaluate = lambda texts, probs: [("out", float(coin.random() < 0.3), "fb") for _ in texts]  # noqa: E731
         accepted = judged = 0
         for r in range(80):
-            stats = fast_round(PromptPool(SEED), problems(12), evaluate=evaluate, step=r, budget=60,
+            stats = fast_round(PromptPool(SEED), problems(12),
+                               settings(12, 60, wave=wave, rescore_parent=rescore_parent), evaluate=evaluate, step=r,
                                reflect=each(lambda _: fenced(f"{SEED} variant {next(counter)}")),
-                               rng=random.Random(r), wave=wave, rescore_parent=rescore_parent)
+                               rng=random.Random(r))
             accepted += stats["accepted"]
             judged += stats["accepted"] + stats["rejected"]["not_better"]
         assert judged >= 500
@@ -385,8 +439,8 @@ def test_a_wave_reflects_and_scores_in_one_call_each():
         return [co.Reflection(fenced(f"{SEED} MAGIC {n}"), tokens=7) for n in range(len(prompts))]
 
     pool = PromptPool(SEED)
-    stats = fast_round(pool, anchors, evaluate=evaluate, reflect=reflect, step=6, budget=60, rng=random.Random(0),
-                       wave=4)
+    stats = fast_round(pool, anchors, settings(6, 60, wave=4), evaluate=evaluate, reflect=reflect, step=6,
+                       rng=random.Random(0))
     assert reflect_calls == [4] and stats["reflector_tokens"] == 28 and stats["waves"] == 1
     anchor_scoring, minibatches, rest = evaluate_calls          # then every parent is perfect: skips
     assert len(anchor_scoring) == 6 and len(rest) == 4 * 3
@@ -411,9 +465,9 @@ def test_demo_children_join_the_wave_and_rejections_are_split_by_operator():
         reflect_calls.append(len(prompts))
         return ["no fence"] + [fenced(f"{SEED} Try {n}.") for n in range(1, len(prompts))]
 
-    stats = fast_round(PromptPool(SEED), problems(6), evaluate=evaluate, reflect=reflect, step=6, budget=60,
-                       rng=random.Random(0), wave=4, operators=("reflect", "demo"), demo_buffer=buffer,
-                       max_prompt_chars=300)
+    stats = fast_round(PromptPool(SEED), problems(6),
+                       settings(6, 60, wave=4, operators=["reflect", "demo"], max_prompt_chars=300),
+                       evaluate=evaluate, reflect=reflect, step=6, rng=random.Random(0), demo_buffer=buffer)
     assert reflect_calls[0] == 2                                  # a wave of 4: two reflections, two demos
     assert any(any("Example:" in t for t in texts) and any("Try" in t for t in texts) for texts in evaluate_calls)
     assert stats["rejected_by_operator"]["demo"]["too_long"] > 0
@@ -439,8 +493,10 @@ def fake_stack(monkeypatch):
         return types.SimpleNamespace(prompt_index=index, texts=texts, completion_ids=[[1, 2]] * len(index),
                                      finish_reasons=finish)
 
+    import rollout                                  # the real adapter switch, rollout.weights, is kept
     monkeypatch.setitem(sys.modules, "rollout", types.SimpleNamespace(
-        encode_chat=lambda tok, messages: [" | ".join(m["content"] for m in messages)], sample=sample))
+        encode_chat=lambda tok, messages: [" | ".join(m["content"] for m in messages)], sample=sample,
+        weights=rollout.weights))
     monkeypatch.setitem(sys.modules, "rewards", types.SimpleNamespace(
         score_completion=lambda task, problem, text: (float(text.endswith("#0")), f"graded {problem['id']}")))
     return calls

@@ -8,7 +8,7 @@ import pytest
 
 import torch
 
-import fst
+import infra
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -26,9 +26,9 @@ def torchrun(nproc: int, *args, timeout=600, check=True):
 
 def test_dist_shard_and_map_keep_order():
     items = list(range(7))
-    shards = [fst.Dist(rank, 3).shard(items) for rank in range(3)]
+    shards = [infra.Dist(rank, 3).shard(items) for rank in range(3)]
     assert shards == [[0, 1, 2], [3, 4], [5, 6]]
-    assert fst.Dist().map(lambda xs: [x * x for x in xs], items) == [x * x for x in items]
+    assert infra.Dist().map(lambda xs: [x * x for x in xs], items) == [x * x for x in items]
 
 
 def test_summed_gradients_over_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
@@ -37,7 +37,7 @@ def test_summed_gradients_over_two_ranks_equal_one_process(tmp_path, tiny_model_
     torchrun(2, ROOT / "tests" / "dist_worker.py", "grads", tiny_model_dir, tmp_path)
     two = torch.load(tmp_path / "grads_world2.pt")
     for loss in dist_worker.LOSSES:
-        one = dist_worker.lora_gradients(tiny_model_dir, loss, fst.Dist())
+        one = dist_worker.lora_gradients(tiny_model_dir, loss, infra.Dist())
         assert one.keys() == two[loss].keys()
         for name in one:
             assert torch.allclose(one[name], two[loss][name], rtol=1e-4, atol=1e-7), (loss, name)

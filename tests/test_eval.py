@@ -7,6 +7,7 @@ import torch
 import yaml
 
 import eval as ev
+import infra
 import fst
 import rewards
 import rollout
@@ -249,14 +250,14 @@ def test_cli_report_on_a_tiny_run(tmp_path, tiny_model_dir, monkeypatch, capsys)
                                  "eval.n=2", "eval.k=2", "mode=fst"])
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "step_000003"
-    model, _ = fst.load_model(cfg.model, torch.device("cpu"))
+    model, _ = infra.load_model(cfg.model, torch.device("cpu"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
     model.save_pretrained(ckpt)
     run.mkdir(exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(fst.config_to_dict(cfg)))
+    (run / "config.yaml").write_text(yaml.safe_dump(infra.config_to_dict(cfg)))
     torch.save({"step": 3, "prompts": ["Evolved: answer fast."]}, ckpt / "trainer_state.pt")
     (ckpt / "best_prompt.txt").write_text("Evolved: answer fast.")
     (run / "checkpoints" / "latest").write_text(ckpt.name)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import eval as ev
+import infra
 import fst
 import rewards
 import rollout
@@ -22,8 +23,8 @@ NEW_TOKENS = 12
 def fst_greedy(run, question):
     """fst's own greedy generation: the checkpoint's adapter on, the best prompt as system message."""
     cfg = fst.load_config(str(run / "config.yaml"))
-    ckpt = fst.latest_checkpoint(run)
-    model, tok = fst.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
+    ckpt = infra.latest_checkpoint(run)
+    model, tok = infra.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
     best = (ckpt / "best_prompt.txt").read_text()
     prompt = rollout.encode_chat(tok, [{"role": "system", "content": best}, {"role": "user", "content": question}])
     ro = rollout.sample(model, tok, [prompt], [1], max_new_tokens=NEW_TOKENS, temperature=0)
@@ -83,7 +84,7 @@ def test_export_adapter_and_merged_generate_like_fst(tmp_path, tiny_model_dir, p
     assert "LoRA adapter" in capsys.readouterr().out
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
-    best = (fst.latest_checkpoint(run) / "best_prompt.txt").read_text()
+    best = (infra.latest_checkpoint(run) / "best_prompt.txt").read_text()
     assert (adapter_dir / "system_prompt.txt").read_text() == best
     card = (adapter_dir / "README.md").read_text()
     assert "| mode | fst |" in card and "| steps | 2 " in card and "| arithmetic | best |" in card
@@ -108,7 +109,7 @@ def test_export_adapter_and_merged_generate_like_fst(tmp_path, tiny_model_dir, p
     with pytest.raises(SystemExit, match="not empty"):
         ev.export(run, merged_dir)
     no_system = tmp_path / "no_system"  # a base whose template refuses system messages (Gemma does)
-    tok = fst.load_tokenizer(tiny_model_dir)
+    tok = infra.load_tokenizer(tiny_model_dir)
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role "
                          "not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
     tok.save_pretrained(no_system)

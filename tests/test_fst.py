@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import infra
 import fst
 from conftest import ROOT
 
@@ -20,7 +21,7 @@ def test_config_defaults_and_overrides():
     assert cfg.train.steps == 7 and cfg.mode == "fst"
     assert isinstance(cfg.sampling.temperature, float)  # ints widen to floats
     assert cfg.train.lr == 2e-4  # YAML 1.1 reads '2e-4' as a string; a float key takes it as the number
-    assert fst.find_config("gsm8k.yaml") == ROOT / "configs" / "gsm8k.yaml"
+    assert infra.find_config("gsm8k.yaml") == ROOT / "configs" / "gsm8k.yaml"
 
 
 @pytest.mark.parametrize("override, named", [
@@ -32,7 +33,7 @@ def test_config_defaults_and_overrides():
     ("bogus.x=1", "bogus"),                        # unknown section
 ])
 def test_config_errors_name_the_key(override, named):
-    with pytest.raises(fst.ConfigError, match=f"'{named}'"):
+    with pytest.raises(infra.ConfigError, match=f"'{named}'"):
         fst.load_config("tiny.yaml", [override])
 
 
@@ -45,7 +46,7 @@ def test_gpu_recipe_refuses_cpu_and_points_to_tiny(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = fst.load_config("gsm8k.yaml")
     with pytest.raises(SystemExit, match="configs/tiny.yaml"):
-        fst.pick_device(cfg, "configs/gsm8k.yaml")
+        infra.pick_device(cfg, "configs/gsm8k.yaml")
 
 
 # --- advantages and losses ----------------------------------------------------------------------
@@ -80,6 +81,11 @@ def _weights_by_hand(kind):
     return [[1 / 5, 1 / 5], [1 / 5, 0], [1 / 5, 1 / 5]]  # dapo: 5 tokens
 
 
+def settings(kind, **kw):
+    """The TrainConfig a loss reads its settings from; no KL term unless asked."""
+    return fst.TrainConfig(loss=kind, **({"kl_coef": 0.0} | kw))
+
+
 def _token_loss_and_grad(kind, lp, old, a):
     """One token by hand: (loss, d loss / d logp)."""
     rho = math.exp(lp - old)
@@ -99,7 +105,7 @@ def test_loss_value_and_gradient_match_hand_computation(kind):
     weights = fst.token_weights(kind, MASK, GROUP, max_new_tokens=4)
     assert weights.tolist() == [pytest.approx(r) for r in _weights_by_hand(kind)]
     logp = torch.tensor(LOGP, requires_grad=True)
-    loss = fst.policy_loss(kind, logp, torch.tensor(OLD), ADV, weights)
+    loss = fst.policy_loss(settings(kind), logp, torch.tensor(OLD), ADV, MASK, weights)
     loss.backward()
     want_loss, want_grad = 0.0, [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
     hand_w = _weights_by_hand(kind)
@@ -116,7 +122,8 @@ def test_kl_penalty_gradient_matches_hand_computation():
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     base = torch.tensor([[-1.5, -1.0]])
     w = torch.tensor([[0.5, 0.5]])
-    loss = fst.policy_loss("cispo", logp, logp.detach(), torch.tensor([0.0]), w, base_logp=base, kl_coef=0.1)
+    loss = fst.policy_loss(settings("cispo", kl_coef=0.1), logp, logp.detach(), torch.tensor([0.0]), w > 0, w,
+                           base_logp=base)
     loss.backward()
     # k3 = exp(b - l) - (b - l) - 1;  d/dl = -exp(b - l) + 1
     for t, (l, b) in enumerate([(-1.0, -1.5), (-2.0, -1.0)]):
@@ -130,7 +137,7 @@ def test_on_policy_ratio_is_one_and_gradient_is_advantage_weighted(kind):
     logp = torch.tensor(LOGP, requires_grad=True)
     w = fst.token_weights(kind, MASK, GROUP, 4)
     assert torch.all(torch.exp(logp - logp.detach()) == 1)
-    fst.policy_loss(kind, logp, logp.detach(), ADV, w).backward()
+    fst.policy_loss(settings(kind), logp, logp.detach(), ADV, MASK, w).backward()
     assert torch.allclose(logp.grad, -w * ADV[:, None])
 
 
@@ -143,7 +150,7 @@ def test_zero_variance_group_contributes_nothing():
     rows = keep[group].nonzero().view(-1)
     mask = torch.ones(4, 1)
     w = fst.token_weights("cispo", mask[rows], group[rows], 1)
-    fst.policy_loss("cispo", logp[rows], logp[rows].detach(), adv.view(-1)[rows], w).backward()
+    fst.policy_loss(settings("cispo"), logp[rows], logp[rows].detach(), adv.view(-1)[rows], mask[rows], w).backward()
     assert logp.grad[2:].abs().sum() == 0 and logp.grad[:2].abs().sum() > 0
 
 
@@ -155,8 +162,9 @@ def test_micro_batches_add_up_to_the_full_batch_loss(kind):
     group = torch.tensor([0, 0, 0, 1, 1, 1])
     logp, old, adv = -torch.rand(6, 5), -torch.rand(6, 5), torch.randn(6)
     w = fst.token_weights(kind, mask, group, 5)
-    full = fst.policy_loss(kind, logp, old, adv, w)
-    parts = sum(fst.policy_loss(kind, logp[s:s + 4], old[s:s + 4], adv[s:s + 4], w[s:s + 4]) for s in (0, 4))
+    full = fst.policy_loss(settings(kind), logp, old, adv, mask, w)
+    parts = sum(fst.policy_loss(settings(kind), logp[s:s + 4], old[s:s + 4], adv[s:s + 4], mask[s:s + 4], w[s:s + 4])
+                for s in (0, 4))
     assert parts.item() == pytest.approx(full.item(), rel=1e-6)
 
 
@@ -172,7 +180,7 @@ def test_assign_contexts_spreads_the_group_over_the_pool(k, g):
 
 
 def test_config_table_is_made_from_the_dataclasses_and_the_readme_shows_it():
-    table = fst.config_table()
+    table = infra.config_table(fst.Config)
     rows = {line.split(" | ")[0].strip("| `"): line for line in table.splitlines()[2:]}
     assert len(rows) == len(table.splitlines()) - 2  # one row per key
     assert "Continual learning" in rows["schedule"] and "Plasticity probe" in rows["init_from"]  # comments above
@@ -187,7 +195,7 @@ def test_config_table_is_made_from_the_dataclasses_and_the_readme_shows_it():
 
 def test_seeds_of_every_purpose():
     """Exact resume depends on these numbers: a change must be deliberate (it changes every run)."""
-    assert [fst.seed_for(p, 3, step=5, index=2) for p in ("init", "stream", "step", "contexts", "fast",
+    assert [infra.seed_for(p, 3, step=5, index=2) for p in ("init", "stream", "step", "contexts", "fast",
                                                           "fast_choices", "validation")] == \
         [3, 5, 3_000_014, 3_005_011, 3_000_021, 3_000_014, 12348]
 
@@ -201,8 +209,8 @@ def test_qlora_4bit_trains_after_sampling_on_cpu(tiny_model_dir, dtype):
     whose matmul has no autograd; every LoRA B must still get a gradient afterwards."""
     pytest.importorskip("bitsandbytes")
     import rollout
-    cfg = fst.ModelConfig(name=tiny_model_dir, dtype=dtype, quant="4bit", lora_r=4, lora_alpha=8)
-    model, tok = fst.load_model(cfg, torch.device("cpu"))
+    cfg = infra.ModelConfig(name=tiny_model_dir, dtype=dtype, quant="4bit", lora_r=4, lora_alpha=8)
+    model, tok = infra.load_model(cfg, torch.device("cpu"))
     linear = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert type(linear).__name__ == "Linear4bit"
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -219,7 +227,7 @@ def test_qlora_4bit_trains_after_sampling_on_cpu(tiny_model_dir, dtype):
     b_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
     dead = [n for n, g in b_grads.items() if g is None or not g.abs().sum() > 0]
     assert len(b_grads) == 2 * 7 and dead == []  # 2 layers x (q, k, v, o, gate, up, down)
-    assert fst.lora_gradient_problems(model) == []
+    assert infra.lora_gradient_problems(model) == []
 
 
 # --- end to end: a few steps on a tiny random model, then resume == uninterrupted ---------------
@@ -283,7 +291,7 @@ def test_one_step_through_the_phase_functions_is_the_loops_step(tmp_path, tiny_m
     cfg = fst.load_config(str(tmp_path / "loop" / "config.yaml"))
     run = fst.start_run(cfg, tmp_path / "by-hand")
     task, stream = run.stage(0)
-    fst.seed_everything(fst.seed_for("step", cfg.train.seed, 0))
+    infra.seed_everything(infra.seed_for("step", cfg.train.seed, 0))
     lr = run.optimizer.param_groups[0]["lr"]
     exp = fst.make_experience(cfg, run, task, stream.next_batch(), 0)
     base_logp = fst.base_logprobs(run.model, exp.batch, cfg.train.micro_batch, cfg.train.logprob_chunk)
@@ -313,13 +321,13 @@ def test_continual_schedule_validation_and_init_from(tmp_path, tiny_model_dir, p
     assert evals == {(s, t) for s in (0, 2, 3) for t in ("arithmetic", "countdown")}
 
     cfg = fst.load_config(str(tmp_path / "cont" / "config.yaml"))
-    trained, tok = fst.load_model(cfg.model, torch.device("cpu"), adapter_path=str(fst.resolve_checkpoint(str(tmp_path / "cont"))))
+    trained, tok = infra.load_model(cfg.model, torch.device("cpu"), adapter_path=str(infra.find_checkpoint(str(tmp_path / "cont"))))
     probe = _run(tmp_path, "probe", tiny_model_dir, 1, ["--set", f"init_from={tmp_path / 'cont'}",
                                                          "--set", "task.name=countdown", "--set", "task.options={}",
                                                          "--set", "mode=gepa"])
     assert probe[0]["kl_to_base"] > 0  # it starts away from the base: the trained adapter is in
-    started, _ = fst.load_model(cfg.model, torch.device("cpu"),
-                                adapter_path=str(fst.resolve_checkpoint(str(tmp_path / "probe"))))
+    started, _ = infra.load_model(cfg.model, torch.device("cpu"),
+                                adapter_path=str(infra.find_checkpoint(str(tmp_path / "probe"))))
     ids = torch.tensor([rollout.encode_chat(tok, [{"role": "user", "content": "hello"}])])
     with torch.no_grad():  # gepa never updates the weights: the probe's adapter is the source checkpoint's
         assert torch.allclose(trained(ids).logits, started(ids).logits, atol=1e-5)
@@ -347,7 +355,7 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_continues(tmp_path, tin
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()[-2000:]
     done = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
-    ckpt = fst.latest_checkpoint(run_dir)
+    ckpt = infra.latest_checkpoint(run_dir)
     assert ckpt is not None and ckpt.name == f"step_{done[-1]:06d}"
     assert b"resume with" in err
     fst.main(["--resume", str(run_dir), "--set", f"train.steps={done[-1] + 2}"])

