@@ -649,8 +649,10 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
 
 # ---------------------------------------------------------------- model-backed adapters
 def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: float = 1.0,
-                  top_p: float = 1.0, generator=None) -> Evaluate:
-    """evaluate() for fast_round: all pairs in ONE rollout.sample call, graded by the task."""
+                  top_p: float = 1.0, stop=(), generator=None) -> Evaluate:
+    """evaluate() for fast_round: all pairs in ONE rollout.sample call, graded by the task. Sample as
+    the RL rollouts are sampled (the same max_new_tokens, temperature, top_p and stop strings), or a
+    prompt's score would measure another policy than the one RL trains."""
     import rewards
     import rollout                                   # lazy: the core above needs no model stack
 
@@ -664,7 +666,7 @@ def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: f
         chats = [rollout.encode_chat(tokenizer, task.messages(problem, text)) for text, problem, _ in entries]
         out = rollout.sample(model, tokenizer, chats, [count for _, _, count in entries],
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             generator=generator)
+                             stop=list(stop), generator=generator)
         completions: list[list[str]] = [[] for _ in entries]
         for index, completion in zip(out.prompt_index, out.texts, strict=True):
             completions[index].append(completion)

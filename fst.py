@@ -464,9 +464,7 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
     t0 = time.perf_counter()
     anchors = [p for b in stream.peek(cfg.fast.every) for p in b]
     gen = run.dist.generator(run.device, infra.seed_for("fast", cfg.train.seed, step))
-    evaluate = context_opt.make_evaluate(run.model, run.tok, task, max_new_tokens=cfg.sampling.max_new_tokens,
-                                         temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                         generator=gen)
+    evaluate = context_opt.make_evaluate(run.model, run.tok, task, **cfg.sampling.generation(), generator=gen)
     reflect = context_opt.make_reflector(
         run.model, run.tok, use_adapter=cfg.fast.reflector == "policy",
         max_new_tokens=cfg.fast.reflector_max_new_tokens, temperature=cfg.fast.reflector_temperature,
@@ -497,9 +495,7 @@ def validate(cfg: Config, run: Run, step: int, log):
         for which, text in prompts.items():
             gen = run.dist.generator(run.device, infra.seed_for("validation", cfg.train.seed))
             acc = evaluation.evaluate(run.model, run.tok, task, problems, text, k=cfg.eval.k,
-                                      max_new_tokens=cfg.sampling.max_new_tokens,
-                                      temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                      generator=gen, dist=run.dist)
+                                      **cfg.sampling.generation(), generator=gen, dist=run.dist)
             log({"kind": "eval", "step": step, "task": name, "prompt": which, **acc, **run.totals})
 
 

@@ -252,6 +252,27 @@ TIMING = {"seconds_sampling", "seconds_base_kl", "seconds_training", "seconds_fa
 
 
 
+def test_every_rollout_samples_with_the_configs_stop_strings(tmp_path, tiny_model_dir, parity_rewards, monkeypatch):
+    """RL rollouts, the fast round's scoring rollouts and validation all sample with sampling.stop (the
+    reflector alone stops at its own closing fence): a prompt is scored, and a checkpoint validated,
+    under the policy RL trains."""
+    import rollout
+    real_sample, stops = rollout.sample, []
+
+    def spy(*args, **kwargs):
+        stops.append(tuple(kwargs.get("stop", ())))
+        return real_sample(*args, **kwargs)
+    monkeypatch.setattr(rollout, "sample", spy)
+    _run(tmp_path, "stop", tiny_model_dir, 2, extra=["--set", "mode=fst", "--set", "fast.every=1",
+                                                     "--set", "fast.budget=2", "--set", "fast.operators=[reflect]",
+                                                     "--set", "fast.reflector_max_new_tokens=8",
+                                                     "--set", "sampling.stop=['zq']",
+                                                     "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2"])
+    assert set(stops) == {("zq",), ("```",)}  # every call is a sampler call with the stop, or the reflector
+    # RL (2 steps), validation (2 x seed and best), and at least the live pool's scoring in each round.
+    assert stops.count(("zq",)) >= 2 + 4 + 2
+
+
 @pytest.mark.parametrize("mode", ["rl", "fst"])
 def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity_rewards, mode):
     extra = ["--set", f"mode={mode}", "--set", "fast.every=2", "--set", "fast.budget=2",
