@@ -658,7 +658,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             row.update(run.totals, seconds_fast=t_fast, seconds_step=time.perf_counter() - t_step)
             log.row(row)
             dist.check_same(f"the adapter or the prompt pool after step {step}",
-                            infra.fingerprint(run.model, run.pool))  # torchrun only: a cheap all-gather
+                            lambda: infra.fingerprint(run.model, run.pool))  # torchrun only: an all-gather
             progress.done, progress.undo = step, None  # the step's update, fast round and log line are in
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{kl:.4f}", s_step=f"{row['seconds_step']:.1f}")
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == run.total_steps):

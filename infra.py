@@ -468,11 +468,13 @@ class Dist:
         different one derived from it on every other rank (else ranks would draw the same tokens)."""
         return seed_for("rank", seed, index=self.rank)
 
-    def check_same(self, what: str, fingerprint: str) -> None:
-        """Stop if ranks disagree: the pool and the adapter must be identical everywhere after a step."""
+    def check_same(self, what: str, fingerprint) -> None:
+        """Stop if ranks disagree: the pool and the adapter must be identical everywhere after a step.
+        `fingerprint()` makes the rank's hash; in one process there is nothing to compare, and it is
+        not computed (hashing every trainable weight is not free on a big adapter)."""
         if self.world == 1:
             return
-        seen = self.gather([fingerprint])
+        seen = self.gather([fingerprint()])
         if len(set(seen)) > 1:
             differ = [r for r, f in enumerate(seen) if f != seen[0]]
             raise TrainingError(f"ranks diverged: {what} on rank(s) {differ} differs from rank 0's")

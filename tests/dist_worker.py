@@ -74,9 +74,10 @@ def train(out_dir: str, diverge: bool, fst_args: list[str]) -> None:
     check_same = infra.Dist.check_same
 
     def recorded(self, what, fingerprint):
+        value = fingerprint()
         with open(Path(out_dir) / f"fingerprints_rank{self.rank}.jsonl", "a") as f:
-            f.write(json.dumps({"what": what, "fingerprint": fingerprint}) + "\n")
-        return check_same(self, what, fingerprint)
+            f.write(json.dumps({"what": what, "fingerprint": value}) + "\n")
+        return check_same(self, what, lambda: value)
     infra.Dist.check_same = recorded
     if diverge:
         update = fst.update

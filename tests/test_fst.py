@@ -273,6 +273,16 @@ def test_every_rollout_samples_with_the_configs_stop_strings(tmp_path, tiny_mode
     assert stops.count(("zq",)) >= 2 + 4 + 2
 
 
+def test_one_process_never_fingerprints_the_adapter(tmp_path, tiny_model_dir, parity_rewards, monkeypatch):
+    """The ranks' drift check hashes every trainable weight after each step; in one process there are no
+    ranks to compare, so it must cost nothing there."""
+    calls = []
+    monkeypatch.setattr(infra, "fingerprint", lambda *a, **k: calls.append(1) or "x")
+    _run(tmp_path, "one-process", tiny_model_dir, 2, extra=["--set", "mode=fst", "--set", "fast.every=1",
+                                                            "--set", "fast.budget=1", "--set", "fast.operators=[demo]"])
+    assert calls == []
+
+
 @pytest.mark.parametrize("mode", ["rl", "fst"])
 def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity_rewards, mode):
     extra = ["--set", f"mode={mode}", "--set", "fast.every=2", "--set", "fast.budget=2",
