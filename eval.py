@@ -593,6 +593,9 @@ def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False
 
 
 # ---------------------------------------------------------------------------------- command line
+TRUST_HELP = "also read checkpoints saved before run folders became data (only folders you made yourself)"
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
@@ -607,7 +610,10 @@ def main(argv=None):
                         help="dtype of the merged weights (default float32: bf16 rounds small LoRA deltas away)")
         ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set model.name=/path/to/base")
+        ap.add_argument("--trust-old-checkpoint", action="store_true", help=TRUST_HELP)
         args = ap.parse_args(argv[1:])
+        if args.trust_old_checkpoint:
+            infra.trust_old_checkpoints()
         try:
             lines = export(args.run, args.out, step=args.step, merge=args.merge, dtype=args.dtype,
                            overrides=args.set)
@@ -634,7 +640,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set device=cpu --set model.quant=none")
+    ap.add_argument("--trust-old-checkpoint", action="store_true", help=TRUST_HELP)
     args = ap.parse_args(argv)
+    if args.trust_old_checkpoint:
+        infra.trust_old_checkpoints()
     dist = infra.init_distributed()  # under torchrun: every measurement split over the ranks
     try:
         out = report(args.run, step=args.step, tasks=args.tasks, forgetting=args.forgetting, n=args.n, k=args.k,

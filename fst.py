@@ -173,12 +173,11 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: floa
     return adv * keep[:, None], keep
 
 
-# A loss is one registered function, the per-token loss, beside how its tokens are weighted over the
-# batch (the normaliser: per group, per sequence, a constant, per token). Its settings are TrainConfig
-# fields, which the function reads. Normalisers take (mask [R, T] float, group [R], max_new_tokens,
-# total) and return weights [R, T] with loss = sum(weights * per_token): precomputed over the whole
-# batch, so micro-batches add up to exactly the full-batch loss. Under torchrun each rank holds whole
-# groups; `total` (Dist.total) sums a count over ranks, so the normalisers are the one-process ones.
+# A loss is one registered function (the per-token loss, reading its settings from TrainConfig) and its
+# normaliser: (mask [R, T] float, group [R], max_new_tokens, total) -> weights [R, T], loss = sum(weights
+# * per_token), precomputed over the whole batch so micro-batches add up to exactly the full-batch loss.
+# Under torchrun each rank holds whole groups; `total` (Dist.total) sums a count over ranks, so the
+# normalisers are the one-process ones.
 
 def per_group_token_mean(mask, group, max_new_tokens, total):
     """Token mean within each group, then mean over groups (CISPO, the paper)."""
@@ -432,8 +431,7 @@ def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: Upd
     return {
         "kind": "train", "step": step, "mode": cfg.mode, "task": task.name,
         "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
-        "accuracy": (reward >= 1.0).float().mean().item(), "kl_to_base": kl, "loss": upd.loss,
-        "entropy": upd.entropy,
+        "accuracy": (reward >= 1.0).float().mean().item(), "kl_to_base": kl, "loss": upd.loss, "entropy": upd.entropy,
         "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
         "truncation_rate": sum(f == "length" for f in finish) / len(finish),
         "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr, "update_skipped": upd.skipped,
@@ -615,9 +613,8 @@ def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str
 def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config",
           dist: Dist = Dist()):
     """The loop: set up (or resume), then per step 1-4 experience, 5 KL to base, 6 update, 7 log,
-    8 fast round; validation and checkpoints on their schedules; Ctrl-C saves the last whole step.
-    Under torchrun (dist.world > 1) every rank runs this same loop on its slice of each batch; the
-    numbers are reduced over ranks where they are computed, and rank 0 alone writes files."""
+    8 fast round; validation and checkpoints on their schedules; Ctrl-C saves the last whole step. Under
+    torchrun every rank runs it on its slice of each batch, sums where numbers are made; rank 0 writes."""
     run = start_run(cfg, run_dir, resume, config_name, dist)
     with infra.RunLog(run_dir, cfg.log, infra.config_to_dict(cfg), run.start, dist.is_main) as log, \
             infra.checkpoint_on_interrupt(run.checkpoint, run_dir) as progress:
@@ -645,7 +642,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             # 6. The update (not in gepa mode): the loss over the kept groups, in micro-batches, guarded.
             with infra.timed(seconds, "seconds_training"):
                 upd = (update(run.model, run.optimizer, run.scheduler, exp, base_logp, cfg.train,
-                              cfg.sampling.max_new_tokens, run.guard, step, dist) if cfg.mode != "gepa" else UpdateStats())
+                              cfg.sampling.max_new_tokens, run.guard, step, dist)
+                       if cfg.mode != "gepa" else UpdateStats())
 
             # 7. Log: the metrics row (written after step 8, whose counters it includes), a few samples.
             row = train_row(cfg, step, task, exp, kl, upd, lr, seconds, dist)
@@ -678,6 +676,7 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set train.steps=20 (repeatable)")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    ap.add_argument("--trust-old-checkpoint", action="store_true", help="also read pre-2026-12 checkpoints (README)")
     ap.add_argument("--help-config", action="store_true",
                     help="print every config key with its default and meaning (the README's table) and exit")
     args = ap.parse_args(argv)

@@ -23,6 +23,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -678,12 +679,42 @@ class UpdateGuard:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: adapter (safetensors, loadable by peft) + trainer state, one folder per step.
+# Checkpoints: one folder per step, all of it data, none of it code: the adapter (safetensors, loadable
+# by peft), the pool (JSON), and the trainer state in two parts: trainer_state.pt holds only tensors and
+# plain containers (optimiser and scheduler state, torch's RNG) and is read with torch.load(weights_only=
+# True), which refuses any other object; trainer_state.json holds the rest (step, data positions,
+# counters, demo buffer, Python's and NumPy's RNG as numbers). A run folder someone hands you can be
+# resumed, evaluated or used as init_from without running a line of its code.
+
+STATE_FORMAT = 2  # 1: the single pickle (trainer_state.pt only) that fst wrote until issue 23
+STATE_TYPES = {"step": int, "rng": dict, "streams": list, "totals": dict, "demo_buffer": list, "world": int}
+TENSOR_TYPES = {"optimizer": dict, "scheduler": dict, "torch_rng": torch.Tensor}
+_trust_old_checkpoints = False
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's trainer state that cannot be loaded safely; the message names the file and why."""
+
+
+class OldCheckpointError(CheckpointError):
+    """A trainer state written before STATE_FORMAT 2: one pickle, which only a trusted folder may open."""
+
+
+def trust_old_checkpoints() -> None:
+    """--trust-old-checkpoint: read format-1 trainer states too (a folder the user made themself). Even
+    then only tensors, NumPy arrays and plain containers are unpickled: a foreign object is refused."""
+    global _trust_old_checkpoints
+    _trust_old_checkpoints = True
+    print("[fst] warning: --trust-old-checkpoint: trainer states saved before run folders became data are "
+          "read too (only tensors, NumPy arrays and plain containers); use it only on folders you made",
+          file=sys.stderr)
+
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, pool, extra: dict):
     """checkpoints/step_N/: the adapter (peft safetensors), the prompt pool and its best prompt as
-    text, and trainer_state.pt (optimiser, scheduler, RNG, data position, counters). Written into
-    step_N.tmp and renamed, so a kill at any moment leaves either the whole folder or none of it."""
+    text, and the trainer state (trainer_state.pt: tensors; trainer_state.json: the rest; `extra` must
+    be JSON). Written into step_N.tmp and renamed, so a kill at any moment leaves the whole folder or
+    none of it."""
     ckpt = run_dir / "checkpoints" / f"step_{step:06d}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     if tmp.exists():  # left by a run killed while saving this same step
@@ -691,73 +722,156 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, pool,
     model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
     pool.save(tmp / "pool.json")
     (tmp / "best_prompt.txt").write_text(pool.best().text)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng_state(), **extra}, tmp / "trainer_state.pt")
+    python_rng, numpy_rng = random.getstate(), np.random.get_state()
+    (tmp / "trainer_state.json").write_text(json.dumps(
+        {"format": STATE_FORMAT, "step": step, **extra,
+         "rng": {"python": [python_rng[0], list(python_rng[1]), python_rng[2]],
+                 "numpy": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]]}}))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
     if ckpt.exists():  # a resumed run replaying a step it had saved before: same contents
         shutil.rmtree(ckpt)
     tmp.rename(ckpt)
     return ckpt
 
 
+def _safe_torch_load(path: Path, allowed=()) -> dict:
+    """torch.load that unpickles tensors and plain containers only (plus `allowed` globals)."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        foreign = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise CheckpointError(f"{path}: holds an object that is not plain data "
+                              f"({foreign.group(1) if foreign else 'unknown type'}); refusing to unpickle it") from None
+    except Exception as e:  # truncated or corrupted: every reader raises something different
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def _check_types(state: dict, types: dict, path: Path) -> dict:
+    for key, kind in types.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: missing key {key!r}")
+        if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
+            raise CheckpointError(f"{path}: key {key!r} must be {kind.__name__}, got {type(state[key]).__name__}")
+    return state
+
+
+def _old_trainer_state(ckpt: Path) -> dict:
+    """A format-1 trainer_state.pt (one pickle), read only when trusted, and then without code."""
+    path = ckpt / "trainer_state.pt"
+    if not _trust_old_checkpoints:
+        raise OldCheckpointError(
+            f"{path} was written by fst before run folders became data (one pickle, which could run code "
+            "when loaded); start the run afresh, or, for a folder you made yourself, pass "
+            "--trust-old-checkpoint")
+    numpy_types = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    state = _safe_torch_load(path, numpy_types)
+    if isinstance(state, dict):
+        state.setdefault("world", 1)  # saved before torchrun support
+    state = _check_types(state if isinstance(state, dict) else {}, STATE_TYPES | {"optimizer": dict,
+                                                                                  "scheduler": dict}, path)
+    return state | {"rng": dict(state["rng"])}
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    """The trainer state of a checkpoint folder as one dict: step, optimizer, scheduler, rng (python,
+    numpy, torch), streams, totals, demo_buffer, world. Loads no code: CheckpointError (one line naming
+    the file) for a foreign object, a truncated file, a missing key or a wrong type; OldCheckpointError
+    for a state written before this format, unless trust_old_checkpoints() was called."""
+    ckpt = Path(ckpt)
+    if not (ckpt / "trainer_state.json").is_file():
+        if not (ckpt / "trainer_state.pt").is_file():
+            raise CheckpointError(f"{ckpt}: trainer_state.json is missing")
+        return _old_trainer_state(ckpt)
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / 'trainer_state.json'}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{ckpt / 'trainer_state.json'}: not a format-{STATE_FORMAT} trainer state")
+    _check_types(state, STATE_TYPES, ckpt / "trainer_state.json")
+    tensors = _check_types(_safe_torch_load(ckpt / "trainer_state.pt"), TENSOR_TYPES, ckpt / "trainer_state.pt")
+    rng = state["rng"]
+    if not (isinstance(rng.get("python"), list) and isinstance(rng.get("numpy"), list)):
+        raise CheckpointError(f"{ckpt / 'trainer_state.json'}: key 'rng' must hold 'python' and 'numpy' lists")
+    return state | {"optimizer": tensors["optimizer"], "scheduler": tensors["scheduler"],
+                    "rng": {**rng, "torch": tensors["torch_rng"]},
+                    "demo_buffer": [tuple(d) for d in state["demo_buffer"]]}
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why a checkpoint folder cannot be resumed from (a file missing or unreadable), or None."""
+    """Why a checkpoint folder cannot be resumed from (a file missing, unreadable or not plain data), or
+    None. An old-format trainer state is not a problem here: whoever loads it says what to do."""
     for name in ("adapter_config.json", "adapter_model.safetensors", "trainer_state.pt"):
         if not (ckpt / name).is_file():
             return f"{name} is missing"
     from safetensors.torch import load_file
     try:
         load_file(ckpt / "adapter_model.safetensors")
-        torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
         if (ckpt / "pool.json").exists():
             json.loads((ckpt / "pool.json").read_text())
     except Exception as e:  # truncated or corrupted: every reader raises something different
         return f"unreadable ({type(e).__name__}: {str(e)[:120]})"
+    try:
+        load_trainer_state(ckpt)
+    except OldCheckpointError:
+        return None
+    except CheckpointError as e:
+        return str(e).removeprefix(f"{ckpt}/").removeprefix(f"{ckpt}: ")
     return None
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """A run's checkpoint folders, newest first (step_N.tmp, cut short by a kill, is not one)."""
+    return sorted(Path(run_dir).glob("checkpoints/step_*[0-9]"), reverse=True)
 
 
 def latest_checkpoint(run_dir: Path, quiet: bool = False) -> Path | None:
-    """The newest checkpoint that can be resumed from. Folders a kill cut short (step_N.tmp) are not
-    candidates; a damaged one (truncated state, missing adapter) is skipped with a message, and the
-    one before it is used."""
-    for ckpt in sorted(Path(run_dir).glob("checkpoints/step_*[0-9]"), reverse=True):
+    """The newest checkpoint that can be resumed from. A damaged one (truncated state, missing adapter, an
+    object that is not plain data) is skipped, with a message once an older one is found and used."""
+    skipped = []
+    for ckpt in checkpoint_folders(run_dir):
         problem = checkpoint_problem(ckpt)
         if problem is None:
+            for damaged, why in [] if quiet else skipped:
+                print(f"[fst] skipping damaged checkpoint {damaged}: {why}", file=sys.stderr)
             return ckpt
-        if not quiet:
-            print(f"[fst] skipping damaged checkpoint {ckpt}: {problem}", file=sys.stderr)
+        skipped.append((ckpt, problem))
     return None
 
 
-def find_checkpoint(path, step: int | None = None, what: str = "") -> Path:
+def find_checkpoint(path, step: int | None = None, what: str = "", quiet: bool = False) -> Path:
     """A checkpoint folder itself, or a run folder's checkpoint of `step` (default: its latest one that
-    can be resumed from). None found: SystemExit with one line, prefixed by `what` (e.g. "init_from: ")."""
+    can be resumed from), whose trainer state loads safely. None found, or one that does not load:
+    SystemExit with one line, prefixed by `what` (e.g. "init_from: ")."""
     p = Path(path)
     if step is None:
-        ckpt = p if (p / "adapter_config.json").exists() else latest_checkpoint(p)
+        ckpt = p if (p / "adapter_config.json").exists() else latest_checkpoint(p, quiet)
+        if ckpt is None and checkpoint_folders(p):  # every one damaged: say what is wrong with the newest
+            newest = checkpoint_folders(p)[0]
+            raise SystemExit(f"{what}no usable checkpoint in {p}; the newest, {newest.name}: "
+                             f"{checkpoint_problem(newest)}")
         if ckpt is None:
             raise SystemExit(f"{what}no checkpoint found in {p} (has this run saved a complete one yet?)")
-        return ckpt
-    ckpt = p / "checkpoints" / f"step_{step:06d}"
-    if not ckpt.is_dir():
-        have = sorted(c.name for c in (p / "checkpoints").glob("step_*"))
-        raise SystemExit(f"{what}{ckpt} not found; saved: {', '.join(have) or 'none'}")
+    else:
+        ckpt = p / "checkpoints" / f"step_{step:06d}"
+        if not ckpt.is_dir():
+            have = sorted(c.name for c in (p / "checkpoints").glob("step_*"))
+            raise SystemExit(f"{what}{ckpt} not found; saved: {', '.join(have) or 'none'}")
+    try:
+        load_trainer_state(ckpt)
+    except CheckpointError as e:
+        raise SystemExit(f"{what}{e}") from None
     return ckpt
 
 
-def load_trainer_state(ckpt: Path) -> dict:
-    """trainer_state.pt of a checkpoint folder: optimiser, scheduler, RNG, data positions, counters."""
-    return torch.load(ckpt / "trainer_state.pt", weights_only=False)
-
-
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Python's, NumPy's and torch's global RNGs as load_trainer_state returns them."""
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np.random.set_state((numpy_state[0], np.asarray(numpy_state[1], dtype=np.uint32), *numpy_state[2:]))
     torch.set_rng_state(state["torch"])
-
 
 
 @contextlib.contextmanager
@@ -1052,14 +1166,17 @@ def start_up(args, dist: Dist, load_config, make_task):
     a resumed one (--resume). Every check that can fail runs here, before the run folder exists, and
     stops with one line: keys, types and ranges (load_config), tasks and paths (make_task), the
     device, the trackers."""
+    if args.trust_old_checkpoint:
+        trust_old_checkpoints()
     try:
         if args.resume:
             run_dir, config_name = Path(args.resume), str(Path(args.resume) / "config.yaml")
             if not Path(config_name).is_file():
                 raise SystemExit(f"--resume {run_dir}: not a run folder (no config.yaml in it)")
-            if latest_checkpoint(run_dir, quiet=True) is None:  # train() says which ones it skips
+            if not checkpoint_folders(run_dir):
                 raise SystemExit(f"--resume {run_dir}: no checkpoint saved there, nothing to resume; "
                                  f"start it afresh with --config {config_name}")
+            find_checkpoint(run_dir, what="--resume: ", quiet=True)  # one that loads safely, or one line why
             cfg = load_config(config_name, args.set)
         else:
             cfg = load_config(args.config, args.set)

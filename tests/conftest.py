@@ -66,3 +66,15 @@ def parity_get_task(name, **options):
 def parity_rewards(monkeypatch):
     import rewards
     monkeypatch.setattr(rewards, "get_task", parity_get_task)
+
+
+def run_with_parity_rewards(args: list[str]) -> None:
+    """fst.main(args) with every task scoring parity, for a module-scoped fixture (monkeypatch is per test)."""
+    import fst
+    import rewards
+    real = rewards.get_task
+    rewards.get_task = parity_get_task
+    try:
+        fst.main(args)
+    finally:
+        rewards.get_task = real

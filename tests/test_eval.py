@@ -7,6 +7,7 @@ import torch
 import yaml
 
 import eval as ev
+import context_opt
 import infra
 import fst
 import rewards
@@ -255,11 +256,11 @@ def test_cli_report_on_a_tiny_run(tmp_path, tiny_model_dir, monkeypatch, capsys)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
-    model.save_pretrained(ckpt)
     run.mkdir(exist_ok=True)
     (run / "config.yaml").write_text(yaml.safe_dump(infra.config_to_dict(cfg)))
-    torch.save({"step": 3, "prompts": ["Evolved: answer fast."]}, ckpt / "trainer_state.pt")
-    (ckpt / "best_prompt.txt").write_text("Evolved: answer fast.")
+    optimizer, scheduler = fst.make_optimizer(model, cfg.train)
+    infra.save_checkpoint(run, 3, model, optimizer, scheduler, context_opt.PromptPool("Evolved: answer fast."),
+                          {"streams": [], "totals": {}, "demo_buffer": [], "world": 1})
     (run / "checkpoints" / "latest").write_text(ckpt.name)
     (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 0, "task": "arithmetic"}) + "\n")
 

@@ -12,7 +12,7 @@ import torch
 
 import infra
 import fst
-from conftest import ROOT
+from conftest import ROOT, run_with_parity_rewards
 
 
 
@@ -43,15 +43,8 @@ def without_timing(rows):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir):
     """The reference: the same run, never interrupted."""
-    import conftest
-    import rewards
     tmp = tmp_path_factory.mktemp("reference")
-    real = rewards.get_task
-    rewards.get_task = conftest.parity_get_task
-    try:
-        fst.main(run_args(tmp, "full", tiny_model_dir))
-    finally:
-        rewards.get_task = real
+    run_with_parity_rewards(run_args(tmp, "full", tiny_model_dir))
     return tmp / "full"
 
 
