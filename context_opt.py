@@ -22,8 +22,9 @@ from typing import Callable, Iterator, Literal, NamedTuple, Sequence
 import infra
 
 PERFECT = 1.0        # rewards live in [0, 1]; a prompt at 1.0 on a problem has nothing to learn there
-REJECT_REASONS = ("empty", "no_fence", "too_long", "thinking", "same_as_parent", "copies_anchor",
-                  "not_better")
+REJECT_REASONS = ("empty", "no_fence", "too_long", "thinking", "same_as_parent", "duplicate", "copies_anchor",
+                  "copies_example", "not_better")
+DemoFormat = Literal["turns", "system"]   # worked examples as user/assistant turns, or inside the system text
 ReplyFormat = Literal["fenced", "free"]   # the reflector's reply: starts inside the block, or free-form
 REPLY_FORMATS = typing.get_args(ReplyFormat)
 FENCE = "```"
@@ -38,10 +39,16 @@ class FastConfig:
     pool_size: int = 4  # K prompts used for rollouts
     budget: float = 5.0  # metric calls per round = budget x anchor-set size (paper: 5x)
     minibatch: int = 3  # anchor problems shown to the reflector
-    reflector: Literal["base", "policy"] = "base"  # base = adapter off (frozen critic)
+    # base: the policy with its adapter off (a frozen critic at no extra memory); policy: adapter on; or a
+    # hub id, folder, .gguf or alias of another causal LM, loaded once and frozen, that only writes proposals
+    reflector: str = "base"
     # proposal operators, taken in turn: names registered with @operator in context_opt.py (reflect, demo, ...)
     operators: list[str] = field(default_factory=lambda: ["reflect"])
-    demo_buffer: int = 256  # rewarded RL rollouts kept as candidate worked examples (demo operator)
+    demo_buffer: int = 256  # rewarded RL rollouts kept as candidate worked examples (demo operators)
+    max_demos: int = 4  # worked examples a context holds at most
+    # turns: demos as user/assistant turns after the system message (DSPy's way; at 135M they lift accuracy
+    # more than the same demos in the system text: results/miniature/demo_probe.json); system: in its text
+    demo_format: DemoFormat = "turns"
     max_prompt_chars: int = 4000
     reflector_max_new_tokens: int = 1024
     reflector_temperature: float = 0.7
@@ -53,13 +60,16 @@ class FastConfig:
     patience: int = 10  # end a round after this many draws in a row that spend nothing (skips, guard rejections)
 
     ranges = {"every": ">= 1", "pool_size": ">= 1", "budget": "> 0", "minibatch": ">= 1", "wave": ">= 1",
-              "max_proposals": ">= 0", "patience": ">= 1",
+              "max_proposals": ">= 0", "patience": ">= 1", "max_demos": ">= 0",
               "demo_buffer": ">= 1",  # the buffer keeps its last N entries: N = 0 would keep them all
               "max_prompt_chars": ">= 1", "reflector_max_new_tokens": ">= 1",
               "reflector_temperature": ">= 0", "reflector_top_p": "(0, 1]"}
 
     def check(self, prefix: str = "") -> None:
-        """What `ranges` cannot say: at least one operator, every one a registered one."""
+        """What `ranges` cannot say: at least one operator, every one a registered one; a reflector model
+        that can exist."""
+        if self.reflector not in ("base", "policy") and (why := infra.model_name_problem(self.reflector)):
+            raise infra.ConfigError(f"config key '{prefix}reflector' must be base, policy or a model: {why}")
         if not self.operators:
             raise infra.ConfigError(f"config key '{prefix}operators' must name at least one of {list(OPERATORS)}")
         for i, name in enumerate(self.operators):
@@ -68,15 +78,45 @@ class FastConfig:
                     f"config key '{prefix}operators[{i}]' must be one of {list(OPERATORS)}, got {name!r}")
 
 
+@dataclass(frozen=True)
+class Context:
+    """A fast weight as the model sees it: an instruction (the system message) and worked examples
+    (question, solution), rendered before the problem. Hashable: equal contexts are one context."""
+    instruction: str
+    demos: tuple[tuple[str, str], ...] = ()
+    demo_format: DemoFormat = "turns"
+
+    def messages(self, task, problem: dict) -> list[dict]:
+        """The chat for `problem`: the system message, the demos as user/assistant turns ("turns") or
+        appended to the system text ("system"), then the task's own turns (its example, the question)."""
+        if self.demo_format == "system":
+            return task.messages(problem, self.text())
+        own = task.messages(problem, self.instruction)
+        turns = [m for q, a in self.demos for m in ({"role": "user", "content": q},
+                                                      {"role": "assistant", "content": a})]
+        return own[:1] + turns + own[1:]
+
+    def text(self) -> str:
+        """The whole context as one text: the instruction, then each demo as "Example: Problem ...
+        Solution ..." (the "system" format's system message; logs and trackers show this too)."""
+        return self.instruction + "".join(f"\n\nExample:\nProblem: {q}\nSolution: {a}" for q, a in self.demos)
+
+
+def as_context(context: Context | str) -> Context:
+    """A plain system prompt is a context without demos."""
+    return context if isinstance(context, Context) else Context(context)
+
+
 @dataclass
 class Prompt:
     id: int
-    text: str
+    text: str                                                  # the instruction: the system message
     parent_id: int | None
     born_step: int
-    operator: str                                              # "seed" | "reflect" | "demo"
+    operator: str                                              # "seed" or the operator that made it
     scores: dict[str, float] = field(default_factory=dict)    # problem id -> reward, current anchors
     in_top_k: bool = False
+    demos: list[list[str]] = field(default_factory=list)      # worked examples: [question, solution]
 
     def mean_score(self) -> float:
         return sum(self.scores.values()) / len(self.scores) if self.scores else float("-inf")
@@ -92,9 +132,10 @@ def dominates(a: Prompt, b: Prompt, problem_ids: Sequence[str]) -> bool:
 class PromptPool:
     """The live prompts. Scores always refer to the current anchor set: re-scoring replaces them."""
 
-    def __init__(self, seed_text: str | None = None):
+    def __init__(self, seed_text: str | None = None, demo_format: DemoFormat = "turns"):
         self.prompts: dict[int, Prompt] = {}
         self.next_id = 0
+        self.demo_format = demo_format
         if seed_text is not None:
             self.add(seed_text, parent_id=None, step=0, operator="seed").in_top_k = True
 
@@ -108,8 +149,9 @@ class PromptPool:
         return self.prompts[prompt_id]
 
     def add(self, text: str, *, parent_id: int | None, step: int, operator: str,
-            scores: dict[str, float] | None = None) -> Prompt:
-        prompt = Prompt(self.next_id, text, parent_id, step, operator, dict(scores or {}))
+            scores: dict[str, float] | None = None, demos=()) -> Prompt:
+        prompt = Prompt(self.next_id, text, parent_id, step, operator, dict(scores or {}),
+                        demos=[list(d) for d in demos])
         self.prompts[prompt.id] = prompt
         self.next_id += 1
         return prompt
@@ -157,18 +199,20 @@ class PromptPool:
             p.in_top_k = p.id in ranked
         return [self.prompts[i] for i in ranked]
 
-    def active_texts(self) -> list[str]:
-        return [p.text for p in self.prompts.values() if p.in_top_k] or [p.text for p in self.prompts.values()]
+    def context(self, prompt: Prompt) -> Context:
+        """What the model sees of a pool member."""
+        return Context(prompt.text, tuple(tuple(d) for d in prompt.demos), self.demo_format)
 
     def best(self) -> Prompt:
         return max(self.prompts.values(), key=lambda p: (p.mean_score(), -p.id))
 
     def to_json(self) -> dict:
-        return {"next_id": self.next_id, "prompts": [asdict(p) for p in self.prompts.values()]}
+        return {"next_id": self.next_id, "demo_format": self.demo_format,
+                "prompts": [asdict(p) for p in self.prompts.values()]}
 
     @classmethod
     def from_json(cls, data: dict) -> PromptPool:
-        pool = cls()
+        pool = cls(demo_format=data.get("demo_format", "system"))  # pools saved before demos had none
         pool.prompts = {d["id"]: Prompt(**d) for d in data["prompts"]}
         pool.next_id = data["next_id"]
         return pool
@@ -182,6 +226,15 @@ class PromptPool:
     @classmethod
     def load(cls, path: str | Path) -> PromptPool:
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def best_context(ckpt: str | Path) -> Context | None:
+    """The best context of a checkpoint's pool (instruction and demos); None when it saved no pool."""
+    path = Path(ckpt) / "pool.json"
+    if not path.exists():
+        return None
+    pool = PromptPool.load(path)
+    return pool.context(pool.best())
 
 
 # ---------------------------------------------------------------- proposal guards
@@ -233,15 +286,29 @@ def check_proposal(text: str, parent_text: str, anchor_questions: Sequence[str],
     return None
 
 
+def copies_example(text: str, parent_text: str, example_text: str, n: int = 4) -> bool:
+    """Does a reflected instruction parrot the worked reflection (or the request around it) instead of
+    reading its own attempts? At least half of the word n-grams it adds to its parent occur in
+    `example_text` and are not in the parent. (At 135M most replies to a prompt with a worked example
+    were copies of its revised instruction, written for the other task.)"""
+    words = lambda t: re.findall(r"\w+", t.lower())  # noqa: E731
+    parent = _ngrams(words(parent_text), n)
+    added = _ngrams(words(text), n) - parent
+    banned = _ngrams(words(example_text), n) - parent
+    return bool(added) and len(added & banned) >= COPY_FRACTION * len(added)
+
+
 def vet_reflection(reflector_output: str, parent_text: str, anchor_questions: Sequence[str],
                    max_chars: int) -> tuple[str | None, str | None]:
-    """Raw reflector text -> (candidate prompt, None) or (None, rejection reason)."""
+    """Raw reflector text -> (candidate instruction, None) or (None, rejection reason)."""
     if not reflector_output.strip():
         return None, "empty"
     text = extract_prompt(reflector_output)
     if text is None:
         return None, "no_fence"
     reason = check_proposal(text, parent_text, anchor_questions, max_chars)
+    if reason is None and copies_example(text, parent_text, " ".join(WORKED_REFLECTION)):
+        reason = "copies_example"
     return (None, reason) if reason else (text, None)
 
 
@@ -253,8 +320,9 @@ class Proposal:
     (the wave's one reflect call writes the candidate from it, then the guards check that)."""
     parent: Prompt
     batch: list[int]                    # anchor indices of its minibatch
-    text: str | None = None             # the candidate prompt, once built and vetted
-    reflection_prompt: str | None = None  # what the reflector reads, for a child the reflector writes
+    text: str | None = None             # the candidate instruction, once built and vetted
+    reflection_prompt: list[dict] | None = None  # the chat the reflector answers, for a child it writes
+    demos: tuple[tuple[str, str], ...] | None = None  # the child's worked examples; None: the parent's
     operator: str = ""                  # the name it was registered under (set by _draw)
     reason: str | None = None           # why it was rejected, if it was
 
@@ -262,6 +330,10 @@ class Proposal:
     def scored(self) -> bool:
         """Did it pass the guards (and so spend budget on its minibatch)?"""
         return self.text is not None and self.reason in (None, "not_better")
+
+    def context(self, demo_format: DemoFormat) -> Context:
+        demos = self.demos if self.demos is not None else tuple(tuple(d) for d in self.parent.demos)
+        return Context(self.text, demos, demo_format)
 
 
 class Operator(NamedTuple):
@@ -285,62 +357,111 @@ def operator(name: str, *, skip: str | None = None):
     return register
 
 
-def build_reflection_prompt(parent_text: str, examples: Sequence[dict]) -> str:
-    """examples: dicts with question, output (the model's full response), reward, feedback."""
+def reflection_request(instruction: str, examples: Sequence[dict]) -> str:
+    """The reflector's task: the current instruction and graded attempts made with it; examples are
+    dicts with question, output (the model's full response), reward, feedback."""
     shown = "\n\n".join(
         f"### Attempt {n}\nProblem:\n{ex['question']}\n\nAssistant's full response:\n{ex['output']}\n\n"
         f"Reward: {ex['reward']:.2f}\nGrader feedback: {ex['feedback']}"
         for n, ex in enumerate(examples, 1))
     return (
-        "You maintain the system prompt of an AI assistant. Below are its current system prompt and a "
-        "few of its graded attempts made with that prompt, each with the grader's feedback.\n\n"
-        f"## Current system prompt\n```\n{parent_text}\n```\n\n## Graded attempts\n{shown}\n\n"
+        "You maintain the instruction (system prompt) of an AI assistant. Below are its current instruction "
+        "and a few of its graded attempts made with it, each with the grader's feedback.\n\n"
+        f"## Current instruction\n```\n{instruction}\n```\n\n## Graded attempts\n{shown}\n\n"
         "## Your task\n"
-        "1. Work out what went wrong in the low-reward attempts and what the good ones did right.\n"
-        "2. Edit the system prompt INCREMENTALLY: keep every instruction that still helps, and add the "
-        "facts, rules, checks and strategies that the feedback reveals, so the assistant gets this kind "
-        "of problem right next time (including the exact answer format the grader expects).\n"
-        "3. Write general guidance that carries over to new problems of this kind. Do not include the "
-        "answers to these particular problems and do not copy their text.\n"
-        "4. Stay concise; put no commentary inside the prompt.\n\n"
-        "Reply with the complete new system prompt inside ONE fenced block (``` ... ```), "
-        "and put nothing after the block.")
+        "Work out what went wrong in the low-reward attempts. Then write the improved instruction: keep what "
+        "still helps, and add the rule, check or answer format the feedback reveals, as general guidance for "
+        "new problems of this kind (no answers to these problems, no copied problem text). Reply with the "
+        "new instruction only, inside ONE fenced block (``` ... ```).")
+
+
+# One worked reflection, for a task fst does not train on, shown to the reflector as an earlier turn: a
+# small model follows an example of the reply it should write far more often than a description of it.
+# Its text is banned from children (the copies_example guard): a reply that parrots it is rejected.
+WORKED_REFLECTION = (
+    reflection_request("Answer the question.", [
+        {"question": "How many seconds are in 7 minutes?", "output": "7 minutes is 7 + 60 = 67 seconds.",
+         "reward": 0.0, "feedback": "Expected 420 (7 x 60 = 420), but your final answer was 67. The reply "
+                                    "also had no line 'Answer: N'."},
+        {"question": "How many seconds are in 3 minutes?", "output": "3 x 60 = 180.\nAnswer: 180",
+         "reward": 1.0, "feedback": "Correct: 3 x 60 = 180."}]),
+    "```\nAnswer the question. To turn minutes into seconds, multiply the minutes by 60 (never add 60). "
+    "Show the multiplication, then give the final answer on a last line 'Answer: <number>'.\n```")
+
+
+def build_reflection_prompt(instruction: str, examples: Sequence[dict]) -> list[dict]:
+    """The reflector's chat: the worked reflection as a user/assistant turn, then this request."""
+    request, reply = WORKED_REFLECTION
+    return [{"role": "user", "content": request}, {"role": "assistant", "content": reply},
+            {"role": "user", "content": reflection_request(instruction, examples)}]
 
 
 @operator("reflect")
 def reflective_mutation(r: _Round, parent: Prompt, batch: list[int]) -> Proposal:
-    """GEPA's reflective mutation: the reflector reads the parent and its graded attempts on the
-    minibatch (its rollouts of this round) and rewrites it."""
+    """GEPA's reflective mutation: the reflector reads the parent's instruction and its graded attempts
+    on the minibatch (its rollouts of this round) and rewrites the instruction; the demos stay."""
     examples = [{"question": r.questions[i], "output": r.outputs[parent.id, r.ids[i]][0],
                  "reward": r.outputs[parent.id, r.ids[i]][1], "feedback": r.outputs[parent.id, r.ids[i]][2]}
                 for i in batch]
     return Proposal(parent=parent, batch=batch, reflection_prompt=build_reflection_prompt(parent.text, examples))
 
 
-def make_demo(parent_text: str, demo_buffer: Sequence[tuple[dict, str, float]], anchor_ids: set[str],
-              rng) -> str | None:
-    """Bootstrapped few-shot: the parent plus one of the policy's own best-rewarded past solutions,
-    never an anchor problem (that would leak the answer into the set it is judged on), never one the
-    parent already shows. demo_buffer holds (problem, completion, reward) from earlier RL rollouts."""
-    fresh = []
-    for problem, completion, reward in demo_buffer:
-        question = problem["question"]
-        if reward > 0 and str(problem["id"]) not in anchor_ids and question not in parent_text:
-            fresh.append((reward, question, completion))
+_ANSWER_LINE = re.compile(r"^[^\n]*\banswer\s*\**\s*:[^\n]*", re.IGNORECASE | re.MULTILINE)
+
+
+def cut_to_answer(solution: str) -> str:
+    """A worked example ends at its final answer line: what a rewarded completion said after it
+    (a second problem it made up, chatter) would teach the model to go on talking."""
+    lines = list(_ANSWER_LINE.finditer(solution))
+    return solution[:lines[-1].end()].strip() if lines else solution.strip()
+
+
+def fresh_demo(r: _Round, parent: Prompt) -> tuple[str, str] | None:
+    """Bootstrapped few-shot: one of the policy's own fully rewarded past solutions (demo_buffer holds
+    (problem, completion, reward) of earlier RL rollouts), cut to its answer line; never an anchor
+    problem (its answer would leak into the set the child is judged on), never one the parent shows."""
+    shown = {q for q, _ in parent.demos}
+    fresh = [(reward, problem["question"], completion) for problem, completion, reward in r.demo_buffer
+             if reward >= PERFECT and str(problem["id"]) not in r.ids
+             and problem["question"] not in shown and problem["question"] not in parent.text]
     if not fresh:
         return None
-    top = max(r for r, _, _ in fresh)
-    _, question, completion = rng.choice([d for d in fresh if d[0] == top])
-    return f"{parent_text.rstrip()}\n\nExample:\nProblem: {question}\nSolution: {completion.strip()}"
+    _, question, completion = r.rng.choice(fresh)
+    return question, cut_to_answer(completion)
+
+
+def _with_demos(parent: Prompt, batch: list[int], demos: list) -> Proposal:
+    return Proposal(parent=parent, batch=batch, text=parent.text, demos=tuple(tuple(d) for d in demos))
 
 
 @operator("demo", skip="no_demo")
-def worked_example(r: _Round, parent: Prompt, batch: list[int]) -> Proposal | None:
-    """The parent plus a worked example (make_demo); a skip when the buffer has none left to add."""
-    started = time.perf_counter()
-    text = make_demo(parent.text, r.demo_buffer, set(r.ids), r.rng)
-    r.stats["seconds_demo"] += time.perf_counter() - started
-    return None if text is None else Proposal(parent=parent, batch=batch, text=text)
+def add_demo(r: _Round, parent: Prompt, batch: list[int]) -> Proposal | None:
+    """The parent plus one worked example (fresh_demo); a skip when it is full (fast.max_demos) or the
+    buffer has none left to add."""
+    demo = fresh_demo(r, parent) if len(parent.demos) < r.cfg.max_demos else None
+    return None if demo is None else _with_demos(parent, batch, [*parent.demos, demo])
+
+
+@operator("demo_swap", skip="no_swap")
+def swap_demo(r: _Round, parent: Prompt, batch: list[int]) -> Proposal | None:
+    """The parent with one of its worked examples (chosen at random) replaced by a fresh one."""
+    demo = fresh_demo(r, parent) if parent.demos else None
+    if demo is None:
+        return None
+    demos = list(parent.demos)
+    demos[r.rng.randrange(len(demos))] = demo
+    return _with_demos(parent, batch, demos)
+
+
+@operator("demo_drop", skip="no_demo_to_drop")
+def drop_demo(r: _Round, parent: Prompt, batch: list[int]) -> Proposal | None:
+    """The parent without one of its worked examples (chosen at random): as the weights learn what a
+    demo taught, the plainer context can win back its place."""
+    if not parent.demos:
+        return None
+    demos = list(parent.demos)
+    del demos[r.rng.randrange(len(demos))]
+    return _with_demos(parent, batch, demos)
 
 
 def _failures_first(parent: Prompt, problem_ids: list[str], size: int, rng) -> list[int] | None:
@@ -353,7 +474,7 @@ def _failures_first(parent: Prompt, problem_ids: list[str], size: int, rng) -> l
 
 
 # ---------------------------------------------------------------- one fast round
-Evaluate = Callable[[list[str], list[dict]], list[tuple[str, float, str]]]
+Evaluate = Callable[[list[Context], list[dict]], list[tuple[str, float, str]]]
 
 
 class Reflection(NamedTuple):
@@ -363,7 +484,7 @@ class Reflection(NamedTuple):
     tokens: int = 0
 
 
-Reflect = Callable[[list[str]], list["Reflection | str"]]
+Reflect = Callable[[list[list[dict]]], list["Reflection | str"]]  # reflector chats -> replies
 
 
 @dataclass(kw_only=True)
@@ -394,16 +515,16 @@ class _Round:
         """Metric calls charged to the budget so far."""
         return self.stats["metric_calls"] - self.scoring_calls
 
-    def run(self, texts: list[str], problems: list[dict]) -> list[tuple[str, float, str]]:
-        """evaluate() on aligned (prompt, problem) pairs, timed and counted; no call for no pairs."""
-        if not texts:
+    def run(self, contexts: list[Context], problems: list[dict]) -> list[tuple[str, float, str]]:
+        """evaluate() on aligned (context, problem) pairs, timed and counted; no call for no pairs."""
+        if not contexts:
             return []
         started = time.perf_counter()
-        results = self.evaluate(texts, problems)
+        results = self.evaluate(contexts, problems)
         self.stats["seconds_scoring"] += time.perf_counter() - started
-        if len(results) != len(texts):
-            raise ValueError(f"evaluate returned {len(results)} results for {len(texts)} pairs")
-        self.stats["metric_calls"] += len(texts)
+        if len(results) != len(contexts):
+            raise ValueError(f"evaluate returned {len(results)} results for {len(contexts)} pairs")
+        self.stats["metric_calls"] += len(contexts)
         return results
 
     def record(self, prompt: Prompt, indices: list[int], results) -> None:
@@ -425,7 +546,7 @@ def _new_stats(step: int, anchor_size: int, budget: int, cfg: FastConfig) -> dic
             "rejected_by_operator": {op: dict.fromkeys(REJECT_REASONS, 0) for op in operators},
             "skipped": dict.fromkeys(skips, 0), "proposals_by_operator": dict.fromkeys(operators, 0),
             "accepted_by_operator": dict.fromkeys(operators, 0), "accepted_prompts": [],
-            "seconds_reflecting": 0.0, "seconds_scoring": 0.0, "seconds_demo": 0.0, "reflector_tokens": 0}
+            "seconds_reflecting": 0.0, "seconds_scoring": 0.0, "seconds_proposing": 0.0, "reflector_tokens": 0}
 
 
 def _score_live_pool(r: _Round) -> None:
@@ -435,7 +556,7 @@ def _score_live_pool(r: _Round) -> None:
     live = [p for p in r.pool if p.in_top_k] or list(r.pool)
     r.pool.retain({p.id for p in live})
     everything = list(range(len(r.anchors)))
-    results = r.run([p.text for p in live for _ in r.anchors], r.anchors * len(live))
+    results = r.run([r.pool.context(p) for p in live for _ in r.anchors], r.anchors * len(live))
     for n, prompt in enumerate(live):
         prompt.scores = {}
         r.record(prompt, everything, results[n * len(r.anchors):(n + 1) * len(r.anchors)])
@@ -454,8 +575,9 @@ def _draw(r: _Round) -> Proposal | None:
     if batch is None:
         r.stats["skipped"]["perfect_parent"] += 1
         return None
-    op = OPERATORS[name]
+    op, started = OPERATORS[name], time.perf_counter()
     proposal = op.propose(r, parent, batch)
+    r.stats["seconds_proposing"] += time.perf_counter() - started
     if proposal is None:
         if op.skip is None:
             raise ValueError(f"operator {name!r} skipped a draw but registered no skip reason (@operator skip=)")
@@ -490,8 +612,7 @@ def _draw_wave(r: _Round) -> list[Proposal | None]:
         if proposal is None:
             run_idle += 1
             continue
-        if proposal.reflection_prompt is None and (reason := check_proposal(
-                proposal.text, proposal.parent.text, r.questions, r.cfg.max_prompt_chars)):
+        if proposal.reflection_prompt is None and (reason := _vet(r, proposal)):
             r.reject(proposal, reason)
             run_idle += 1
             continue
@@ -501,6 +622,15 @@ def _draw_wave(r: _Round) -> list[Proposal | None]:
         fresh_pairs |= new_pairs
         run_idle = 0                            # it may spend; the real count comes after scoring
     return draws
+
+
+def _vet(r: _Round, proposal: Proposal) -> str | None:
+    """The guards on a ready child's whole context (instruction and demos): check_proposal against its
+    parent, and no copy of a context the pool already holds."""
+    child = proposal.context(r.pool.demo_format)
+    reason = check_proposal(child.text(), r.pool.context(proposal.parent).text(), r.questions,
+                            r.cfg.max_prompt_chars)
+    return reason or ("duplicate" if any(child == r.pool.context(p) for p in r.pool) else None)
 
 
 def _reflect_and_vet(r: _Round, proposals: list[Proposal]) -> None:
@@ -518,6 +648,7 @@ def _reflect_and_vet(r: _Round, proposals: list[Proposal]) -> None:
         r.stats["reflector_tokens"] += reply.tokens
         proposal.text, reason = vet_reflection(reply.text, proposal.parent.text, r.questions,
                                                r.cfg.max_prompt_chars)
+        reason = reason or _vet(r, proposal)     # a reply that passed: its whole context, as a demo child's
         if reason:
             r.reject(proposal, reason)
 
@@ -528,20 +659,20 @@ def _score_children(r: _Round, trying: list[Proposal]) -> tuple[list, dict[tuple
     (concatenated in `trying` order) and the parents' fresh rewards by (parent id, anchor index)."""
     if unready := [p.operator for p in trying if p.text is None]:
         raise RuntimeError(f"proposals of operators {unready} reached scoring without a candidate text")
-    child_pairs = [(p.text, i) for p in trying for i in p.batch]
+    child_pairs = [(p.context(r.pool.demo_format), i) for p in trying for i in p.batch]
     parent_pairs = (list(dict.fromkeys((p.parent.id, i) for p in trying for i in p.batch))
                     if r.cfg.rescore_parent else [])
-    pairs = child_pairs + [(r.pool[pid].text, i) for pid, i in parent_pairs]
-    results = r.run([text for text, _ in pairs], [r.anchors[i] for _, i in pairs])
+    pairs = child_pairs + [(r.pool.context(r.pool[pid]), i) for pid, i in parent_pairs]
+    results = r.run([context for context, _ in pairs], [r.anchors[i] for _, i in pairs])
     fresh = {pair: result[1] for pair, result in zip(parent_pairs, results[len(child_pairs):], strict=True)}
     return results[:len(child_pairs)], fresh
 
 
 def _accept(r: _Round, trying: list[Proposal], child_results: list,
-            fresh: dict[tuple[int, int], float]) -> list[tuple[Prompt, list[int]]]:
-    """Each child against its own parent, strictly; the accepted ones join the pool. Returns each
-    accepted child with the anchor indices it still has to be scored on."""
-    accepted: list[tuple[Prompt, list[int]]] = []
+            fresh: dict[tuple[int, int], float]) -> list[Prompt]:
+    """Each child against its own parent, strictly; the accepted ones join the pool (a child equal to
+    one accepted before it in this wave is a duplicate). Returns the accepted children."""
+    accepted: list[Prompt] = []
     at = 0
     for proposal in trying:
         results, at = child_results[at:at + len(proposal.batch)], at + len(proposal.batch)
@@ -551,23 +682,26 @@ def _accept(r: _Round, trying: list[Proposal], child_results: list,
         if sum(reward for _, reward, _ in results) <= parent_sum:
             r.reject(proposal, "not_better")
             continue
-        child = r.pool.add(proposal.text, parent_id=parent.id, step=r.step, operator=proposal.operator)
-        r.record(child, proposal.batch, results)
-        accepted.append((child, [i for i in range(len(r.anchors)) if i not in proposal.batch]))
+        context = proposal.context(r.pool.demo_format)
+        if any(context == r.pool.context(p) for p in r.pool):
+            r.reject(proposal, "duplicate")
+            continue
+        child = r.pool.add(context.instruction, parent_id=parent.id, step=r.step, operator=proposal.operator,
+                           demos=context.demos)
+        accepted.append(child)
         r.stats["accepted"] += 1
         r.stats["accepted_by_operator"][proposal.operator] += 1
-        r.stats["accepted_prompts"].append(proposal.text)
+        r.stats["accepted_prompts"].append(context.text())
     return accepted
 
 
-def _score_rest(r: _Round, accepted: list[tuple[Prompt, list[int]]]) -> None:
-    """The accepted children on the rest of the anchors, in one call."""
-    results = r.run([child.text for child, rest in accepted for _ in rest],
-                    [r.anchors[i] for _, rest in accepted for i in rest])
-    at = 0
-    for child, rest in accepted:
-        r.record(child, rest, results[at:at + len(rest)])
-        at += len(rest)
+def _score_accepted(r: _Round, accepted: list[Prompt]) -> None:
+    """The accepted children on every anchor with fresh draws, in one call: the minibatch draws that
+    won a child its test are its lucky ones, and would flatter it on the Pareto front."""
+    everything = list(range(len(r.anchors)))
+    results = r.run([r.pool.context(child) for child in accepted for _ in everything], r.anchors * len(accepted))
+    for n, child in enumerate(accepted):
+        r.record(child, everything, results[n * len(everything):(n + 1) * len(everything)])
 
 
 def _finish(r: _Round, started: float) -> dict:
@@ -609,8 +743,8 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
     Scoring the L live prompts on the anchor set first is the round's step 2 and is counted in
     metric_calls but not charged to the budget: with K = 4 it would otherwise eat 4/5 of it. A proposal
     joins a wave only while its minibatch (and its parent's, when re-scored) still fits, but an accepted
-    child is always scored on the rest of the anchors, so metric_calls <= L * len(anchors) + budget
-    + wave * (len(anchors) - minibatch). cfg.patience consecutive draws that spend nothing (skips,
+    child is always scored afresh on every anchor (its minibatch draws won its test: lucky ones), so
+    metric_calls <= L * len(anchors) + budget + wave * len(anchors). cfg.patience consecutive draws that spend nothing (skips,
     guard rejections; counted in draw order, checked between waves) end the round: reflecting costs
     time too. cfg.max_proposals > 0 also ends it after that many proposals (skips are not proposals),
     so that two rounds can be compared at equal work (bench/fast_round.py). At the end the pool keeps
@@ -641,7 +775,7 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
         _reflect_and_vet(r, proposals)
         trying = [p for p in proposals if p.reason is None]
         child_results, fresh = _score_children(r, trying)
-        _score_rest(r, _accept(r, trying, child_results, fresh))
+        _score_accepted(r, _accept(r, trying, child_results, fresh))
         for draw in draws:                      # patience, in draw order
             r.idle = 0 if draw is not None and draw.scored else r.idle + 1
     return _finish(r, t0)
@@ -656,14 +790,15 @@ def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: f
     import rewards
     import rollout                                   # lazy: the core above needs no model stack
 
-    def evaluate(prompt_texts: list[str], problems: list[dict]) -> list[tuple[str, float, str]]:
-        # Identical (prompt, problem) pairs become one chat prompt with a count: one prefill, its KV
+    def evaluate(contexts: list[Context | str], problems: list[dict]) -> list[tuple[str, float, str]]:
+        # Identical (context, problem) pairs become one chat prompt with a count: one prefill, its KV
         # cache repeated, instead of prefilling the same tokens again.
-        distinct: dict[tuple[str, str], list] = {}               # key -> [prompt text, problem, count]
-        for text, problem in zip(prompt_texts, problems, strict=True):
-            distinct.setdefault((text, str(problem["id"])), [text, problem, 0])[2] += 1
+        contexts = [as_context(c) for c in contexts]
+        distinct: dict[tuple[Context, str], list] = {}           # key -> [context, problem, count]
+        for context, problem in zip(contexts, problems, strict=True):
+            distinct.setdefault((context, str(problem["id"])), [context, problem, 0])[2] += 1
         entries = list(distinct.values())
-        chats = [rollout.encode_chat(tokenizer, task.messages(problem, text)) for text, problem, _ in entries]
+        chats = [rollout.encode_chat(tokenizer, context.messages(task, problem)) for context, problem, _ in entries]
         out = rollout.sample(model, tokenizer, chats, [count for _, _, count in entries],
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              stop=list(stop), generator=generator)
@@ -672,8 +807,8 @@ def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: f
             completions[index].append(completion)
         pending = {key: iter(texts) for key, texts in zip(distinct, completions)}
         results = []
-        for text, problem in zip(prompt_texts, problems):
-            completion = next(pending[text, str(problem["id"])])
+        for context, problem in zip(contexts, problems):
+            completion = next(pending[context, str(problem["id"])])
             results.append((completion, *rewards.score_completion(task, problem, completion)))
         return results
 
@@ -701,8 +836,9 @@ def make_reflector(model, tokenizer, *, use_adapter: bool, max_new_tokens: int, 
     opening = f"{FENCE}\n"
     prefix = tokenizer.encode(opening, add_special_tokens=False) if fenced else []
 
-    def reflect(prompts: list[str]) -> list[Reflection]:
-        chats = [rollout.encode_chat(tokenizer, [{"role": "user", "content": p}]) + prefix for p in prompts]
+    def reflect(prompts: list[list[dict] | str]) -> list[Reflection]:
+        chats = [rollout.encode_chat(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
+                 + prefix for p in prompts]
         with rollout.weights(model, use_adapter):
             out = rollout.sample(model, tokenizer, chats, [1] * len(chats), max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_p=top_p, stop=[FENCE] if fenced else [],

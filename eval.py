@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-import infra
+import context_opt
 import fst
+import infra
 import rewards
 import rollout
 
@@ -53,7 +54,8 @@ def evaluate(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, 
     mine = dist.shard(list(range(len(problems))))
     scored = []  # (problem index, reward) of every sample this rank drew
     if mine:
-        prompts = [rollout.encode_chat(tok, task.messages(problems[i], system_prompt)) for i in mine]
+        context = context_opt.as_context(system_prompt)  # a plain prompt, or instruction + worked examples
+        prompts = [rollout.encode_chat(tok, context.messages(task, problems[i])) for i in mine]
         with rollout.weights(model, use_adapter):  # rollout.sample runs in eval mode and restores the model's mode
             ro = rollout.sample(model, tok, prompts, [k] * len(prompts), max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, stop=list(stop),
@@ -105,7 +107,8 @@ def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_ne
     slice of the problems, the sums added over ranks)."""
     dist = dist or infra.Dist()
     total, tokens = 0.0, 0
-    prompts = [rollout.encode_chat(tok, task.messages(p, system_prompt)) for p in dist.shard(list(problems))]
+    context = context_opt.as_context(system_prompt)
+    prompts = [rollout.encode_chat(tok, context.messages(task, p)) for p in dist.shard(list(problems))]
     if prompts:
         ro = rollout.sample(model, tok, prompts, [n_samples] * len(prompts), max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, stop=list(stop), generator=generator)
@@ -147,23 +150,23 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
     n, k = n or cfg.eval.n, k or cfg.eval.k
     s = cfg.sampling
     max_new_tokens = max_new_tokens or s.max_new_tokens
-    best_file = ckpt / "best_prompt.txt"
-    evolved = best_file.read_text() if best_file.exists() else None
+    evolved = context_opt.best_context(ckpt)  # instruction and worked examples, from the pool
     tasks = tasks or run_tasks(run, cfg)
     gen = lambda: dist.generator(device, seed)  # the same draws in every cell  # noqa: E731
     sampling = dict(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop)
     out = {"run": str(run), "checkpoint": ckpt.name, "step": int(state["step"]), "mode": cfg.mode,
-           "n": n, "k": k, "seed": seed, "sampling": sampling, "evolved_prompt": evolved,
-           "notes": [], "tasks": {}, "forgetting": {}}
+           "n": n, "k": k, "seed": seed, "sampling": sampling, "evolved_prompt": evolved and evolved.text(),
+           "evolved_context": evolved and dataclasses.asdict(evolved), "notes": [], "tasks": {}, "forgetting": {}}
     if evolved is None:
-        out["notes"].append(f"{best_file} missing: evolved prompt = seed prompt")
+        out["notes"].append(f"{ckpt / 'pool.json'} missing: evolved prompt = seed prompt")
     elif cfg.mode == "rl":
-        out["notes"].append("rl run: best_prompt.txt is the seed prompt, so 'evolved' repeats 'seed'")
+        out["notes"].append("rl run: the pool holds the seed prompt only, so 'evolved' repeats 'seed'")
 
     for name in tasks:
         task = make_task(name, cfg)
         problems = task.load("test")[:n]
-        prompt = {"seed": fst.seed_prompt(cfg, task)}  # a continual run's is the task-agnostic one
+        seed_text = rewards.seed_prompt(task, cfg.task.system_prompt, continual=bool(cfg.schedule))
+        prompt = {"seed": context_opt.Context(seed_text, (), evolved.demo_format if evolved else cfg.fast.demo_format)}
         prompt["evolved"] = evolved if evolved is not None else prompt["seed"]
         cache = {}
 
@@ -178,7 +181,7 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
         table_pass = two_by_two(lambda w, p: cell(w, p)["pass_at_k"])
         drift = {p: kl_to_base(model, tok, task, problems, prompt[p], generator=gen(),
                                chunk_size=cfg.train.logprob_chunk, dist=dist, **sampling) for p in PROMPTS}
-        out["tasks"][name] = {"seed_prompt": prompt["seed"], "accuracy": cell("trained", "evolved"),
+        out["tasks"][name] = {"seed_prompt": prompt["seed"].instruction, "accuracy": cell("trained", "evolved"),
                               "two_by_two_mean_at_k": table, "two_by_two_accuracy": table_acc,
                               "two_by_two_pass_at_k": table_pass,
                               "kl_to_base": {"seed_prompt": drift["seed"], "evolved_prompt": drift["evolved"]}}
@@ -415,16 +418,17 @@ def steps_to_reach_notes(data: dict[str, RunCurves]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- deployable export
-def with_default_system_prompt(chat_template: str, prompt: str) -> str:
-    """The chat template, preceded by a statement that inserts `prompt` as the system message when a
-    conversation has none (a caller's own system message still wins). Done at the template level,
+def with_default_system_prompt(chat_template: str, prompt: str, turns: list[dict] = ()) -> str:
+    """The chat template, preceded by a statement that inserts `prompt` as the system message, and
+    `turns` (a context's worked examples) after it, when a conversation has no system message of its own
+    (a caller's own system message still wins, and then no example turns are added). Done at the template level,
     before the model's own logic runs, so whatever default that logic injects (SmolLM2's "You are a
     helpful AI assistant named SmolLM", Qwen2.5's "You are Qwen...") never fires. The prompt goes in
     as a JSON string literal: Jinja reads \\n, \\", \\\\ and raw unicode in a string the same way, and
     nothing inside a string literal (%}, {{, quotes) can end it."""
-    literal = json.dumps(prompt, ensure_ascii=False)
+    literal = json.dumps([{"role": "system", "content": prompt}, *turns], ensure_ascii=False)
     return ("{%- if not messages or messages[0]['role'] != 'system' %}"
-            "{%- set messages = [{'role': 'system', 'content': " + literal + "}] + messages %}"
+            "{%- set messages = " + literal + " + messages %}"
             "{%- endif %}" + chat_template)
 
 
@@ -482,8 +486,9 @@ def _model_card(cfg, *, run: Path, ckpt: Path, base: str, merge: bool, dtype: st
             'out = model.generate(**inputs, max_new_tokens=512)',
             'print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
     lines += ["", "## Load it", "", "```python", *load, "```", "",
-              "A conversation without a system message gets the run's best prompt (`system_prompt.txt`, "
-              "also below); give a system message of your own to override it.", "",
+              "A conversation without a system message gets the run's best context: its instruction as the "
+              "system message (`system_prompt.txt`, also below) and its worked examples as earlier turns "
+              "(`context.json`); give a system message of your own to override both.", "",
               "vLLM (not covered by fst's tests): " + (
                   "`vllm serve THIS_FOLDER`." if merge else
                   f"`vllm serve {base} --enable-lora --lora-modules fst=THIS_FOLDER "
@@ -492,22 +497,24 @@ def _model_card(cfg, *, run: Path, ckpt: Path, base: str, merge: bool, dtype: st
     return "\n".join(lines)
 
 
-def _tokenizer_with_default_prompt(base: str, prompt: str):
-    """The base's tokenizer, its chat template changed so that `prompt` is the default system message.
-    User-only conversations must render exactly as fst prompted the model (best prompt as system
-    message), and a caller's own system message must still win; checked here, before anything is
-    loaded or written."""
+def _tokenizer_with_default_prompt(base: str, context: context_opt.Context):
+    """The base's tokenizer, its chat template changed so that `context` is the default start of a chat:
+    its system message, then its worked examples as turns ("turns" format). User-only conversations must
+    render exactly as fst prompted the model, and a caller's own system message must still win; checked
+    here, before anything is loaded or written."""
     tok = infra.load_tokenizer(base)
     if not tok.chat_template:
         raise SystemExit(f"{base}: its tokenizer has no chat template to put the best prompt in")
     original, user = tok.chat_template, [{"role": "user", "content": "2 + 3?"}]
-    tok.chat_template = with_default_system_prompt(original, prompt)
+    start = context.messages(_UserOnly(), {"question": ""})[:-1]  # system message and demo turns
+    prompt = start[0]["content"]
+    tok.chat_template = with_default_system_prompt(original, prompt, start[1:])
     render = lambda messages, template: tok.apply_chat_template(  # noqa: E731
         messages, chat_template=template, tokenize=False, add_generation_prompt=True)
     own = [{"role": "system", "content": "Mine."}] + user
     why = ""
     try:
-        same = (render(user, None) == render([{"role": "system", "content": prompt}] + user, original)
+        same = (render(user, None) == render(start + user, original)
                 and render(own, None) == render(own, original))
     except Exception as e:  # e.g. a template that raises "System role not supported"
         same, why = False, f" ({type(e).__name__}: {e})"
@@ -515,6 +522,13 @@ def _tokenizer_with_default_prompt(base: str, prompt: str):
         raise SystemExit(f"{base}: its chat template does not take a system message the usual way"
                          f"{why}; cannot make the best prompt its default")
     return tok
+
+
+class _UserOnly:
+    """A stand-in task whose chat is the system message and the question: what a context adds to a chat."""
+
+    def messages(self, problem, system_prompt):
+        return [{"role": "system", "content": system_prompt}, {"role": "user", "content": problem["question"]}]
 
 
 def _write_weights(cfg, ckpt: Path, base: str, tmp: Path, *, merge: bool, dtype: str,
@@ -564,14 +578,14 @@ def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False
     base = infra.resolve_model_path(cfg.model.name)
     if Path(base).exists():
         base = str(Path(base).resolve())
-    best_file, notes = ckpt / "best_prompt.txt", []
-    if best_file.exists():
-        prompt = best_file.read_text()
-    else:  # the seed prompt, chosen as fst.train chooses it
-        prompt = fst.seed_prompt(cfg, make_task(cfg.task.name, cfg))
-        notes.append(f"> {best_file} is missing: the default system message is the run's seed prompt.")
+    notes, context = [], context_opt.best_context(ckpt)  # the best instruction and its worked examples
+    if context is None:  # the seed prompt, chosen as fst.train chooses it
+        task = make_task(cfg.task.name, cfg)
+        context = context_opt.Context(rewards.seed_prompt(task, cfg.task.system_prompt, continual=bool(cfg.schedule)))
+        notes.append(f"> {ckpt / 'pool.json'} is missing: the default system message is the run's seed prompt.")
+    prompt = context.instruction if context.demo_format == "turns" else context.text()  # the system message
 
-    tok = _tokenizer_with_default_prompt(base, prompt)   # first: its template is checked before any writing
+    tok = _tokenizer_with_default_prompt(base, context)   # first: its template is checked before any writing
 
     tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: never half an export
     if tmp.exists():
@@ -580,6 +594,7 @@ def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False
     _write_weights(cfg, ckpt, base, tmp, merge=merge, dtype=dtype, notes=notes)
     tok.save_pretrained(tmp)
     (tmp / "system_prompt.txt").write_text(prompt)
+    (tmp / "context.json").write_text(json.dumps(dataclasses.asdict(context), indent=1))  # + the demo turns
     (tmp / "README.md").write_text(_model_card(
         cfg, run=run, ckpt=ckpt, base=base, merge=merge, dtype=dtype, prompt=prompt,
         validation=final_validation(run, int(ckpt.name.split("_")[-1]) + 1), notes=notes))

@@ -285,17 +285,17 @@ class RolloutPlan(NamedTuple):
     prompt_id: list[int]     # [R] the pool prompt each sample was written under
 
 
-def plan_rollouts(tok, task, problems: list[dict], prompts: list, group_size: int, seed: int,
+def plan_rollouts(tok, task, problems: list[dict], pool: context_opt.PromptPool, group_size: int, seed: int,
                   step: int, first: int = 0) -> RolloutPlan:
-    """Step 1: each problem's G rollouts spread over the pool's active `prompts` (one group each).
+    """Step 1: each problem's G rollouts spread over the pool's active contexts (one group each).
     `first`: the batch index of problems[0] (under torchrun a rank plans a slice of the batch), so a
     problem gets the same contexts whichever rank holds it."""
-    plan = RolloutPlan(chats=[], counts=[], group=[], prompt_id=[])
+    plan, prompts = RolloutPlan(chats=[], counts=[], group=[], prompt_id=[]), [p for p in pool if p.in_top_k]
     for g, problem in enumerate(problems):
         choice = assign_contexts(len(prompts), group_size,
                                  random.Random(infra.seed_for("contexts", seed, step, first + g)))
         for k in sorted(set(choice)):
-            plan.chats.append(rollout.encode_chat(tok, task.messages(problem, prompts[k].text)))
+            plan.chats.append(rollout.encode_chat(tok, pool.context(prompts[k]).messages(task, problem)))
             plan.counts.append(choice.count(k))
             plan.group.extend([g] * choice.count(k))
             plan.prompt_id.extend([prompts[k].id] * choice.count(k))
@@ -325,8 +325,7 @@ def make_experience(cfg: Config, run: Run, task, batch: list[dict], step: int) -
     for its own slice of the batch's problems (whole groups), with a sampling seed of its own."""
     mine = run.dist.shard(list(range(len(batch))))  # this rank's batch indices (all of them in one process)
     problems = [batch[i] for i in mine]
-    plan = plan_rollouts(run.tok, task, problems, [p for p in run.pool if p.in_top_k],
-                         cfg.sampling.group_size, cfg.train.seed, step, mine[0])
+    plan = plan_rollouts(run.tok, task, problems, run.pool, cfg.sampling.group_size, cfg.train.seed, step, mine[0])
     t0 = time.perf_counter()
     gen = run.dist.generator(run.device, infra.seed_for("step", cfg.train.seed, step))
     ro = rollout.sample(run.model, run.tok, plan.chats, plan.counts, **cfg.sampling.generation(), generator=gen)
@@ -464,7 +463,7 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
     gen = run.dist.generator(run.device, infra.seed_for("fast", cfg.train.seed, step))
     evaluate = context_opt.make_evaluate(run.model, run.tok, task, **cfg.sampling.generation(), generator=gen)
     reflect = context_opt.make_reflector(
-        run.model, run.tok, use_adapter=cfg.fast.reflector == "policy",
+        *(run.reflector or (run.model, run.tok)), use_adapter=cfg.fast.reflector == "policy",
         max_new_tokens=cfg.fast.reflector_max_new_tokens, temperature=cfg.fast.reflector_temperature,
         top_p=cfg.fast.reflector_top_p, generator=gen, reply_format=cfg.fast.reflector_format)
     evaluate, reflect = run.dist.split_round(evaluate, reflect)  # torchrun: each call's items split over ranks
@@ -488,7 +487,7 @@ def validate(cfg: Config, run: Run, step: int, log):
     `step` here counts the updates done so far: 0 is the model before training. Under torchrun the
     problems are split over ranks (eval.evaluate gathers the results)."""
     import eval as evaluation  # eval.py imports this file: at the top this import would be circular
-    prompts = {"seed": run.seed_prompt} | ({"best": run.pool.best().text} if cfg.mode != "rl" else {})
+    prompts = {"seed": run.seed_prompt} | ({"best": run.pool.context(run.pool.best())} if cfg.mode != "rl" else {})
     for name, (task, problems) in run.val_sets.items():
         for which, text in prompts.items():
             gen = run.dist.generator(run.device, infra.seed_for("validation", cfg.train.seed))
@@ -518,7 +517,8 @@ class Run:
     guard: infra.UpdateGuard
     dist: Dist = Dist()                # under torchrun: this process's rank and the world size
     totals: dict = field(default_factory=lambda: {"rollouts_rl": 0, "rollouts_fast": 0, "reflector_calls": 0})
-    demo_buffer: list = field(default_factory=list)  # (problem, completion, reward) for the demo operator
+    demo_buffer: list = field(default_factory=list)  # (problem, completion, reward) for the demo operators
+    reflector: tuple | None = None     # (model, tokenizer) of fast.reflector when it names another model
     start: int = 0                     # the first step this process runs
 
     @property
@@ -574,13 +574,6 @@ def make_task(tc: TaskConfig):
     return rewards.task_from_config(tc.name, tc.seed, tc.train_path, tc.test_path, tc.options)
 
 
-def seed_prompt(cfg: Config, task) -> str:
-    """The prompt a run starts from: the config's, else the task's own; a continual run (a schedule)
-    starts from the task-agnostic prompt, whatever task it is on."""
-    default = rewards.TASK_AGNOSTIC_PROMPT if cfg.schedule else task.default_system_prompt
-    return cfg.task.system_prompt or default
-
-
 def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config",
               dist: Dist = Dist()) -> Run:
     """Set-up: device, model (a fresh adapter, the run's last checkpoint, or init_from's), the tasks and
@@ -596,15 +589,17 @@ def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str
     tasks = [make_task(s) for s in stages]
     streams = [rewards.ProblemStream(t.load("train"), cfg.train.batch_size,
                                      infra.seed_for("stream", cfg.train.seed, index=i)) for i, t in enumerate(tasks)]
-    pool = context_opt.PromptPool(seed_prompt(cfg, tasks[0]))
+    seed_prompt = rewards.seed_prompt(tasks[0], cfg.task.system_prompt, continual=bool(cfg.schedule))
+    pool = context_opt.PromptPool(seed_prompt, cfg.fast.demo_format)
     if init and cfg.init_pool and (init / "pool.json").exists():
         pool = context_opt.PromptPool.load(init / "pool.json")
     val_sets = {t.name: (t, t.load("test")[:cfg.eval.n]) for t in tasks} if cfg.eval.every else {}
     optimizer, scheduler = make_optimizer(model, cfg.train)
     run = Run(run_dir=run_dir, device=device, model=model, tok=tok, optimizer=optimizer, scheduler=scheduler,
               tasks=tasks, streams=streams, stage_ends=list(itertools.accumulate(s.steps for s in stages)),
-              seed_prompt=seed_prompt(cfg, tasks[0]), pool=pool, val_sets=val_sets,
-              guard=infra.UpdateGuard(run_dir), dist=dist)
+              seed_prompt=seed_prompt, pool=pool, val_sets=val_sets, guard=infra.UpdateGuard(run_dir), dist=dist,
+              reflector=infra.load_frozen_model(cfg.fast.reflector, cfg.model, device)  # loaded once
+              if cfg.mode != "rl" and cfg.fast.reflector not in ("base", "policy") else None)
     if ckpt:
         run.restore(ckpt)
     return run

@@ -360,9 +360,55 @@ def load_model(cfg, device: torch.device, adapter_path: str | None = None):
     if cfg.quant != "4bit":
         _hide_bitsandbytes_kernel_warning()  # must run before peft imports bitsandbytes
     from peft import LoraConfig, PeftModel, get_peft_model
+
+    model, tok = _causal_lm(cfg.name, cfg, device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if adapter_path:  # resume / init_from: the saved adapter becomes the trainable one
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+    else:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    # LoRA weights in float32 even on a bf16 base: Adam updates of 1e-5 vanish in bf16.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if cfg.quant == "4bit":
+        keep_4bit_layers_differentiable(model)
+    return model, tok
+
+
+def load_frozen_model(name: str, cfg, device: torch.device):
+    """(model, tokenizer) of another causal LM that only generates (fast.reflector: a stronger critic, as
+    the paper's): loaded once, with the policy's dtype and quantisation (4-bit on a GPU recipe), in eval
+    mode, every weight frozen."""
+    if cfg.quant != "4bit":
+        _hide_bitsandbytes_kernel_warning()
+    try:
+        model, tok = _causal_lm(name, cfg, device)
+    except OSError as e:  # not on the hub, not on disk: one line, not a traceback
+        raise SystemExit(f"fast.reflector: cannot load {name!r}: {str(e).splitlines()[0]}") from None
+    model.requires_grad_(False)
+    return model.eval(), tok
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` can name no model here (None when it can): an alias, an existing folder or .gguf file,
+    or a hub id ("org/name"), which only loading can check."""
+    if name in MODEL_ALIASES or Path(name).exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not (
+            name.startswith((".", "/")) or name.endswith(".gguf")):
+        return None
+    return f"{name!r} is no model alias ({', '.join(MODEL_ALIASES)}), existing folder or file, or hub id"
+
+
+def _causal_lm(name: str, cfg, device: torch.device):
+    """The plain causal LM `name` (hub id, folder, .gguf, alias) and its tokenizer, as `cfg` (a
+    ModelConfig: dtype, quant, attn) says, on `device`."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(cfg.name)
+    path = resolve_model_path(name)
     tok = load_tokenizer(path)
     dtype = getattr(torch, cfg.dtype)
     attn = attn_implementation() if cfg.attn == "auto" else cfg.attn
@@ -383,21 +429,6 @@ def load_model(cfg, device: torch.device, adapter_path: str | None = None):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.quant == "none":
         model.to(device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if adapter_path:  # resume / init_from: the saved adapter becomes the trainable one
-        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
-    else:
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_targets, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-    # LoRA weights in float32 even on a bf16 base: Adam updates of 1e-5 vanish in bf16.
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    if cfg.quant == "4bit":
-        keep_4bit_layers_differentiable(model)
     return model, tok
 
 
@@ -721,7 +752,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, pool,
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)  # adapter_model.safetensors + adapter_config.json
     pool.save(tmp / "pool.json")
-    (tmp / "best_prompt.txt").write_text(pool.best().text)
+    (tmp / "best_prompt.txt").write_text(pool.context(pool.best()).text())  # for people: demos as text
     python_rng, numpy_rng = random.getstate(), np.random.get_state()
     (tmp / "trainer_state.json").write_text(json.dumps(
         {"format": STATE_FORMAT, "step": step, **extra,

@@ -80,6 +80,12 @@ def task_from_config(name: str, seed: int = 0, train_path: str | None = None, te
     return get_task(name, **({k: v for k, v in common.items() if k in accepted} | dict(options or {})))
 
 
+def seed_prompt(task, system_prompt: str = "", continual: bool = False) -> str:
+    """The prompt a run starts from: the config's (`system_prompt`), else the task's own; a continual
+    run (a schedule of tasks) starts from the task-agnostic prompt, whatever task it is on."""
+    return system_prompt or (TASK_AGNOSTIC_PROMPT if continual else task.default_system_prompt)
+
+
 def score_completion(task, problem: dict, completion: str) -> tuple[float, str]:
     """task.score that never raises: a broken scorer costs one sample's reward, not the run."""
     try:

@@ -102,7 +102,7 @@ def side_summary(side: str, pair: int, raw: dict) -> dict:
         "proposals_by_operator": fast["proposals_by_operator"], "accepted_by_operator": fast["accepted_by_operator"],
         "rejected_by_operator": fast["rejected_by_operator"], "skipped": fast["skipped"],
         "seconds_reflecting": fast["seconds_reflecting"], "seconds_scoring": fast["seconds_scoring"],
-        "seconds_demo": fast["seconds_demo"], "reflector_tokens": fast["reflector_tokens"],
+        "seconds_proposing": fast["seconds_proposing"], "reflector_tokens": fast["reflector_tokens"],
         "reflect_guard_pass": reflect_proposals - sum(guard.values()), "reflect_proposals": reflect_proposals,
         "rl_step_seconds": raw["rl_step_seconds"], "rl_step_median": rl,
         "round_in_rl_steps": fast["seconds"] / rl, "accepted_prompts": fast["accepted_prompts"],

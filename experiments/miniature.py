@@ -39,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import context_opt  # noqa: E402
 import eval as evaluation  # noqa: E402
 import infra  # noqa: E402
 import fst  # noqa: E402
@@ -251,7 +252,7 @@ def eval_steps(run_dir: Path) -> list[int]:
 
 def measure_kl(run_dir: Path, tasks: list[str], kl_n: int) -> dict:
     """{eval step: {task: exact KL(trained || base) per token}} with the prompt deployed at that
-    checkpoint (best_prompt.txt: the seed prompt for rl), from eval.kl_to_base. Step 0 is the weights
+    checkpoint (its pool's best context: the seed prompt for rl), from eval.kl_to_base. Step 0 is the weights
     the run started from: the base model (LoRA B = 0, KL 0 exactly) or, with init_from, that
     checkpoint under the run's own seed prompt. gepa never updates the weights: 0 throughout."""
     cfg = fst.load_config(str(run_dir / "config.yaml"))
@@ -270,12 +271,12 @@ def measure_kl(run_dir: Path, tasks: list[str], kl_n: int) -> dict:
             if not ckpt.is_dir():
                 raise SystemExit(f"{ckpt} missing: validation at step {step} has no checkpoint "
                                  "(train.save_every must equal eval.every)")
-            prompt = (ckpt / "best_prompt.txt").read_text()
+            prompt = context_opt.best_context(ckpt)
         model, tok = infra.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
         kl = {}
         for name in tasks:
             task = made.setdefault(name, evaluation.make_task(name, cfg))
-            seed_prompt = fst.seed_prompt(cfg, task)
+            seed_prompt = rewards.seed_prompt(task, cfg.task.system_prompt, continual=bool(cfg.schedule))
             kl[name] = evaluation.kl_to_base(
                 model, tok, task, task.load("test")[:kl_n], prompt or seed_prompt, n_samples=1,
                 max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
@@ -304,14 +305,14 @@ def measure_two_by_two(run_dir: Path, task_name: str) -> dict:
         logged = {(r["step"], r["prompt"]): r for r in rows}
         model, tok = infra.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
         task = evaluation.make_task(task_name, cfg)
-        evolved = (ckpt / "best_prompt.txt").read_text()
+        evolved = context_opt.best_context(ckpt)
         base_evolved = evaluation.evaluate(
             model, tok, task, task.load("test")[:cfg.eval.n], evolved, k=cfg.eval.k, use_adapter=False,
             max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
             top_p=cfg.sampling.top_p, generator=torch.Generator().manual_seed(cfg.train.seed + 12345))  # = validation's
         cells = {("base", "seed"): logged[0, "seed"], ("trained", "seed"): logged[last, "seed"],
                  ("trained", "evolved"): logged[last, "best"], ("base", "evolved"): base_evolved}
-        cache["two_by_two"] = {"step": last, "evolved_prompt": evolved,
+        cache["two_by_two"] = {"step": last, "evolved_prompt": evolved.text(), "evolved_demos": len(evolved.demos),
                                "accuracy": evaluation.two_by_two(lambda w, p: cells[w, p]["accuracy"]),
                                "mean_reward": evaluation.two_by_two(lambda w, p: cells[w, p]["mean_at_k"]),
                                "pass_at_k": evaluation.two_by_two(lambda w, p: cells[w, p]["pass_at_k"])}

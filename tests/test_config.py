@@ -230,3 +230,9 @@ def test_eval_on_a_folder_that_is_not_a_run_or_with_a_bad_value(tmp_path):
     (tmp_path / "config.yaml").write_text((ROOT / "configs" / "tiny.yaml").read_text())
     with pytest.raises(SystemExit, match=r"^config error: config key 'eval.k' must be >= 1, got 0$"):
         ev.main([str(tmp_path), "--set", "eval.k=0"])
+
+
+def test_a_reflector_model_that_cannot_exist_stops_at_start_up(tmp_path):
+    message = start(tmp_path, "mode=fst", f"fast.reflector={tmp_path / 'no-such-model'}")
+    assert message.startswith("config error: config key 'fast.reflector' must be base, policy or a model")
+    assert "no-such-model" in message

@@ -14,6 +14,7 @@ import pytest
 
 import context_opt as co
 import infra
+from conftest import GSM8K_TEST
 from context_opt import Prompt, PromptPool, fast_round
 
 SEED = "Solve the problem step by step."
@@ -34,9 +35,11 @@ def problems(n: int) -> list[dict]:
 
 
 def scorer(reward_fn, log: list | None = None):
-    """evaluate() from reward_fn(prompt_text, problem) -> reward; logs every (prompt, problem) pair."""
-    def evaluate(texts, probs):
-        assert len(texts) == len(probs)
+    """evaluate() from reward_fn(context_text, problem) -> reward; logs every (context text, problem) pair
+    (a context's text: its instruction, then its demos as "Example: ..." blocks)."""
+    def evaluate(contexts, probs):
+        assert len(contexts) == len(probs)
+        texts = [co.as_context(c).text() for c in contexts]
         if log is not None:
             log.extend(zip(texts, probs))
         return [(f"output of {p['id']}", reward_fn(t, p), f"feedback on {p['id']}") for t, p in zip(texts, probs)]
@@ -100,10 +103,10 @@ def test_top_k_ranks_by_coverage_then_mean_and_marks_active():
     # Fronts: q1 {A}, q2 {B}, q3 {B}; D is dominated by B; C is non-dominated but on no front.
     assert [p.id for p in pool.top_k(2)] == [i["B"], i["A"]]
     assert [p.in_top_k for p in pool] == [True, True, False, False]
-    assert pool.active_texts() == ["A", "B"]
+    assert [p.text for p in pool if p.in_top_k] == ["A", "B"]
     assert pool.best().id == i["B"]
     fresh = PromptPool(SEED)
-    assert fresh.active_texts() == [SEED] and fresh.sample_parent(random.Random(0)).text == SEED
+    assert [p.text for p in fresh if p.in_top_k] == [SEED] and fresh.sample_parent(random.Random(0)).text == SEED
 
 
 def test_pool_json_round_trip(tmp_path):
@@ -157,11 +160,12 @@ def test_extract_prompt_takes_the_last_closed_block():
 
 
 def test_reflection_prompt_shows_everything_the_reflector_needs():
-    text = co.build_reflection_prompt("PARENT PROMPT", [
+    chat = co.build_reflection_prompt("PARENT PROMPT", [
         {"question": "Q1 text", "output": "full output 1", "reward": 0.0, "feedback": "expected 18, got 16"}])
+    request = chat[-1]["content"]                   # after the worked reflection turn
     for part in ("PARENT PROMPT", "Q1 text", "full output 1", "0.00", "expected 18, got 16",
-                 "INCREMENTAL", "ONE fenced block"):
-        assert part in text
+                 "keep what still helps", "instruction only", "ONE fenced block"):
+        assert part in request
 
 
 # ---------------------------------------------------------------- fast rounds
@@ -188,11 +192,12 @@ def test_round_with_a_better_proposal_improves_the_pool_and_links_parent():
     child = pool.best()
     assert (child.parent_id, child.born_step, child.operator, child.in_top_k) == (0, 6, "reflect", True)
     assert list(pool) == [child]                     # the seed is dominated now, hence dropped
-    assert stats["accepted_prompts"] == [child.text] and pool.active_texts() == [child.text]
+    assert stats["accepted_prompts"] == [child.text] and [p.text for p in pool if p.in_top_k] == [child.text]
     # The minibatch is exactly the parent's three failures, with outputs and feedback shown.
+    request = asked[0][-1]["content"]
     for p in anchors:
-        assert (p["question"] in asked[0]) == (p["id"] in failing)
-    assert "feedback on p03" in asked[0] and "output of p05" in asked[0]
+        assert (p["question"] in request) == (p["id"] in failing)
+    assert "feedback on p03" in request and "output of p05" in request
 
 
 @pytest.mark.parametrize("rescore_parent, proposals", [(False, 10), (True, 5)])
@@ -220,8 +225,8 @@ def test_garbage_reflector_leaves_pool_unchanged_and_counts_reasons(wave):
     assert [p.text for p in pool] == [p.text for p in before] and stats["accepted"] == 0
     assert stats["proposals"] == 12 and stats["metric_calls"] == 4        # patience ends the round
     assert stats["waves"] == 12 // wave
-    assert stats["rejected"] == {"empty": 2, "no_fence": 2, "too_long": 2, "thinking": 2,
-                                 "same_as_parent": 2, "copies_anchor": 2, "not_better": 0}
+    assert stats["rejected"] == {"empty": 2, "no_fence": 2, "too_long": 2, "thinking": 2, "same_as_parent": 2,
+                                 "duplicate": 0, "copies_anchor": 2, "copies_example": 0, "not_better": 0}
     assert stats["rejected_by_operator"] == {"reflect": stats["rejected"]}
 
 
@@ -247,10 +252,10 @@ def test_budget_is_respected(budget, wave, rescore_parent):
                        reflect=each(lambda _: fenced(f"{SEED} variant {next(counter)}")), rng=random.Random(1))
     assert stats["metric_calls"] == len(log)
     scoring, most = len(anchors), 3 * (2 if rescore_parent else 1)       # one live prompt, scored first
-    assert stats["metric_calls"] <= scoring + budget + wave * (len(anchors) - 3)   # documented overshoot
+    assert stats["metric_calls"] <= scoring + budget + wave * len(anchors)   # documented overshoot
     assert stats["metric_calls"] > scoring + budget - most                 # and it did spend it
     assert stats["proposals"] == stats["accepted"] + stats["rejected"]["not_better"]
-    assert all(len(p.scores) == len(anchors) for p in pool) and 1 <= len(pool.active_texts()) <= 4
+    assert all(len(p.scores) == len(anchors) for p in pool) and 1 <= sum(p.in_top_k for p in pool) <= 4
 
 
 @pytest.mark.parametrize("wave", [1, 3, 4])
@@ -298,7 +303,7 @@ def test_demo_operator_uses_only_rewarded_non_anchor_solutions():
                        reflect=pytest.fail, step=12, rng=random.Random(0), demo_buffer=buffer)
     child = pool.best()
     assert stats["accepted_by_operator"] == {"demo": 1} and child.operator == "demo" and child.parent_id == 0
-    assert child.text == f"{SEED}\n\nExample:\nProblem: {past[1]['question']}\nSolution: 6 + 9 = 15. Answer: 15"
+    assert child.text == SEED and child.demos == [[past[1]["question"], "6 + 9 = 15. Answer: 15"]]
     assert not any("LEAKED" in text or "wrong solution" in text for text, _ in log)
     assert stats["skipped"]["no_demo"] >= 1         # the one good demo is in the child already
 
@@ -379,12 +384,16 @@ def sequential_scenario(**wave_settings) -> tuple[list[dict], dict]:
     return rounds, pool.to_json()
 
 
-# What the sequential loop (one proposal at a time, parent judged on its anchor rollouts) returned for
-# sequential_scenario before waves existed: a readable summary, then a digest of its every field.
-SEQUENTIAL_ROUNDS = [(9, 5, 69, {"no_fence": 1, "not_better": 3}, [3, 5]), (6, 5, 70, {"no_fence": 1}, [3, 5, 9, 8])]
-SEQUENTIAL_POOL = [(3, 2, "reflect", 5), (5, 0, "demo", 5), (8, 5, "reflect", 11), (9, 8, "demo", 11)]
-SEQUENTIAL_DIGEST = "a173d9d1475295804dd9d5f56ea6842184e54174355b3151594df611f38b5daa"
-NEW_STATS = {"wave", "waves", "rejected_by_operator", "seconds_reflecting", "seconds_scoring", "seconds_demo",
+# What the sequential loop (one proposal at a time, parent judged on its anchor rollouts) returns for
+# sequential_scenario: a readable summary, then a digest of its every field. Recorded before waves existed;
+# regenerated once when contexts got worked examples as a list, duplicates a guard, and accepted children a
+# fresh score on every anchor (issue 18): demo children now keep the instruction and add to the demos.
+SEQUENTIAL_ROUNDS = [(10, 5, 78, {"no_fence": 1, "same_as_parent": 1, "duplicate": 2, "not_better": 1}, [3, 4, 5]),
+                     (7, 4, 82, {"no_fence": 1, "duplicate": 2}, [3, 6, 8, 4])]
+SEQUENTIAL_POOL = [(3, 0, "demo", 5), (4, 3, "reflect", 5), (5, 3, "demo", 5), (6, 4, "demo", 11),
+                   (7, 5, "reflect", 11), (8, 7, "reflect", 11), (9, 3, "reflect", 11)]
+SEQUENTIAL_DIGEST = "bfd0d89b5f6b49e9fbade02adb7b93265d3ff23c6797fafb777483d946fe6df8"
+NEW_STATS = {"wave", "waves", "rejected_by_operator", "seconds_reflecting", "seconds_scoring", "seconds_proposing",
              "reflector_tokens"}
 
 
@@ -413,7 +422,7 @@ def test_a_child_no_better_than_its_parent_passes_only_by_fair_chance(wave):
         coin, counter = random.Random(1), iter(range(10 ** 6))
         evaluate = lambda texts, probs: [("out", float(coin.random() < 0.3), "fb") for _ in texts]  # noqa: E731
         accepted = judged = 0
-        for r in range(80):
+        for r in range(90):
             stats = fast_round(PromptPool(SEED), problems(12),
                                settings(12, 60, wave=wave, rescore_parent=rescore_parent), evaluate=evaluate, step=r,
                                reflect=each(lambda _: fenced(f"{SEED} variant {next(counter)}")),
@@ -430,9 +439,9 @@ def test_a_child_no_better_than_its_parent_passes_only_by_fair_chance(wave):
 def test_a_wave_reflects_and_scores_in_one_call_each():
     anchors, reflect_calls, evaluate_calls = problems(6), [], []
 
-    def evaluate(texts, probs):
-        evaluate_calls.append(list(zip(texts, [p["id"] for p in probs])))
-        return scorer(magic)(texts, probs)
+    def evaluate(contexts, probs):
+        evaluate_calls.append(list(zip([c.text() for c in contexts], [p["id"] for p in probs])))
+        return scorer(magic)(contexts, probs)
 
     def reflect(prompts):
         reflect_calls.append(len(prompts))
@@ -442,13 +451,13 @@ def test_a_wave_reflects_and_scores_in_one_call_each():
     stats = fast_round(pool, anchors, settings(6, 60, wave=4), evaluate=evaluate, reflect=reflect, step=6,
                        rng=random.Random(0))
     assert reflect_calls == [4] and stats["reflector_tokens"] == 28 and stats["waves"] == 1
-    anchor_scoring, minibatches, rest = evaluate_calls          # then every parent is perfect: skips
-    assert len(anchor_scoring) == 6 and len(rest) == 4 * 3
+    anchor_scoring, minibatches, rescored = evaluate_calls      # then every parent is perfect: skips
+    assert len(anchor_scoring) == 6 and len(rescored) == 4 * 6  # each accepted child afresh on every anchor
     children = [pair for pair in minibatches if "MAGIC" in pair[0]]
     parent = [pair for pair in minibatches if pair[0] == SEED]
     assert len(children) == 4 * 3 and len(parent) == len(set(parent)) <= 6   # the parent once per problem
     assert {pid for _, pid in children} == {pid for _, pid in parent}         # ...where its children are judged
-    assert stats["accepted"] == 4 and stats["metric_calls"] == 6 + len(minibatches) + 12
+    assert stats["accepted"] == 4 and stats["metric_calls"] == 6 + len(minibatches) + 24
     assert stats["skipped"]["perfect_parent"] == 10
 
 
@@ -457,9 +466,9 @@ def test_demo_children_join_the_wave_and_rejections_are_split_by_operator():
     # Worked solutions to past problems, every other one too long to fit in a prompt.
     buffer = [(p, f"solution {p['id']} " + "x" * 300 * (n % 2), 1.0) for n, p in enumerate(problems(20)[12:])]
 
-    def evaluate(texts, probs):
-        evaluate_calls.append(texts)
-        return scorer(lambda text, problem: 0.0)(texts, probs)
+    def evaluate(contexts, probs):
+        evaluate_calls.append([c.text() for c in contexts])
+        return scorer(lambda text, problem: 0.0)(contexts, probs)
 
     def reflect(prompts):
         reflect_calls.append(len(prompts))
@@ -474,7 +483,7 @@ def test_demo_children_join_the_wave_and_rejections_are_split_by_operator():
     assert stats["rejected_by_operator"]["reflect"]["no_fence"] == len(reflect_calls)
     for reason, n in stats["rejected"].items():
         assert n == sum(by_op[reason] for by_op in stats["rejected_by_operator"].values())
-    assert stats["seconds_scoring"] > 0 and stats["seconds_reflecting"] > 0 and stats["seconds_demo"] > 0
+    assert stats["seconds_scoring"] > 0 and stats["seconds_reflecting"] > 0 and stats["seconds_proposing"] > 0
     assert stats["seconds"] >= stats["seconds_scoring"] + stats["seconds_reflecting"]
 
 
@@ -557,3 +566,105 @@ def test_fenced_reflector_on_a_real_tokenizer(tiny_model, tokenizer):
     chat = rollout.encode_chat(tokenizer, [{"role": "user", "content": "x"}])
     prefix = tokenizer.encode("```\n", add_special_tokens=False)
     assert tokenizer.decode(chat + prefix).endswith("assistant\n```\n")
+
+
+# ---------------------------------------------------------------- contexts: instruction + worked examples
+DEMOS = (("What is 2 + 2?", "2 + 2 = 4.\nAnswer: 4"), ("What is 3 + 5?", "3 + 5 = 8.\nAnswer: 8"))
+
+
+@pytest.mark.parametrize("name", sorted(__import__("rewards").TASKS))
+def test_a_context_renders_for_every_task_as_turns_or_in_the_system_message(name):
+    import rewards
+    task = rewards.get_task(name, **({"seed": 0, "n_train": 2, "n_test": 2} if name != "gsm8k" else
+                                     {"train_path": str(GSM8K_TEST), "test_path": str(GSM8K_TEST)}))
+    problem = task.load("test")[0]
+    own = task.messages(problem, "Be brief.")
+    turns = co.Context("Be brief.", DEMOS, "turns").messages(task, problem)
+    assert turns[0] == own[0] and turns[-len(own) + 1:] == own[1:]           # system first; the task's turns last
+    assert turns[1:5] == [{"role": "user", "content": DEMOS[0][0]}, {"role": "assistant", "content": DEMOS[0][1]},
+                          {"role": "user", "content": DEMOS[1][0]}, {"role": "assistant", "content": DEMOS[1][1]}]
+    system = co.Context("Be brief.", DEMOS, "system").messages(task, problem)
+    assert system[1:] == own[1:] and system[0]["content"] == (
+        "Be brief.\n\nExample:\nProblem: What is 2 + 2?\nSolution: 2 + 2 = 4.\nAnswer: 4"
+        "\n\nExample:\nProblem: What is 3 + 5?\nSolution: 3 + 5 = 8.\nAnswer: 8")
+    assert co.Context("Be brief.").messages(task, problem) == own                # no demos: the plain prompt
+
+
+def test_pool_json_round_trip_keeps_demos_and_the_format(tmp_path):
+    pool = PromptPool(SEED, demo_format="system")
+    child = pool.add(SEED, parent_id=0, step=6, operator="demo", demos=DEMOS, scores={"p00": 1.0})
+    pool.save(tmp_path / "pool.json")
+    loaded = PromptPool.load(tmp_path / "pool.json")
+    assert loaded.demo_format == "system" and loaded[child.id] == child
+    assert loaded.context(loaded[child.id]) == co.Context(SEED, DEMOS, "system") == pool.context(child)
+    old = {"next_id": 1, "prompts": [{k: v for k, v in vars(pool[0]).items() if k != "demos"}]}  # saved before demos
+    assert PromptPool.from_json(old).context(pool[0]) == co.Context(SEED, (), "system")
+
+
+def test_demos_are_cut_at_the_answer_line():
+    assert co.cut_to_answer("6 + 9 = 15.\nAnswer: 15\nNow another problem: 2 + 2") == "6 + 9 = 15.\nAnswer: 15"
+    assert co.cut_to_answer("no answer line here\n") == "no answer line here"
+
+
+def test_demo_operators_add_swap_and_drop_worked_examples():
+    past = problems(12)[6:]
+    buffer = [(p, f"{p['answer']} it is.\nAnswer: {p['answer']}\nextra chatter", 1.0) for p in past]
+    r_pool = PromptPool(SEED)
+    parent = r_pool.add(SEED, parent_id=0, step=0, operator="demo", demos=[(past[0]["question"], "x\nAnswer: 9")])
+    r = co._Round(cfg=co.FastConfig(max_demos=2), pool=r_pool, anchors=problems(6), ids=[f"p{i:02d}" for i in range(6)],
+                  questions=[], stats={}, evaluate=None, reflect=None, rng=random.Random(0), step=0, budget=0,
+                  demo_buffer=buffer, size=3, most=6)
+    added = co.OPERATORS["demo"].propose(r, parent, [0])
+    assert added.text == SEED and len(added.demos) == 2 and added.demos[0] == tuple(parent.demos[0])
+    assert added.demos[1][1].endswith("Answer: " + next(p["answer"] for p in past if p["question"] == added.demos[1][0]))
+    assert "chatter" not in added.demos[1][1] and added.demos[1][0] != past[0]["question"]  # cut; not one it shows
+    full = r_pool.add(SEED, parent_id=0, step=0, operator="demo", demos=added.demos)
+    assert co.OPERATORS["demo"].propose(r, full, [0]) is None                 # max_demos reached: a skip
+    swapped = co.OPERATORS["demo_swap"].propose(r, full, [0])
+    before = {tuple(d) for d in full.demos}
+    assert len(swapped.demos) == 2 and len(set(swapped.demos) & before) == 1      # one kept, one fresh
+    dropped = co.OPERATORS["demo_drop"].propose(r, full, [0])
+    assert len(dropped.demos) == 1 and dropped.demos[0] in before
+    assert co.OPERATORS["demo_drop"].propose(r, r_pool[0], [0]) is None       # nothing to drop: a skip
+
+
+def test_the_same_child_is_never_accepted_twice():
+    past = problems(8)[6:]
+    buffer = [(past[0], "6 + 9 = 15.\nAnswer: 15", 1.0)]                  # one demo to add: every draw proposes it
+    stats = fast_round(pool := PromptPool(SEED), problems(6), settings(6, 60, operators=["demo"], wave=4),
+                       evaluate=scorer(lambda text, problem: float("Answer: 15" in text)), reflect=pytest.fail,
+                       step=6, rng=random.Random(0), demo_buffer=buffer)
+    contexts = [pool.context(p) for p in pool]
+    assert len(contexts) == len(set(contexts)) and stats["accepted"] == 1
+    assert stats["rejected"]["duplicate"] >= 1                                # the wave's copies, then later draws
+
+
+def test_an_accepted_child_is_rescored_on_every_anchor_with_fresh_draws():
+    log, calls = [], []
+
+    def evaluate(contexts, probs):
+        calls.append(len(contexts))
+        return scorer(lambda text, problem: float("Try" in text), log)(contexts, probs)
+    stats = fast_round(pool := PromptPool(SEED), problems(6), settings(6, 12, wave=1), evaluate=evaluate,
+                       reflect=each(lambda _: fenced(f"{SEED} Try harder.")), step=6, rng=random.Random(0))
+    assert stats["accepted"] >= 1
+    child_text = f"{SEED} Try harder."
+    assert calls[2] == 6 and sum(text == child_text for text, _ in log[-6:]) == 6  # all 6 anchors, fresh
+    assert all(s == 1.0 for s in pool.best().scores.values()) and len(pool.best().scores) == 6
+
+
+def test_a_reply_that_copies_the_worked_reflection_is_rejected():
+    _, revised = co.WORKED_REFLECTION
+    copied = co.extract_prompt(revised)
+    assert co.copies_example(copied, SEED, " ".join(co.WORKED_REFLECTION))
+    assert not co.copies_example(f"{SEED} Add the tens first, then the ones.", SEED, " ".join(co.WORKED_REFLECTION))
+    stats = fast_round(PromptPool(SEED), problems(6), settings(6, 30, wave=2), evaluate=scorer(lambda t, p: 0.0),
+                       reflect=each(lambda _: revised), step=6, rng=random.Random(0))
+    assert stats["rejected"]["copies_example"] == stats["proposals"] > 0 and stats["accepted"] == 0
+
+
+def test_the_reflector_reads_a_worked_reflection_before_its_own_request():
+    chat = co.build_reflection_prompt("Be brief.", [{"question": "Q?", "output": "O", "reward": 0.0,
+                                                     "feedback": "Expected 3."}])
+    assert [m["role"] for m in chat] == ["user", "assistant", "user"]
+    assert chat[1]["content"].startswith("```") and "Be brief." in chat[2]["content"] and "Expected 3." in chat[2]["content"]

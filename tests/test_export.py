@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import context_opt
 import eval as ev
 import infra
 import fst
@@ -21,12 +22,13 @@ NEW_TOKENS = 12
 
 
 def fst_greedy(run, question):
-    """fst's own greedy generation: the checkpoint's adapter on, the best prompt as system message."""
+    """fst's own greedy generation: the checkpoint's adapter on, the pool's best context (its instruction as
+    system message, its worked examples as turns) before the question."""
     cfg = fst.load_config(str(run / "config.yaml"))
     ckpt = infra.latest_checkpoint(run)
     model, tok = infra.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
-    best = (ckpt / "best_prompt.txt").read_text()
-    prompt = rollout.encode_chat(tok, [{"role": "system", "content": best}, {"role": "user", "content": question}])
+    best = context_opt.best_context(ckpt)
+    prompt = rollout.encode_chat(tok, best.messages(rewards.Task(), {"question": question}))
     ro = rollout.sample(model, tok, [prompt], [1], max_new_tokens=NEW_TOKENS, temperature=0)
     with model.disable_adapter():  # the base alone: shows that the adapter changes the answer
         base = rollout.sample(model, tok, [prompt], [1], max_new_tokens=NEW_TOKENS, temperature=0)
@@ -75,6 +77,10 @@ def test_export_adapter_and_merged_generate_like_fst(tmp_path, tiny_model_dir, p
              "--set", f"task.system_prompt={json.dumps(TRICKY, ensure_ascii=False)}"]
     _run(tmp_path, "run", tiny_model_dir, 2, extra)
     run = tmp_path / "run"
+    pool_file = infra.latest_checkpoint(run) / "pool.json"   # a best context with worked examples, for sure
+    pool = context_opt.PromptPool.load(pool_file)
+    pool.best().demos = [["What is 1 + 1?", "1 + 1 = 2.\nAnswer: 2"], ["Say {{ x }} \"é\"", "Said.\nAnswer: 0"]]
+    pool.save(pool_file)
     question = rewards.get_task("arithmetic").load("test")[0]["question"]
     fst_prompt, want, base_answer = fst_greedy(run, question)
     assert want != base_answer  # the adapter matters, so losing it would fail this test
@@ -84,8 +90,9 @@ def test_export_adapter_and_merged_generate_like_fst(tmp_path, tiny_model_dir, p
     assert "LoRA adapter" in capsys.readouterr().out
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
-    best = (infra.latest_checkpoint(run) / "best_prompt.txt").read_text()
+    best = pool.best().text                         # the instruction: the default system message
     assert (adapter_dir / "system_prompt.txt").read_text() == best
+    assert json.loads((adapter_dir / "context.json").read_text())["demos"] == pool.best().demos
     card = (adapter_dir / "README.md").read_text()
     assert "| mode | fst |" in card and "| steps | 2 " in card and "| arithmetic | best |" in card
     assert best in card and str(Path(tiny_model_dir).resolve()) in card

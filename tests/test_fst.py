@@ -247,7 +247,7 @@ def _run(tmp_path, name, model_dir, steps, extra=(), resume=False):
 
 # Fields that depend on wall-clock time, not on the computation.
 TIMING = {"seconds_sampling", "seconds_base_kl", "seconds_training", "seconds_fast", "seconds_step",
-          "tokens_per_s", "seconds", "seconds_reflecting", "seconds_scoring", "seconds_demo"}
+          "tokens_per_s", "seconds", "seconds_reflecting", "seconds_scoring", "seconds_proposing"}
 
 
 
@@ -392,3 +392,31 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_continues(tmp_path, tin
     fst.main(["--resume", str(run_dir), "--set", f"train.steps={done[-1] + 2}"])
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
     assert steps == list(range(done[-1] + 2))
+
+
+def test_a_reflector_model_is_loaded_once_writes_the_proposals_and_is_never_trained(
+        tmp_path, tiny_model_dir, parity_rewards, monkeypatch):
+    import context_opt
+    loaded, reflectors = [], []
+    real_load, real_make = infra.load_frozen_model, context_opt.make_reflector
+
+    def load(*args, **kwargs):
+        loaded.append(real_load(*args, **kwargs))
+        return loaded[-1]
+
+    def make(model, tok, **kwargs):
+        reflectors.append(model)
+        return real_make(model, tok, **kwargs)
+    monkeypatch.setattr(infra, "load_frozen_model", load)
+    monkeypatch.setattr(context_opt, "make_reflector", make)
+    _run(tmp_path, "critic", tiny_model_dir, 4, extra=["--set", "mode=fst", "--set", "fast.every=2",
+                                                       "--set", "fast.budget=2", "--set", "fast.operators=[reflect]",
+                                                       "--set", "fast.reflector_max_new_tokens=8",
+                                                       "--set", f"fast.reflector={tiny_model_dir}"])
+    assert len(loaded) == 1 and len(reflectors) == 2                  # two rounds, one model
+    critic = loaded[0][0]
+    assert all(model is critic for model in reflectors) and not hasattr(critic, "disable_adapter")
+    assert not any(p.requires_grad for p in critic.parameters()) and not critic.training
+    fresh, _ = real_load(tiny_model_dir, fst.load_config("tiny.yaml", [f"model.name={tiny_model_dir}"]).model,
+                         torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(critic.state_dict().values(), fresh.state_dict().values()))
