@@ -744,9 +744,9 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
     metric_calls but not charged to the budget: with K = 4 it would otherwise eat 4/5 of it. A proposal
     joins a wave only while its minibatch (and its parent's, when re-scored) still fits, but an accepted
     child is always scored afresh on every anchor (its minibatch draws won its test: lucky ones), so
-    metric_calls <= L * len(anchors) + budget + wave * len(anchors). cfg.patience consecutive draws that spend nothing (skips,
-    guard rejections; counted in draw order, checked between waves) end the round: reflecting costs
-    time too. cfg.max_proposals > 0 also ends it after that many proposals (skips are not proposals),
+    metric_calls <= L * len(anchors) + budget + wave * len(anchors). cfg.patience consecutive draws
+    that spend nothing (skips, guard rejections; counted in draw order, checked between waves) end the
+    round: reflecting costs time too. cfg.max_proposals > 0 also ends it after that many proposals (skips are not proposals),
     so that two rounds can be compared at equal work (bench/fast_round.py). At the end the pool keeps
     its Pareto front, and its top cfg.pool_size prompts are marked for RL.
     """

@@ -172,8 +172,8 @@ def load_config(cls, path: str | None = None, overrides: list[str] = ()):
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"config key '{dotted}': '{p}' is not a section")
-        try:
-            node[leaf] = yaml.safe_load(raw)
+        try:  # `key=` (nothing after the =) is the empty string, as a user means it, not YAML's null
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             raise ConfigError(f"--set {item}: the value is not valid YAML") from None
     cfg = _build(cls, data)
@@ -945,9 +945,12 @@ def truncate_jsonl(path: Path, resume_step: int):
 def tracker_scalars(row: dict) -> dict[str, float]:
     """A metrics row -> {name: number}: `train/kl_to_base`, nested dicts flattened with '/'
     (`train/reward_by_prompt/3`), eval rows under their task and prompt (`eval/gsm8k/best/pass_at_k`).
-    Strings, lists, None and the step itself (the x axis) are left out."""
+    Strings, lists, None and the step itself (the x axis) are left out, and so are an eval row's rollout
+    counters (metrics.jsonl keeps them for the sample-efficiency plots): the train rows' curves have them.
+    """
     kind = row.get("kind", "train")
     prefix = f"eval/{row.get('task')}/{row.get('prompt')}" if kind == "eval" else kind
+    counters = ("rollouts_rl", "rollouts_fast", "reflector_calls") if kind == "eval" else ()
     out = {}
 
     def add(name, value):
@@ -958,7 +961,7 @@ def tracker_scalars(row: dict) -> dict[str, float]:
             out[name] = value
 
     for key, value in row.items():
-        if key not in ("kind", "step"):
+        if key not in ("kind", "step", *counters):
             add(f"{prefix}/{key}", value)
     return out
 

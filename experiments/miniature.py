@@ -163,6 +163,13 @@ def study3_specs(sizes: Sizes, runs_dir: Path) -> list[RunSpec]:
     return specs
 
 
+def portable(text: str, runs_dir: Path) -> str:
+    """Committed results name no folder of the machine that made them: run folders are written
+    relative to --runs-dir (`<runs-dir>/s1-rl-seed0`), files of the repo relative to it."""
+    return text.replace(str(Path(runs_dir).resolve()), "<runs-dir>").replace(str(runs_dir), "<runs-dir>").replace(
+        str(ROOT) + "/", "")
+
+
 def last_step_saved(run_dir: Path) -> int | None:
     ckpt = infra.latest_checkpoint(run_dir)
     return int(ckpt.name.removeprefix("step_")) if ckpt and ckpt.is_dir() else None
@@ -889,8 +896,8 @@ def main(argv=None):
             summary["studies"] = on_disk["studies"] | {k: summary["studies"][k] for k in done}  # written meanwhile
         done.append(s)
         summary["studies"][s] = result
-        summary_file.write_text(json.dumps(summary, indent=1))
-        (out / "README.md").write_text(readme(summary))
+        summary_file.write_text(portable(json.dumps(summary, indent=1), runs_dir))
+        (out / "README.md").write_text(portable(readme(summary), runs_dir))
         print(f"[miniature] study {s}: {_duration(result['wall_seconds'])} of runs and measurements "
               f"(expected {_duration(estimates[s] or 0)}); wrote {out}", file=sys.stderr)
         for line in result["findings"]:

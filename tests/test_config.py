@@ -236,3 +236,9 @@ def test_a_reflector_model_that_cannot_exist_stops_at_start_up(tmp_path):
     message = start(tmp_path, "mode=fst", f"fast.reflector={tmp_path / 'no-such-model'}")
     assert message.startswith("config error: config key 'fast.reflector' must be base, policy or a model")
     assert "no-such-model" in message
+
+
+def test_an_empty_override_is_the_empty_string():
+    assert fst.load_config("tiny.yaml", ["task.system_prompt="]).task.system_prompt == ""
+    with pytest.raises(infra.ConfigError, match="'train.steps' must be int, got str ''"):
+        fst.load_config("tiny.yaml", ["train.steps="])

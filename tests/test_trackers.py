@@ -19,7 +19,7 @@ TRAIN_ROW = {"kind": "train", "step": 3, "mode": "fst", "task": "gsm8k", "reward
 FAST_ROW = {"kind": "fast", "step": 3, "proposals": 4, "accepted": 2, "rejected": {"empty": 1, "not_better": 1},
             "accepted_prompts": ["Think step by step.\nAnswer: <n>", "Check the units."], "rollouts_fast": 30}
 EVAL_ROW = {"kind": "eval", "step": 4, "task": "gsm8k", "prompt": "best", "mean_at_k": 0.5, "pass_at_k": 0.75,
-            "n": 2, "k": 4}
+            "n": 2, "k": 4, "rollouts_rl": 64, "rollouts_fast": 30, "reflector_calls": 3}  # counters: train/, fast/
 WANT = {  # what each row becomes: name -> value (all at the row's step)
     3: {"train/reward_mean": 0.25, "train/completion_len_max": 17, "train/reward_by_prompt/0": 0.5,
         "train/reward_by_prompt/3": 0.0, "train/rollouts_rl": 64, "fast/proposals": 4, "fast/accepted": 2,
