@@ -716,7 +716,7 @@ def _finish(r: _Round, started: float) -> dict:
 
 
 def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfig, *, evaluate: Evaluate,
-               reflect: Reflect, step: int, rng, demo_buffer: Sequence = ()) -> dict:
+               reflect: Reflect, step: int, rng, demo_buffer: Sequence = (), progress=None) -> dict:
     """Improve the pool in place on this round's anchor set, as `cfg` (the config's `fast` section)
     says; return stats.
 
@@ -748,7 +748,8 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
     that spend nothing (skips, guard rejections; counted in draw order, checked between waves) end the
     round: reflecting costs time too. cfg.max_proposals > 0 also ends it after that many proposals (skips are not proposals),
     so that two rounds can be compared at equal work (bench/fast_round.py). At the end the pool keeps
-    its Pareto front, and its top cfg.pool_size prompts are marked for RL.
+    its Pareto front, and its top cfg.pool_size prompts are marked for RL. progress(proposals=, spent=,
+    budget=, accepted=, best=) is called after the pool's scoring and after every wave (a progress line).
     """
     if unknown := set(cfg.operators) - set(OPERATORS):
         raise ValueError(f"unknown operators {sorted(unknown)}; known: {list(OPERATORS)}")
@@ -767,6 +768,8 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
                evaluate=evaluate, reflect=reflect, rng=rng, step=step, budget=budget, demo_buffer=demo_buffer,
                size=size, most=size * (2 if cfg.rescore_parent else 1))
     _score_live_pool(r)
+    show = progress or (lambda **numbers: None)    # a progress line: proposals, budget spent, accepted, best
+    show(proposals=0, spent=0, budget=budget, accepted=0, best=r.pool.best().mean_score())
     while r.spent() + r.most <= budget and r.idle < cfg.patience and not _capped(r):
         draws = _draw_wave(r)
         proposals = [d for d in draws if d]
@@ -778,7 +781,18 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
         _score_accepted(r, _accept(r, trying, child_results, fresh))
         for draw in draws:                      # patience, in draw order
             r.idle = 0 if draw is not None and draw.scored else r.idle + 1
+        show(proposals=r.stats["proposals"], spent=r.spent(), budget=budget, accepted=r.stats["accepted"],
+             best=r.pool.best().mean_score())
     return _finish(r, t0)
+
+
+def round_report(stats: dict) -> str:
+    """One line on what a round changed: fast round @ step 6: 12 proposals, 2 accepted (demo, reflect),
+    best anchor 0.42 -> 0.50, 95 s."""
+    accepted = ", ".join(op for op, n in stats["accepted_by_operator"].items() for _ in range(n))
+    return (f"fast round @ step {stats['step']}: {stats['proposals']} proposals, {stats['accepted']} accepted"
+            f"{f' ({accepted})' if accepted else ''}, best anchor {stats['best_score_before']:.2f} -> "
+            f"{stats['best_score_after']:.2f}, {stats['seconds']:.0f} s")
 
 
 # ---------------------------------------------------------------- model-backed adapters

@@ -432,6 +432,73 @@ def with_default_system_prompt(chat_template: str, prompt: str, turns: list[dict
             "{%- endif %}" + chat_template)
 
 
+# ---------------------------------------------------------------------------------- end of a run
+def lineage(run: Path, prompt_id: int) -> list[str]:
+    """The operators that made a pool member, oldest first (seed, demo, reflect, ...), from every pool
+    file the run saved (ancestors a later round pruned are in the earlier files)."""
+    seen = {}
+    for path in sorted((Path(run) / "pool").glob("step_*.json")):
+        seen |= {p["id"]: p for p in json.loads(path.read_text())["prompts"]}
+    chain, at = [], seen.get(prompt_id)
+    while at is not None:
+        chain.insert(0, at["operator"])
+        at = seen.get(at["parent_id"])
+    return chain or ["seed"]
+
+
+def summarize(run: Path) -> str:
+    """What a run did, for the end of every run (an interrupted one too): held-out accuracy before ->
+    after (seed prompt and best context), KL to base, the best context and its lineage, where the wall
+    time went, and the commands to go on with. Written as RUN/summary.json; returns the text."""
+    run, rows = Path(run), read_metrics(run)
+    train = [r for r in rows if r.get("kind", "train") == "train"]
+    if not train:
+        return f"[fst] {run}: no step finished, nothing to summarise"
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    held_out = {}
+    for r in evals:
+        cell = held_out.setdefault(r["task"], {}).setdefault(r["prompt"], {"before": r["accuracy"]})
+        cell |= {"after": r["accuracy"], "steps": [cell.get("steps", [r["step"]])[0], r["step"]],
+                 "n": r["n"], "k": r["k"]}
+    pool_files = sorted((run / "pool").glob("step_*.json"))
+    best = None
+    if pool_files:
+        pool = context_opt.PromptPool.load(pool_files[-1])
+        top = pool.best()
+        best = {"instruction": top.text, "demos": len(top.demos), "born_step": top.born_step,
+                "lineage": lineage(run, top.id)}
+    fast = sum(r.get("seconds_fast", 0.0) for r in train)
+    out = {"run": str(run), "steps_done": train[-1]["step"] + 1, "mode": train[-1]["mode"],
+           "held_out_accuracy": held_out, "kl_to_base": train[-1]["kl_to_base"], "best_context": best,
+           "seconds": {"rl_steps": round(sum(r["seconds_step"] for r in train) - fast, 1),
+                       "fast_rounds": round(fast, 1), "fast_round_count": sum(r.get("kind") == "fast" for r in rows)},
+           "next": [f"python eval.py {run}", f"python eval.py compare {run} OTHER_RUN --out plots/",
+                    f"python eval.py export {run} --out DIR"]}
+    (run / "summary.json").write_text(json.dumps(out, indent=1))
+    return summary_text(out)
+
+
+def summary_text(out: dict) -> str:
+    lines = [f"[fst] summary of {out['run']} ({out['mode']}, {out['steps_done']} steps):"]
+    for task, cells in out["held_out_accuracy"].items():
+        shown = ", ".join(f"{'seed prompt' if which == 'seed' else 'best context'} {c['before']:.2f} -> "
+                          f"{c['after']:.2f}" for which, c in cells.items())
+        c = next(iter(cells.values()))
+        lines.append(f"  held-out accuracy on {task} ({c['n']} problems x {c['k']}, steps {c['steps'][0]} -> "
+                     f"{c['steps'][1]}): {shown}")
+    lines.append(f"  KL to base at the end: {out['kl_to_base']:.4f}")
+    if out["best_context"]:
+        b = out["best_context"]
+        first = " / ".join(b["instruction"].strip().splitlines()[:2])
+        lines.append(f"  best context: \"{first[:100]}\" + {b['demos']} worked example(s); lineage "
+                     f"{' -> '.join(b['lineage'])} (born at step {b['born_step']})")
+    t = out["seconds"]
+    lines.append(f"  wall time: {t['rl_steps'] / 60:.1f} min RL steps, {t['fast_rounds'] / 60:.1f} min in "
+                 f"{t['fast_round_count']} fast round(s) (validation not counted)")
+    lines += ["  next:"] + [f"    {cmd}" for cmd in out["next"]] + [f"  (also written to {out['run']}/summary.json)"]
+    return "\n".join(lines)
+
+
 def final_validation(run: Path, upto_step: int) -> list[dict]:
     """The eval rows of the last validation at or before `upto_step` updates (all tasks and prompts)."""
     rows = [r for r in read_metrics(run) if r.get("kind") == "eval" and r["step"] <= upto_step]

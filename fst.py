@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import itertools
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,7 +267,7 @@ def k3_kl(logp, base_logp):
 
 # ----------------------------------------------------------------------------------------------
 # One training step, in phases: 1-4 make_experience, 5 base_logprobs + mean_kl, 6 update, 7 train_row +
-# sample_rows, 8 fast_round_step. `train` below calls them in that order; the benchmarks call them too.
+# its samples (RunLog.samples), 8 fast_round_step. `train` below calls them in order; the benchmarks too.
 
 def assign_contexts(n_prompts: int, group_size: int, rng: random.Random) -> list[int]:
     """Which pool prompt each of a problem's G rollouts uses (mixing within the group):
@@ -442,17 +443,6 @@ def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: Upd
     }
 
 
-def sample_rows(exp: Experience, step: int, n: int) -> list[dict]:
-    """Step 7: samples.jsonl rows: the first rollout of each of the first n problems."""
-    group, rows = exp.group.tolist(), []
-    for g in range(min(n, len(exp.problems))):
-        i = group.index(g)
-        rows.append({"step": step, "problem_id": exp.problems[g]["id"], "prompt_id": exp.prompt_id[i],
-                     "question": exp.problems[g]["question"], "completion": exp.rollouts.texts[i],
-                     "reward": exp.scored[i][0], "feedback": exp.scored[i][1]})
-    return rows
-
-
 def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> float:
     """Step 8 (fst, gepa; every T steps): evolve the pool on the problems of the next T batches (the
     anchor set), the same model as critic; logs the round's "fast" row and returns its seconds. Under
@@ -468,10 +458,12 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
         top_p=cfg.fast.reflector_top_p, generator=gen, reply_format=cfg.fast.reflector_format)
     evaluate, reflect = run.dist.split_round(evaluate, reflect)  # torchrun: each call's items split over ranks
     reflect = infra.counted(reflect, run.totals, "reflector_calls")
-    with rollout.eval_mode(run.model):
+    with rollout.eval_mode(run.model), infra.RoundProgress(step, run.dist.is_main) as progress:
         stats = context_opt.fast_round(run.pool, anchors, cfg.fast, evaluate=evaluate, reflect=reflect, step=step,
                                        rng=random.Random(infra.seed_for("fast_choices", cfg.train.seed, step)),
-                                       demo_buffer=run.demo_buffer)
+                                       demo_buffer=run.demo_buffer, progress=progress)
+    if run.dist.is_main:
+        tqdm.write(f"[fst] {context_opt.round_report(stats)}", file=sys.stderr)
     run.totals["rollouts_fast"] += stats["metric_calls"]
     if run.dist.world > 1:
         run.pool = context_opt.PromptPool.from_json(run.dist.from_main(run.pool.to_json()))
@@ -482,10 +474,11 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
     return seconds
 
 
-def validate(cfg: Config, run: Run, step: int, log):
+def validate(cfg: Config, run: Run, step: int, log) -> dict:
     """Held-out accuracy (mean@k, pass@k) of each task in play, seed prompt and pool's best.
     `step` here counts the updates done so far: 0 is the model before training. Under torchrun the
-    problems are split over ranks (eval.evaluate gathers the results)."""
+    problems are split over ranks (eval.evaluate gathers the results). Returns the last accuracy
+    measured, for the progress bar: {"val_acc": "0.42"}."""
     import eval as evaluation  # eval.py imports this file: at the top this import would be circular
     prompts = {"seed": run.seed_prompt} | ({"best": run.pool.context(run.pool.best())} if cfg.mode != "rl" else {})
     for name, (task, problems) in run.val_sets.items():
@@ -494,6 +487,7 @@ def validate(cfg: Config, run: Run, step: int, log):
             acc = evaluation.evaluate(run.model, run.tok, task, problems, text, k=cfg.eval.k,
                                       **cfg.sampling.generation(), generator=gen, dist=run.dist)
             log({"kind": "eval", "step": step, "task": name, "prompt": which, **acc, **run.totals})
+    return {"val_acc": f"{acc['accuracy']:.2f}"} if run.val_sets else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,11 +604,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
     """The loop: set up (or resume), then per step 1-4 experience, 5 KL to base, 6 update, 7 log,
     8 fast round; validation and checkpoints on their schedules; Ctrl-C saves the last whole step. Under
     torchrun every rank runs it on its slice of each batch, sums where numbers are made; rank 0 writes."""
-    run = start_run(cfg, run_dir, resume, config_name, dist)
-    with infra.RunLog(run_dir, cfg.log, infra.config_to_dict(cfg), run.start, dist.is_main) as log, \
+    run, val = start_run(cfg, run_dir, resume, config_name, dist), {}
+    with infra.RunLog(run_dir, cfg.log, infra.config_to_dict(cfg), run.start, dist.is_main,
+                      on_close=functools.partial(say_summary, run_dir)) as log, \
             infra.checkpoint_on_interrupt(run.checkpoint, run_dir) as progress:
         if cfg.eval.every and run.start == 0:
-            validate(cfg, run, 0, log.row)
+            val = validate(cfg, run, 0, log.row)
         bar = tqdm(range(run.start, run.total_steps), initial=run.start, total=run.total_steps, desc=cfg.mode,
                    disable=not dist.is_main)
         for step in bar:
@@ -642,7 +637,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
 
             # 7. Log: the metrics row (written after step 8, whose counters it includes), a few samples.
             row = train_row(cfg, step, task, exp, kl, upd, lr, seconds, dist)
-            log.samples(sample_rows(exp, step, cfg.train.log_samples))
+            log.samples(exp, step, cfg.train.log_samples)  # samples.jsonl: a few completions and their feedback
 
             # 8. The fast loop (fst, gepa): every T steps, evolve the pool on the next T batches.
             due = cfg.mode != "rl" and (step + 1) % cfg.fast.every == 0
@@ -653,12 +648,19 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             dist.check_same(f"the adapter or the prompt pool after step {step}",
                             lambda: infra.fingerprint(run.model, run.pool))  # torchrun only: an all-gather
             progress.done, progress.undo = step, None  # the step's update, fast round and log line are in
-            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{kl:.4f}", s_step=f"{row['seconds_step']:.1f}")
+            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{kl:.4f}", **val,
+                            s_step=f"{row['seconds_step']:.1f}")
             if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == run.total_steps):
-                validate(cfg, run, step + 1, log.row)
+                val = validate(cfg, run, step + 1, log.row)
             if (step + 1) % cfg.train.save_every == 0 or step + 1 == run.total_steps:
                 run.checkpoint(step)
     return run_dir
+
+
+def say_summary(run_dir: Path) -> None:
+    """The end of every run, an interrupted one too: eval.py's summary, printed and saved (summary.json)."""
+    import eval as evaluation  # eval.py imports this file: at the top this import would be circular
+    print(evaluation.summarize(run_dir), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

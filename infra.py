@@ -1110,8 +1110,9 @@ class RunLog:
     trackers of log.report_to. Rank 0 alone writes; on the other ranks every call does nothing. A
     resumed run (first_step > 0) first drops the lines written after its checkpoint."""
 
-    def __init__(self, run_dir: Path, log_cfg, config: dict, first_step: int = 0, main: bool = True):
-        self.main = main
+    def __init__(self, run_dir: Path, log_cfg, config: dict, first_step: int = 0, main: bool = True,
+                 on_close=None):
+        self.main, self.on_close = main, on_close  # on_close(): rank 0, after the files are closed (a summary)
         if main and first_step:
             for name in ("metrics.jsonl", "samples.jsonl"):
                 truncate_jsonl(run_dir / name, first_step)
@@ -1126,10 +1127,19 @@ class RunLog:
             self.metrics.flush()
             self.trackers.log(row)
 
-    def samples(self, rows: list[dict]):  # rank 0's own rollouts: the first problems of the batch
-        if self.main:
-            self.sample_file.write("".join(json.dumps(row) + "\n" for row in rows))
-            self.sample_file.flush()
+    def samples(self, exp, step: int, n: int):
+        """samples.jsonl rows of a step's Experience: the first rollout of each of its first n problems
+        (rank 0's own rollouts: the first problems of the batch)."""
+        if not self.main:
+            return
+        group, rows = exp.group.tolist(), []
+        for g in range(min(n, len(exp.problems))):
+            i = group.index(g)
+            rows.append({"step": step, "problem_id": exp.problems[g]["id"], "prompt_id": exp.prompt_id[i],
+                         "question": exp.problems[g]["question"], "completion": exp.rollouts.texts[i],
+                         "reward": exp.scored[i][0], "feedback": exp.scored[i][1]})
+        self.sample_file.write("".join(json.dumps(row) + "\n" for row in rows))
+        self.sample_file.flush()
 
     def __enter__(self):
         return self
@@ -1139,6 +1149,28 @@ class RunLog:
             if f is not None:
                 f.close()
         self.trackers.close()
+        if self.main and self.on_close is not None:
+            self.on_close()
+
+
+class RoundProgress:
+    """A fast round's progress line under the step bar (rank 0 only): proposals, budget spent, accepted so
+    far and the best anchor score, updated after every wave; it disappears when the round ends."""
+
+    def __init__(self, step: int, show: bool = True):
+        from tqdm import tqdm
+        self.bar = tqdm(total=1, desc=f"fast round @ step {step}", position=1, leave=False, disable=not show,
+                        bar_format="{desc}: {n}/{total} rollouts of budget {bar:10} {postfix}")
+
+    def __call__(self, *, proposals: int, spent: int, budget: int, accepted: int, best: float):
+        self.bar.total, self.bar.n = budget, min(spent, budget)
+        self.bar.set_postfix_str(f"{proposals} proposals, {accepted} accepted, best anchor {best:.2f}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
 @contextlib.contextmanager

@@ -389,6 +389,8 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_continues(tmp_path, tin
     ckpt = infra.latest_checkpoint(run_dir)
     assert ckpt is not None and ckpt.name == f"step_{done[-1]:06d}"
     assert b"resume with" in err
+    assert b"[fst] summary of" in err                                   # an interrupted run is summarised too
+    assert json.loads((run_dir / "summary.json").read_text())["steps_done"] == done[-1] + 1
     fst.main(["--resume", str(run_dir), "--set", f"train.steps={done[-1] + 2}"])
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
     assert steps == list(range(done[-1] + 2))
@@ -420,3 +422,24 @@ def test_a_reflector_model_is_loaded_once_writes_the_proposals_and_is_never_trai
     fresh, _ = real_load(tiny_model_dir, fst.load_config("tiny.yaml", [f"model.name={tiny_model_dir}"]).model,
                          torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(critic.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_a_run_shows_its_fast_rounds_and_ends_with_a_summary(tmp_path, tiny_model_dir, parity_rewards, capsys):
+    """What a first run shows: a progress line while a fast round runs and one line when it ends, the held-out
+    accuracy on the step bar, and a summary (printed and summary.json) at the end."""
+    _run(tmp_path, "watch", tiny_model_dir, 4, extra=["--set", "mode=fst", "--set", "fast.every=2",
+                                                      "--set", "fast.budget=2", "--set", "fast.operators=[demo]",
+                                                      "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2"])
+    err = capsys.readouterr().err
+    rounds = [line for line in err.splitlines() if line.startswith("[fst] fast round @ step ")]
+    assert [line.split(":")[0] for line in rounds] == ["[fst] fast round @ step 1", "[fst] fast round @ step 3"]
+    assert all(" proposals, " in line and " accepted" in line and "best anchor " in line for line in rounds)
+    assert "fast round @ step 1: " in err and "rollouts of budget" in err      # the progress line while it ran
+    assert "val_acc=" in err                                                   # the step bar's held-out accuracy
+    summary = json.loads((tmp_path / "watch" / "summary.json").read_text())
+    assert summary["steps_done"] == 4 and summary["mode"] == "fst" and summary["seconds"]["fast_round_count"] == 2
+    cells = summary["held_out_accuracy"]["arithmetic"]
+    assert set(cells) == {"seed", "best"} and all(c["steps"] == [0, 4] for c in cells.values())
+    assert summary["best_context"]["lineage"][0] == "seed" and summary["kl_to_base"] > 0
+    assert any(cmd.startswith("python eval.py export") for cmd in summary["next"])
+    assert "[fst] summary of" in err and "held-out accuracy on arithmetic" in err and "python eval.py" in err
