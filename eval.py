@@ -1,7 +1,7 @@
 """eval.py -- one job: measurements on run folders (and the validation helper fst.py calls in training),
 and the export of a run's result for deployment.
 
-    python eval.py RUN_DIR [--step N] [--tasks t1 t2] [--n 200] [--k 4] [--max-new-tokens M]
+    python eval.py RUN_DIR [--step N] [--tasks t1 t2] [--problems 200] [--k 4] [--max-new-tokens M]
     python eval.py compare RUN_A RUN_B ... --out plots/
     python eval.py export RUN_DIR --out DIR [--step N] [--merge [--dtype bfloat16]]
 
@@ -715,7 +715,8 @@ def main(argv=None):
     ap.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ap.add_argument("--tasks", nargs="+", help="tasks to measure (default: the tasks the run trained on)")
     ap.add_argument("--forgetting", nargs="*", help="other tasks for forgetting (default: all registered)")
-    ap.add_argument("--n", type=int, help="test problems per task (default: config eval.n)")
+    ap.add_argument("--problems", "--n", dest="n", type=int,  # --problems: torchrun reads --n as its own
+                    help="test problems per task (default: config eval.n)")
     ap.add_argument("--k", type=int, help="samples per problem (default: config eval.k)")
     ap.add_argument("--max-new-tokens", type=int, help="default: config sampling.max_new_tokens")
     ap.add_argument("--batch-size", type=int, help="prompts prefilled together (memory knob)")

@@ -575,7 +575,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str
     Under torchrun every rank builds the same: same initial adapter, same streams (each rank then
     takes its slice of every batch), same pool."""
     device = infra.pick_device(cfg, config_name)
-    ckpt = infra.latest_checkpoint(run_dir) if resume else None
+    ckpt = infra.latest_checkpoint(run_dir, quiet=not dist.is_main) if resume else None  # rank 0 says what it skips
     init = infra.find_checkpoint(cfg.init_from, what="init_from: ") if cfg.init_from and not ckpt else None
     infra.seed_everything(infra.seed_for("init", cfg.train.seed))  # LoRA's A matrices come from the global RNG
     model, tok = infra.load_model(cfg.model, device, adapter_path=str(ckpt or init) if (ckpt or init) else None)

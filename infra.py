@@ -616,6 +616,9 @@ def init_distributed() -> Dist:
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() != 0:  # rank 0 alone speaks: no second copy of transformers' loading bars
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
                 device=f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu")
 

@@ -280,3 +280,15 @@ def test_cli_report_on_a_tiny_run(tmp_path, tiny_model_dir, monkeypatch, capsys)
     assert set(out["forgetting"]["countdown"]) == {"base", "trained", "delta_mean_at_k"}
     assert "no hub here" in out["forgetting"]["gsm8k"]["skipped"]
     assert "| trained |" in printed and "countdown" in printed and "skipped" in printed
+
+
+def test_the_problem_count_has_a_name_torchrun_does_not_swallow(monkeypatch, tmp_path):
+    """torchrun reads `--n` as an abbreviation of its own options; `--problems` reaches eval.py."""
+    from torch.distributed.run import get_args_parser
+    assert get_args_parser().parse_args(["eval.py", "RUN", "--problems", "7"]).training_script_args[-1] == "7"
+    seen = {}
+    monkeypatch.setattr(ev, "report", lambda run, **kw: seen.update(kw) or {"json_path": ""})
+    monkeypatch.setattr(ev, "markdown", lambda out: "")
+    for flag in ("--problems", "--n"):
+        ev.main([str(tmp_path), flag, "7"])
+        assert seen["n"] == 7
