@@ -573,7 +573,7 @@ def _tokenizer_with_default_prompt(base: str, context: context_opt.Context):
     if not tok.chat_template:
         raise SystemExit(f"{base}: its tokenizer has no chat template to put the best prompt in")
     original, user = tok.chat_template, [{"role": "user", "content": "2 + 3?"}]
-    start = context.messages(_UserOnly(), {"question": ""})[:-1]  # system message and demo turns
+    start = context.messages(rewards.Task(), {"question": ""})[:-1]  # system message and demo turns
     prompt = start[0]["content"]
     tok.chat_template = with_default_system_prompt(original, prompt, start[1:])
     render = lambda messages, template: tok.apply_chat_template(  # noqa: E731
@@ -589,13 +589,6 @@ def _tokenizer_with_default_prompt(base: str, context: context_opt.Context):
         raise SystemExit(f"{base}: its chat template does not take a system message the usual way"
                          f"{why}; cannot make the best prompt its default")
     return tok
-
-
-class _UserOnly:
-    """A stand-in task whose chat is the system message and the question: what a context adds to a chat."""
-
-    def messages(self, problem, system_prompt):
-        return [{"role": "system", "content": system_prompt}, {"role": "user", "content": problem["question"]}]
 
 
 def _write_weights(cfg, ckpt: Path, base: str, tmp: Path, *, merge: bool, dtype: str,
