@@ -25,7 +25,8 @@ PERFECT = 1.0        # rewards live in [0, 1]; a prompt at 1.0 on a problem has 
 REJECT_REASONS = ("empty", "no_fence", "too_long", "thinking", "same_as_parent", "duplicate", "copies_anchor",
                   "copies_example", "not_better")
 DemoFormat = Literal["turns", "system"]   # worked examples as user/assistant turns, or inside the system text
-ReplyFormat = Literal["fenced", "free"]   # the reflector's reply: starts inside the block, or free-form
+# the reflector's reply: starts inside the block (paragraph: and ends at its first blank line), or free-form
+ReplyFormat = Literal["fenced", "paragraph", "free"]
 REPLY_FORMATS = typing.get_args(ReplyFormat)
 FENCE = "```"
 COPY_NGRAM = 8       # words per n-gram when looking for an anchor question pasted into a prompt
@@ -53,14 +54,20 @@ class FastConfig:
     reflector_max_new_tokens: int = 1024
     reflector_temperature: float = 0.7
     reflector_top_p: float = 0.95
-    reflector_format: ReplyFormat = "fenced"  # fenced: reply starts in the block, stops at its end
+    # fenced: the reply starts in the block, stops at its end; paragraph: also at its first blank line (a
+    # one-paragraph instruction: at 135M most fenced replies ran to the token limit unclosed); free: as written
+    reflector_format: ReplyFormat = "fenced"
     wave: int = 4  # children proposed at once (reflections and scoring batched); 1 = one at a time
     rescore_parent: bool = True  # judge a child against a fresh rollout of its parent (fair); false = reuse
     max_proposals: int = 0  # end a round after this many proposals (0 = only budget and patience end it)
     patience: int = 10  # end a round after this many draws in a row that spend nothing (skips, guard rejections)
+    # fst.py trains on the round's rollouts too (they are the current policy's): none; pool = the live pool's
+    # anchor re-scores; all = also the wave's children, parents and accepted re-scores
+    reuse: Literal["none", "pool", "all"] = "none"
+    reuse_max_age: int = 1  # kept rollouts train over the next reuse_max_age + 1 steps, each once, never older
 
     ranges = {"every": ">= 1", "pool_size": ">= 1", "budget": "> 0", "minibatch": ">= 1", "wave": ">= 1",
-              "max_proposals": ">= 0", "patience": ">= 1", "max_demos": ">= 0",
+              "max_proposals": ">= 0", "patience": ">= 1", "max_demos": ">= 0", "reuse_max_age": ">= 0",
               "demo_buffer": ">= 1",  # the buffer keeps its last N entries: N = 0 would keep them all
               "max_prompt_chars": ">= 1", "reflector_max_new_tokens": ">= 1",
               "reflector_temperature": ">= 0", "reflector_top_p": "(0, 1]"}
@@ -292,6 +299,7 @@ def copies_example(text: str, parent_text: str, example_text: str, n: int = 4) -
     `example_text` and are not in the parent. (At 135M most replies to a prompt with a worked example
     were copies of its revised instruction, written for the other task.)"""
     words = lambda t: re.findall(r"\w+", t.lower())  # noqa: E731
+    n = max(1, min(n, len(words(text))))  # a reply shorter than n words ("Answer the question.") is still judged
     parent = _ngrams(words(parent_text), n)
     added = _ngrams(words(text), n) - parent
     banned = _ngrams(words(example_text), n) - parent
@@ -474,7 +482,30 @@ def _failures_first(parent: Prompt, problem_ids: list[str], size: int, rng) -> l
 
 
 # ---------------------------------------------------------------- one fast round
-Evaluate = Callable[[list[Context], list[dict]], list[tuple[str, float, str]]]
+class Sampled(NamedTuple):
+    """The tokens behind one scored rollout, as the sampler made them: what fst.py needs to train on a
+    fast-round rollout later (fast.reuse) without sampling it again."""
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]              # the sampler's log p(token) at temperature 1: the behaviour policy
+    finish_reason: str
+
+
+class Scored(NamedTuple):
+    """One rollout of a (context, problem) pair as evaluate() returns it. A scripted evaluate may return
+    plain (completion, reward, feedback) tuples instead: the round reads results by position."""
+    completion: str
+    reward: float
+    feedback: str
+    sampled: Sampled | None = None     # None when no model sampled it
+
+
+Evaluate = Callable[[list[Context], list[dict]], list["Scored | tuple[str, float, str]"]]
+# on_rollouts(phase, contexts, problems, results) after every evaluate call of a round; phase is one of
+# ROUND_PHASES: "pool" (the live pool on every anchor), "children" and "parents" (a wave's minibatch
+# tests), "accepted" (accepted children on every anchor).
+OnRollouts = Callable[[str, list[Context], list[dict], list], None]
+ROUND_PHASES = ("pool", "children", "parents", "accepted")
 
 
 class Reflection(NamedTuple):
@@ -507,6 +538,7 @@ class _Round:
     most: int                           # the most one proposal can cost on its minibatch
     # (prompt id, problem id) -> (completion, reward, feedback) of its latest rollout
     outputs: dict[tuple[int, str], tuple[str, float, str]] = field(default_factory=dict)
+    on_rollouts: OnRollouts | None = None  # fast_round's caller sees every scored rollout (fst.py: reuse)
     scoring_calls: int = 0              # metric calls scoring the live pool: not charged to the budget
     turn: int = 0                       # draws so far: picks the next operator
     idle: int = 0                       # consecutive draws that spent nothing
@@ -515,8 +547,9 @@ class _Round:
         """Metric calls charged to the budget so far."""
         return self.stats["metric_calls"] - self.scoring_calls
 
-    def run(self, contexts: list[Context], problems: list[dict]) -> list[tuple[str, float, str]]:
-        """evaluate() on aligned (context, problem) pairs, timed and counted; no call for no pairs."""
+    def run(self, contexts: list[Context], problems: list[dict], phase: str | list[str]) -> list:
+        """evaluate() on aligned (context, problem) pairs, timed and counted, and shown to on_rollouts
+        with its phase (one for the call, or one per pair); no call for no pairs."""
         if not contexts:
             return []
         started = time.perf_counter()
@@ -525,6 +558,12 @@ class _Round:
         if len(results) != len(contexts):
             raise ValueError(f"evaluate returned {len(results)} results for {len(contexts)} pairs")
         self.stats["metric_calls"] += len(contexts)
+        if self.on_rollouts:
+            phases = [phase] * len(contexts) if isinstance(phase, str) else phase
+            for name in ROUND_PHASES:
+                if mine := [n for n, p in enumerate(phases) if p == name]:
+                    self.on_rollouts(name, [contexts[n] for n in mine], [problems[n] for n in mine],
+                                     [results[n] for n in mine])
         return results
 
     def record(self, prompt: Prompt, indices: list[int], results) -> None:
@@ -556,7 +595,7 @@ def _score_live_pool(r: _Round) -> None:
     live = [p for p in r.pool if p.in_top_k] or list(r.pool)
     r.pool.retain({p.id for p in live})
     everything = list(range(len(r.anchors)))
-    results = r.run([r.pool.context(p) for p in live for _ in r.anchors], r.anchors * len(live))
+    results = r.run([r.pool.context(p) for p in live for _ in r.anchors], r.anchors * len(live), "pool")
     for n, prompt in enumerate(live):
         prompt.scores = {}
         r.record(prompt, everything, results[n * len(r.anchors):(n + 1) * len(r.anchors)])
@@ -663,7 +702,8 @@ def _score_children(r: _Round, trying: list[Proposal]) -> tuple[list, dict[tuple
     parent_pairs = (list(dict.fromkeys((p.parent.id, i) for p in trying for i in p.batch))
                     if r.cfg.rescore_parent else [])
     pairs = child_pairs + [(r.pool.context(r.pool[pid]), i) for pid, i in parent_pairs]
-    results = r.run([context for context, _ in pairs], [r.anchors[i] for _, i in pairs])
+    results = r.run([context for context, _ in pairs], [r.anchors[i] for _, i in pairs],
+                    ["children"] * len(child_pairs) + ["parents"] * len(parent_pairs))
     fresh = {pair: result[1] for pair, result in zip(parent_pairs, results[len(child_pairs):], strict=True)}
     return results[:len(child_pairs)], fresh
 
@@ -679,7 +719,7 @@ def _accept(r: _Round, trying: list[Proposal], child_results: list,
         parent = proposal.parent
         parent_sum = (sum(fresh[parent.id, i] for i in proposal.batch) if r.cfg.rescore_parent
                       else sum(parent.scores[r.ids[i]] for i in proposal.batch))
-        if sum(reward for _, reward, _ in results) <= parent_sum:
+        if sum(result[1] for result in results) <= parent_sum:
             r.reject(proposal, "not_better")
             continue
         context = proposal.context(r.pool.demo_format)
@@ -699,7 +739,8 @@ def _score_accepted(r: _Round, accepted: list[Prompt]) -> None:
     """The accepted children on every anchor with fresh draws, in one call: the minibatch draws that
     won a child its test are its lucky ones, and would flatter it on the Pareto front."""
     everything = list(range(len(r.anchors)))
-    results = r.run([r.pool.context(child) for child in accepted for _ in everything], r.anchors * len(accepted))
+    results = r.run([r.pool.context(child) for child in accepted for _ in everything], r.anchors * len(accepted),
+                    "accepted")
     for n, child in enumerate(accepted):
         r.record(child, everything, results[n * len(everything):(n + 1) * len(everything)])
 
@@ -716,7 +757,8 @@ def _finish(r: _Round, started: float) -> dict:
 
 
 def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfig, *, evaluate: Evaluate,
-               reflect: Reflect, step: int, rng, demo_buffer: Sequence = (), progress=None) -> dict:
+               reflect: Reflect, step: int, rng, demo_buffer: Sequence = (), progress=None,
+               on_rollouts: OnRollouts | None = None) -> dict:
     """Improve the pool in place on this round's anchor set, as `cfg` (the config's `fast` section)
     says; return stats.
 
@@ -750,6 +792,8 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
     so that two rounds can be compared at equal work (bench/fast_round.py). At the end the pool keeps
     its Pareto front, and its top cfg.pool_size prompts are marked for RL. progress(proposals=, spent=,
     budget=, accepted=, best=) is called after the pool's scoring and after every wave (a progress line).
+    on_rollouts(phase, contexts, problems, results) sees every scored rollout, by ROUND_PHASES (fst.py
+    keeps them as RL data: fast.reuse).
     """
     if unknown := set(cfg.operators) - set(OPERATORS):
         raise ValueError(f"unknown operators {sorted(unknown)}; known: {list(OPERATORS)}")
@@ -765,7 +809,8 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
     size = min(cfg.minibatch, len(anchors))
     r = _Round(cfg=cfg, pool=pool, anchors=anchors, ids=[str(p["id"]) for p in anchors],
                questions=[p["question"] for p in anchors], stats=_new_stats(step, len(anchors), budget, cfg),
-               evaluate=evaluate, reflect=reflect, rng=rng, step=step, budget=budget, demo_buffer=demo_buffer,
+               evaluate=evaluate, reflect=reflect, rng=rng, step=step, on_rollouts=on_rollouts, budget=budget,
+               demo_buffer=demo_buffer,
                size=size, most=size * (2 if cfg.rescore_parent else 1))
     _score_live_pool(r)
     show = progress or (lambda **numbers: None)    # a progress line: proposals, budget spent, accepted, best
@@ -816,14 +861,15 @@ def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: f
         out = rollout.sample(model, tokenizer, chats, [count for _, _, count in entries],
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                              stop=list(stop), generator=generator)
-        completions: list[list[str]] = [[] for _ in entries]
-        for index, completion in zip(out.prompt_index, out.texts, strict=True):
-            completions[index].append(completion)
-        pending = {key: iter(texts) for key, texts in zip(distinct, completions)}
+        samples: list[list[tuple[str, Sampled]]] = [[] for _ in entries]
+        for row, index in enumerate(out.prompt_index):
+            samples[index].append((out.texts[row], Sampled(out.prompt_ids[row], out.completion_ids[row],
+                                                           out.logprobs[row], out.finish_reasons[row])))
+        pending = {key: iter(rows) for key, rows in zip(distinct, samples)}
         results = []
         for context, problem in zip(contexts, problems):
-            completion = next(pending[context, str(problem["id"])])
-            results.append((completion, *rewards.score_completion(task, problem, completion)))
+            completion, sampled = next(pending[context, str(problem["id"])])
+            results.append(Scored(completion, *rewards.score_completion(task, problem, completion), sampled))
         return results
 
     return evaluate
@@ -841,12 +887,15 @@ def make_reflector(model, tokenizer, *, use_adapter: bool, max_new_tokens: int, 
     tokens go to commentary and a small model cannot forget to close the block. A reply that ends
     with EOS is closed for it; one cut off by max_new_tokens stays open (rejected as no_fence). The
     returned text puts the opening fence back, so the guards see one fenced block as usual.
+    "paragraph": as fenced, and a blank line ends the block too: the new instruction is one paragraph
+    (the worked reflection's is), and a small model's rambling after it never reaches the guards.
     "free": the plain reply, for a strong reflector that reasons before it writes the block."""
     import rollout
 
     if reply_format not in REPLY_FORMATS:
         raise ValueError(f"reply_format must be one of {REPLY_FORMATS}, got {reply_format!r}")
-    fenced = reply_format == "fenced"
+    fenced = reply_format in ("fenced", "paragraph")
+    stop = {"fenced": [FENCE], "paragraph": [FENCE, "\n\n"], "free": []}[reply_format]
     opening = f"{FENCE}\n"
     prefix = tokenizer.encode(opening, add_special_tokens=False) if fenced else []
 
@@ -855,13 +904,15 @@ def make_reflector(model, tokenizer, *, use_adapter: bool, max_new_tokens: int, 
                  + prefix for p in prompts]
         with rollout.weights(model, use_adapter):
             out = rollout.sample(model, tokenizer, chats, [1] * len(chats), max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, stop=[FENCE] if fenced else [],
+                                 temperature=temperature, top_p=top_p, stop=stop,
                                  generator=generator)
         replies: list[Reflection | None] = [None] * len(prompts)
         for index, text, tokens, finish in zip(out.prompt_index, out.texts, out.completion_ids,
                                                out.finish_reasons, strict=True):
-            if fenced:
-                text = opening + text + (f"\n{FENCE}" if finish == "eos" else "")
+            if fenced:  # closed by EOS or a blank line: close the block for it (cut off: left open)
+                closed = finish == "eos" or (reply_format == "paragraph" and finish == "stop"
+                                             and not text.rstrip().endswith(FENCE))
+                text = opening + (text.rstrip() + f"\n{FENCE}" if closed else text)
             replies[index] = Reflection(text, len(tokens))
         return replies
 

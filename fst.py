@@ -153,6 +153,12 @@ class Config:
     init_from: str = ""
     init_pool: bool = False  # ...and also take that run's prompt pool
 
+    def check(self, prefix: str) -> None:
+        """What no one section can say alone: reused fast-round rollouts need a slow loop to train them."""
+        if self.fast.reuse != "none" and self.mode != "fst":
+            raise ConfigError(f"config key '{prefix}fast.reuse' is {self.fast.reuse!r}, but only mode fst trains "
+                              f"on fast-round rollouts (mode is {self.mode!r}): set fast.reuse=none")
+
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """YAML file (optional) + `a.b=value` overrides -> a checked Config (ConfigError names the bad key)."""
@@ -316,8 +322,9 @@ class Experience:
     advantage: torch.Tensor           # [R] one group per problem; 0 in dropped groups
     keep: torch.Tensor                # [B] bool: the group's rewards differ (it carries signal)
     batch: rollout.Batch              # the R rows collated on the device: ids, masks [R, P+T], [R, T]
-    sampler_logp: torch.Tensor        # [R, T] the sampler's log-prob of each token (0 on padding)
+    sampler_logp: torch.Tensor        # [R, T] the sampler's log-prob of each token (0 on padding): old_logp
     seconds_sampling: float = 0.0
+    fresh_rows: int | None = None     # with fast.reuse: rows >= fresh_rows are fast-round rollouts (with_reused)
 
 
 def make_experience(cfg: Config, run: Run, task, batch: list[dict], step: int) -> Experience:
@@ -353,6 +360,90 @@ def experience_from(problems, group: list[int], prompt_id: list[int], ro: rollou
                       sampler_logp=sampler_logp, seconds_sampling=seconds_sampling)
 
 
+@dataclass(kw_only=True)
+class KeptRollout:
+    """A fast-round rollout kept as RL data (fast.reuse): plain lists, so it lives on the CPU and in the
+    checkpoint's JSON, never as model tensors."""
+    problem: dict
+    prompt_id: int              # the pool prompt it was sampled under; -1: a child that never joined the pool
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]       # the sampler's (the behaviour policy's): the loss's old_logp
+    finish_reason: str
+    text: str
+    reward: float
+    feedback: str
+    sampled_at: int             # the step whose weights sampled it (a round after step t: t + 1)
+    due: int                    # the step that trains it
+
+
+REUSED_PHASES = {"none": (), "pool": ("pool",), "all": context_opt.ROUND_PHASES}
+
+
+def keep_round_rollouts(scored: list, pool: context_opt.PromptPool, step: int, max_age: int) -> list[KeptRollout]:
+    """The rollouts a fast round after `step` scored, [(context, problem, result)], as RL data for the
+    next max_age + 1 steps: one group per problem (every context that answered it), the groups dealt
+    round-robin over those steps so that each trains once and none is older than max_age updates."""
+    prompt_of = {pool.context(p): p.id for p in pool}
+    by_problem: dict[str, list] = {}
+    for context, problem, result in scored:
+        if len(result) > 3 and result[3] is not None:   # a scripted evaluate has no tokens to train on
+            by_problem.setdefault(str(problem["id"]), []).append((context, problem, result))
+    kept = []
+    for n, rows in enumerate(by_problem.values()):
+        for context, problem, (text, reward, feedback, sampled) in rows:
+            kept.append(KeptRollout(problem=problem, prompt_id=prompt_of.get(context, -1),
+                                    prompt_ids=list(sampled.prompt_ids), completion_ids=list(sampled.completion_ids),
+                                    logprobs=list(sampled.logprobs), finish_reason=sampled.finish_reason, text=text,
+                                    reward=float(reward), feedback=feedback, sampled_at=step + 1,
+                                    due=step + 1 + n % (max_age + 1)))
+    return kept
+
+
+def due_rollouts(kept: list[KeptRollout], step: int, max_age: int) -> tuple[list[KeptRollout], list[KeptRollout]]:
+    """(the kept rollouts to train at `step`, the ones left for later). One past its due step or older
+    than max_age updates is dropped: a reused rollout trains at most once, and never stale."""
+    now = [k for k in kept if k.due == step and step - k.sampled_at <= max_age]
+    return now, [k for k in kept if k.due > step]
+
+
+def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool, pad_id: int, device,
+                dist: Dist = Dist()) -> Experience:
+    """Step 4b (fast.reuse): the step's experience plus the fast round's rollouts due now, as extra groups:
+    per problem the rollouts of every context, advantages once per problem across them (group_advantages),
+    as FST mixes contexts within a group. Under torchrun each rank takes its share of the groups."""
+    groups: dict[str, list[KeptRollout]] = {}
+    for k in kept:
+        groups.setdefault(str(k.problem["id"]), []).append(k)
+    mine = dist.shard([g for g in groups.values() if len(g) > 1])  # one rollout alone has no advantage
+    if not mine:
+        return exp
+    advantages, keeps = zip(*(group_advantages(torch.tensor([[k.reward for k in g]]), scale_by_std)
+                              for g in mine))
+    rows = [k for g in mine for k in g]
+    ro = exp.rollouts
+    joined = rollout.Rollouts(
+        prompt_index=ro.prompt_index + [-1] * len(rows), prompt_ids=ro.prompt_ids + [k.prompt_ids for k in rows],
+        completion_ids=ro.completion_ids + [k.completion_ids for k in rows],
+        logprobs=ro.logprobs + [k.logprobs for k in rows], finish_reasons=ro.finish_reasons + [k.finish_reason for k in rows],
+        texts=ro.texts + [k.text for k in rows], prefill_tokens=ro.prefill_tokens, decode_tokens=ro.decode_tokens,
+        seconds=ro.seconds)
+    batch = rollout.collate(joined.prompt_ids, joined.completion_ids, pad_id, device)
+    sampler_logp = torch.zeros_like(batch.completion_mask)
+    for i, lp in enumerate(joined.logprobs):
+        sampler_logp[i, :len(lp)] = torch.tensor(lp)
+    first = len(exp.problems)
+    return Experience(
+        problems=exp.problems + [g[0].problem for g in mine],
+        group=torch.cat([exp.group, torch.tensor([first + n for n, g in enumerate(mine) for _ in g])]),
+        prompt_id=exp.prompt_id + [k.prompt_id for k in rows], rollouts=joined,
+        scored=exp.scored + [(k.reward, k.feedback) for k in rows],
+        reward=torch.cat([exp.reward, torch.tensor([k.reward for k in rows])]),
+        advantage=torch.cat([exp.advantage, *(a.view(-1) for a in advantages)]),
+        keep=torch.cat([exp.keep, *keeps]), batch=batch, sampler_logp=sampler_logp,
+        seconds_sampling=exp.seconds_sampling, fresh_rows=len(exp.group))
+
+
 @torch.no_grad()
 def base_logprobs(model, batch: rollout.Batch, micro_batch: int, chunk: int) -> torch.Tensor:
     """Step 5: log p_base of every sampled token, [R, T]: one no-grad pass with the adapter off."""
@@ -380,6 +471,8 @@ class UpdateStats:
     entropy: float | None = None   # mean per-token entropy of the trained rows; None: none trained
     skipped: str | None = None     # why a guard dropped this update ("non-finite loss", ...)
     rows: int = 0                  # rollouts trained on
+    rows_reused: int = 0           # ...of which fast-round rollouts (fast.reuse)
+    ratio_dev: float | None = None  # mean |pi/pi_old - 1| per trained token: the sampler vs the trainer
 
 
 def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor, tc: TrainConfig,
@@ -396,23 +489,29 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
     model.train()
     weights = token_weights(tc.loss, mask[train_rows], group[train_rows], max_new_tokens, batch_total=dist.total)
     optimizer.zero_grad(set_to_none=True)
-    loss_value, entropy_sum = 0.0, 0.0
+    loss_value, entropy_sum, ratio_dev_sum = 0.0, 0.0, 0.0
     for s in range(0, len(train_rows), tc.micro_batch):
         rows = train_rows[s:s + tc.micro_batch]
         logp, ent = rollout.sequence_logprobs(model, exp.batch.rows(rows), tc.logprob_chunk, with_entropy=True)
-        loss = policy_loss(tc, logp, logp.detach(), exp.advantage[rows].to(mask.device), mask[rows],
+        # old_logp = the sampler's log-probs: the policy that generated each token. On a fresh batch the
+        # ratio is 1 up to the two passes' rounding; on reused rollouts it corrects their lag.
+        old_logp = exp.sampler_logp[rows].to(mask.device)
+        loss = policy_loss(tc, logp, old_logp, exp.advantage[rows].to(mask.device), mask[rows],
                            weights[s:s + tc.micro_batch].to(mask.device), base_logp=base_logp[rows])
         loss.backward()
         loss_value += loss.item()
         entropy_sum += (ent * mask[rows]).sum().item()
-    # The loss, the entropy, the tokens and whether any advantage was non-zero, summed over ranks.
-    loss_value, entropy_sum, tokens, signal, n_rows = dist.total(torch.tensor(
-        [loss_value, entropy_sum, mask[train_rows].sum().item(), float(exp.advantage[train_rows].any()),
-         len(train_rows)], dtype=torch.float64)).tolist()
+        ratio_dev_sum += ((logp.detach() - old_logp).exp() - 1).abs().mul(mask[rows]).sum().item()
+    reused = 0 if exp.fresh_rows is None else int((train_rows >= exp.fresh_rows).sum())
+    # The loss, the entropy, the ratios, the tokens and whether any advantage was non-zero, summed over ranks.
+    loss_value, entropy_sum, ratio_dev_sum, tokens, signal, n_rows, n_reused = dist.total(torch.tensor(
+        [loss_value, entropy_sum, ratio_dev_sum, mask[train_rows].sum().item(),
+         float(exp.advantage[train_rows].any()), len(train_rows), reused], dtype=torch.float64)).tolist()
     # Gradients summed over ranks, the guards, then (clipped if asked) optimizer.step() and scheduler.step().
     skipped = guard.step(model, optimizer, scheduler, loss_value, step, has_signal=signal > 0,
                          max_grad_norm=tc.max_grad_norm, dist=dist)
-    return UpdateStats(loss=loss_value, entropy=entropy_sum / max(tokens, 1.0), skipped=skipped, rows=int(n_rows))
+    return UpdateStats(loss=loss_value, entropy=entropy_sum / max(tokens, 1.0), skipped=skipped, rows=int(n_rows),
+                       rows_reused=int(n_reused), ratio_dev=ratio_dev_sum / max(tokens, 1.0))
 
 
 def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: UpdateStats, lr: float,
@@ -435,6 +534,8 @@ def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: Upd
         "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
         "truncation_rate": sum(f == "length" for f in finish) / len(finish),
         "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr, "update_skipped": upd.skipped,
+        "ratio_dev": upd.ratio_dev, "rows_trained": upd.rows,
+        "reused_share": upd.rows_reused / upd.rows if upd.rows else 0.0,  # trained rows from the fast loop
         "seconds_sampling": seconds_sampling, "seconds_base_kl": seconds["seconds_base_kl"],
         "seconds_training": seconds["seconds_training"],
         "tokens_per_s": sum(r["decode_tokens"] for r in ranks) / max(seconds_sampling, 1e-9),
@@ -458,10 +559,16 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
         top_p=cfg.fast.reflector_top_p, generator=gen, reply_format=cfg.fast.reflector_format)
     evaluate, reflect = run.dist.split_round(evaluate, reflect)  # torchrun: each call's items split over ranks
     reflect = infra.counted(reflect, run.totals, "reflector_calls")
+    scored = []  # (context, problem, result) of the phases fast.reuse keeps: RL data for the next steps
+
+    def keep(phase, contexts, problems, results):
+        if phase in REUSED_PHASES[cfg.fast.reuse]:
+            scored.extend(zip(contexts, problems, results))
     with rollout.eval_mode(run.model), infra.RoundProgress(step, run.dist.is_main) as progress:
         stats = context_opt.fast_round(run.pool, anchors, cfg.fast, evaluate=evaluate, reflect=reflect, step=step,
                                        rng=random.Random(infra.seed_for("fast_choices", cfg.train.seed, step)),
-                                       demo_buffer=run.demo_buffer, progress=progress)
+                                       demo_buffer=run.demo_buffer, progress=progress, on_rollouts=keep)
+    run.kept = keep_round_rollouts(scored, run.pool, step, cfg.fast.reuse_max_age)
     if run.dist.is_main:
         tqdm.write(f"[fst] {context_opt.round_report(stats)}", file=sys.stderr)
     run.totals["rollouts_fast"] += stats["metric_calls"]
@@ -510,8 +617,10 @@ class Run:
     val_sets: dict                     # task name -> (task, held-out problems); {} without eval.every
     guard: infra.UpdateGuard
     dist: Dist = Dist()                # under torchrun: this process's rank and the world size
-    totals: dict = field(default_factory=lambda: {"rollouts_rl": 0, "rollouts_fast": 0, "reflector_calls": 0})
+    totals: dict = field(default_factory=lambda: {"rollouts_rl": 0, "rollouts_fast": 0, "reflector_calls": 0,
+                                                  "rollouts_reused": 0})
     demo_buffer: list = field(default_factory=list)  # (problem, completion, reward) for the demo operators
+    kept: list = field(default_factory=list)  # KeptRollout: the last fast round's rollouts not yet trained on
     reflector: tuple | None = None     # (model, tokenizer) of fast.reflector when it names another model
     start: int = 0                     # the first step this process runs
 
@@ -539,7 +648,8 @@ class Run:
         if self.dist.is_main:
             infra.save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.pool,
                                   {"streams": [s.state_dict() for s in self.streams], "totals": dict(self.totals),
-                                   "demo_buffer": self.demo_buffer, "world": self.dist.world})
+                                   "demo_buffer": self.demo_buffer, "world": self.dist.world,
+                                   "kept_rollouts": [dataclasses.asdict(k) for k in self.kept]})
 
     def restore(self, ckpt: Path):
         """Continue from `ckpt`: optimiser, scheduler, data positions, RNG, pool and counters as saved
@@ -552,6 +662,8 @@ class Run:
         infra.set_rng_state(state["rng"])
         self.pool = context_opt.PromptPool.load(ckpt / "pool.json")
         self.totals, self.demo_buffer, self.start = state["totals"], state["demo_buffer"], state["step"] + 1
+        self.totals.setdefault("rollouts_reused", 0)                       # a checkpoint from before fast.reuse
+        self.kept = [KeptRollout(**k) for k in state.get("kept_rollouts", [])]
         self.dist.say_resumed(ckpt, self.start, saved_world=state.get("world", 1))
 
 
@@ -623,17 +735,23 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             # (under torchrun: this rank's slice of the B problems; the rest of the step sums over ranks).
             exp = make_experience(cfg, run, task, stream.next_batch(), step)
             run.remember(exp, cfg.fast.demo_buffer)
+            # 4b. fast.reuse: the last fast round's rollouts due at this step join as extra groups.
+            due, run.kept = due_rollouts(run.kept, step, cfg.fast.reuse_max_age)
+            trained = with_reused(exp, due, scale_by_std=LOSSES[cfg.train.loss].scale_by_std,
+                                  pad_id=run.tok.pad_token_id, device=run.device, dist=dist) if due else exp
 
-            # 5. KL to base on every rollout: the sampler's log-probs vs one no-grad pass, adapter off.
+            # 5. KL to base on every rollout: the sampler's log-probs vs one no-grad pass, adapter off
+            # (the step's KL metric: its own rollouts, the first rows).
             with infra.timed(seconds, "seconds_base_kl"):
-                base_logp = base_logprobs(run.model, exp.batch, cfg.train.micro_batch, cfg.train.logprob_chunk)
-                kl = mean_kl(exp, base_logp, dist.total)
+                base_logp = base_logprobs(run.model, trained.batch, cfg.train.micro_batch, cfg.train.logprob_chunk)
+                kl = mean_kl(exp, base_logp[:len(exp.group), :exp.sampler_logp.shape[1]], dist.total)
 
             # 6. The update (not in gepa mode): the loss over the kept groups, in micro-batches, guarded.
             with infra.timed(seconds, "seconds_training"):
-                upd = (update(run.model, run.optimizer, run.scheduler, exp, base_logp, cfg.train,
+                upd = (update(run.model, run.optimizer, run.scheduler, trained, base_logp, cfg.train,
                               cfg.sampling.max_new_tokens, run.guard, step, dist)
                        if cfg.mode != "gepa" else UpdateStats())
+            run.totals["rollouts_reused"] += upd.rows_reused
 
             # 7. Log: the metrics row (written after step 8, whose counters it includes), a few samples.
             row = train_row(cfg, step, task, exp, kl, upd, lr, seconds, dist)

@@ -722,6 +722,7 @@ class UpdateGuard:
 
 STATE_FORMAT = 2  # 1: the single pickle (trainer_state.pt only) that fst wrote until issue 23
 STATE_TYPES = {"step": int, "rng": dict, "streams": list, "totals": dict, "demo_buffer": list, "world": int}
+OPTIONAL_STATE_TYPES = {"kept_rollouts": list}  # keys a checkpoint written before them lacks
 TENSOR_TYPES = {"optimizer": dict, "scheduler": dict, "torch_rng": torch.Tensor}
 _trust_old_checkpoints = False
 
@@ -825,6 +826,7 @@ def load_trainer_state(ckpt: Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{ckpt / 'trainer_state.json'}: not a format-{STATE_FORMAT} trainer state")
     _check_types(state, STATE_TYPES, ckpt / "trainer_state.json")
+    _check_types(state, {k: t for k, t in OPTIONAL_STATE_TYPES.items() if k in state}, ckpt / "trainer_state.json")
     tensors = _check_types(_safe_torch_load(ckpt / "trainer_state.pt"), TENSOR_TYPES, ckpt / "trainer_state.pt")
     rng = state["rng"]
     if not (isinstance(rng.get("python"), list) and isinstance(rng.get("numpy"), list)):
@@ -953,7 +955,7 @@ def tracker_scalars(row: dict) -> dict[str, float]:
     """
     kind = row.get("kind", "train")
     prefix = f"eval/{row.get('task')}/{row.get('prompt')}" if kind == "eval" else kind
-    counters = ("rollouts_rl", "rollouts_fast", "reflector_calls") if kind == "eval" else ()
+    counters = ("rollouts_rl", "rollouts_fast", "reflector_calls", "rollouts_reused") if kind == "eval" else ()
     out = {}
 
     def add(name, value):

@@ -178,7 +178,7 @@ def test_missing_data_file(tmp_path, sets, key):
 
 
 def test_data_path_on_a_task_that_reads_no_files(tmp_path):
-    message = start(tmp_path, f"task.train_path={GSM8K_TEST}")  # tiny.yaml's task is arithmetic
+    message = start(tmp_path, f"task.train_path={GSM8K_TEST}")  # tiny.yaml's task (add) is generated
     assert "'task.train_path'" in message and "reads no data files" in message
 
 

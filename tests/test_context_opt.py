@@ -500,7 +500,8 @@ def fake_stack(monkeypatch):
         # a prompt that mentions EOS ends with EOS, any other one at a stop string; 2 tokens each
         finish = ["eos" if "EOS" in prompts[i][0] else "stop" for i in index]
         return types.SimpleNamespace(prompt_index=index, texts=texts, completion_ids=[[1, 2]] * len(index),
-                                     finish_reasons=finish)
+                                     finish_reasons=finish, prompt_ids=[prompts[i] for i in index],
+                                     logprobs=[[-0.5, -float(k)] for i, c in enumerate(counts) for k in range(c)])
 
     import rollout                                  # the real adapter switch, rollout.weights, is kept
     monkeypatch.setitem(sys.modules, "rollout", types.SimpleNamespace(
@@ -520,8 +521,11 @@ def test_make_evaluate_dedupes_pairs_into_counts(fake_stack):
     (prompts, counts, kw, _), = fake_stack
     assert prompts == [["A | q1"], ["B | q1"], ["A | q2"]] and counts == [2, 1, 1]
     assert kw["max_new_tokens"] == 8 and kw["temperature"] == 0.7 and kw["top_p"] == 0.9
-    assert out == [("A | q1#0", 1.0, "graded a"), ("A | q1#1", 0.0, "graded a"),
-                   ("B | q1#0", 1.0, "graded a"), ("A | q2#0", 1.0, "graded b")]
+    assert [o[:3] for o in out] == [("A | q1#0", 1.0, "graded a"), ("A | q1#1", 0.0, "graded a"),
+                                    ("B | q1#0", 1.0, "graded a"), ("A | q2#0", 1.0, "graded b")]
+    # each result carries its own sample's tokens and log-probs (fst.py trains on them: fast.reuse)
+    assert [o.sampled.prompt_ids for o in out] == [["A | q1"], ["A | q1"], ["B | q1"], ["A | q2"]]
+    assert [o.sampled.logprobs[1] for o in out] == [0.0, -1.0, 0.0, 0.0]
 
 
 def test_make_reflector_switches_the_adapter_off_only_when_asked(fake_stack):
@@ -555,6 +559,25 @@ def test_make_reflector_batches_a_wave_and_starts_inside_the_fence(fake_stack):
     assert co.extract_prompt("```\nPrompt body.\nLast line.```") == "Prompt body.\nLast line."  # cut at the fence
     with pytest.raises(ValueError, match="reply_format"):
         co.make_reflector(None, tokenizer, use_adapter=False, max_new_tokens=4, reply_format="json")
+
+
+def test_a_paragraph_reply_ends_at_its_first_blank_line(fake_stack):
+    """reply_format paragraph: a blank line ends the block as the closing fence does (the fake sampler's
+    "stop" rows stopped at one), so the guards see a closed block; EOS closes it too."""
+    tokenizer = types.SimpleNamespace(encode=lambda text, add_special_tokens: [f"<{text}>"])
+    reflect = co.make_reflector(None, tokenizer, use_adapter=False, max_new_tokens=4, reply_format="paragraph")
+    replies = reflect(["improve A", "improve B, EOS"])
+    (_, _, kw, _), = fake_stack
+    assert kw["stop"] == ["```", "\n\n"]
+    assert [co.extract_prompt(r.text) for r in replies] == ["improve A#0", "improve B, EOS#0"]
+
+
+def test_a_short_reply_that_repeats_the_worked_reflections_instruction_is_a_copy():
+    """The worked reflection starts from "Answer the question.": a reply of just that (3 words, no 4-gram)
+    copies the example too."""
+    example = " ".join(co.WORKED_REFLECTION)
+    assert co.copies_example("Answer the question.", SEED, example)
+    assert not co.copies_example("Count the letters carefully.", SEED, example)
 
 
 def test_fenced_reflector_on_a_real_tokenizer(tiny_model, tokenizer):

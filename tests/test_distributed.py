@@ -91,7 +91,7 @@ def test_torchrun_two_processes_train_as_one_run(tmp_path, tiny_model_dir, mode)
     if mode == "rl":  # eval.py under torchrun: the problems split over the ranks, rank 0 writes
         proc = torchrun(2, ROOT / "eval.py", tmp_path / "full", "--problems", "3", "--k", "2", "--forgetting")
         report = json.loads((tmp_path / "full" / "eval" / "step_3.json").read_text())
-        cell = report["tasks"]["arithmetic"]["accuracy"]
+        cell = report["tasks"]["add"]["accuracy"]
         assert (cell["n"], cell["k"]) == (3, 2) and proc.stdout.count("| trained |") == 1  # printed by rank 0 alone
         assert proc.stderr.count("Loading weights:   0%") == 1                           # rank 0's bar alone
         return

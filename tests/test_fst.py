@@ -240,7 +240,7 @@ def _run(tmp_path, name, model_dir, steps, extra=(), resume=False):
         args = ["--config", "tiny.yaml", "--set", f"model.name={model_dir}", "--set", f"out_dir={tmp_path}",
                 "--set", f"run_name={name}", "--set", f"train.steps={steps}", "--set", "train.save_every=2",
                 "--set", "sampling.max_new_tokens=8", "--set", "train.batch_size=2", "--set", "sampling.group_size=4",
-                "--set", "train.lr=0.01", *extra]
+                "--set", "train.lr=0.01", "--set", "mode=rl", "--set", "eval.every=0", *extra]
     fst.main(args)
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -263,14 +263,15 @@ def test_every_rollout_samples_with_the_configs_stop_strings(tmp_path, tiny_mode
         stops.append(tuple(kwargs.get("stop", ())))
         return real_sample(*args, **kwargs)
     monkeypatch.setattr(rollout, "sample", spy)
-    _run(tmp_path, "stop", tiny_model_dir, 2, extra=["--set", "mode=fst", "--set", "fast.every=1",
+    _run(tmp_path, "stop", tiny_model_dir, 3, extra=["--set", "mode=fst", "--set", "fast.every=1",
                                                      "--set", "fast.budget=2", "--set", "fast.operators=[reflect]",
                                                      "--set", "fast.reflector_max_new_tokens=8",
                                                      "--set", "sampling.stop=['zq']",
-                                                     "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2"])
-    assert set(stops) == {("zq",), ("```",)}  # every call is a sampler call with the stop, or the reflector
-    # RL (2 steps), validation (2 x seed and best), and at least the live pool's scoring in each round.
-    assert stops.count(("zq",)) >= 2 + 4 + 2
+                                                     "--set", "eval.every=3", "--set", "eval.n=2", "--set", "eval.k=2"])
+    # every call is a sampler call with the stop, or the reflector (tiny.yaml: a one-paragraph reply)
+    assert set(stops) == {("zq",), ("```", "\n\n")}
+    # RL (3 steps), validation (2 x seed and best), and at least the live pool's scoring in each round.
+    assert stops.count(("zq",)) >= 3 + 4 + 3
 
 
 def test_one_process_never_fingerprints_the_adapter(tmp_path, tiny_model_dir, parity_rewards, monkeypatch):
@@ -283,13 +284,21 @@ def test_one_process_never_fingerprints_the_adapter(tmp_path, tiny_model_dir, pa
     assert calls == []
 
 
-@pytest.mark.parametrize("mode", ["rl", "fst"])
+@pytest.mark.parametrize("mode", ["rl", "fst", "fst-reuse"])
 def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity_rewards, mode):
+    """fst-reuse: the checkpoint after step 1 lies between a fast round and the step that trains on its
+    rollouts, so the resumed run must carry them over to replay the uninterrupted one."""
+    reuse = ["--set", "fast.reuse=all"] if mode == "fst-reuse" else []
+    mode = mode.removesuffix("-reuse")
     extra = ["--set", f"mode={mode}", "--set", "fast.every=2", "--set", "fast.budget=2",
              "--set", "fast.reflector_max_new_tokens=8", "--set", "fast.operators=[demo, reflect]",
-             "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2"]
+             "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2", *reuse]
     full = _run(tmp_path, "full", tiny_model_dir, 4, extra)
     train_rows = [m for m in full if m["kind"] == "train"]
+    if reuse:  # steps 2 and 3 train on round 1's rollouts (reuse_max_age 1: over two steps)
+        assert [m["rollouts_reused"] for m in train_rows[:2]] == [0, 0] and train_rows[-1]["rollouts_reused"] > 0
+    else:
+        assert all(m["rollouts_reused"] == 0 and m["reused_share"] == 0 for m in train_rows)
     assert [m["step"] for m in train_rows] == [0, 1, 2, 3]
     assert any(m["loss"] != 0 for m in train_rows) and all(m["kl_to_base"] >= 0 for m in train_rows)
     assert train_rows[-1]["kl_to_base"] > 0  # the adapter moved away from the base
@@ -372,7 +381,7 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_continues(tmp_path, tin
     args = [sys.executable, str(ROOT / "fst.py"), "--config", "tiny.yaml", "--set", f"model.name={tiny_model_dir}",
             "--set", f"out_dir={tmp_path}", "--set", "run_name=interrupted", "--set", "train.steps=1000",
             "--set", "train.save_every=1000", "--set", "sampling.max_new_tokens=4", "--set", "train.batch_size=1",
-            "--set", "sampling.group_size=2"]
+            "--set", "sampling.group_size=2", "--set", "mode=rl", "--set", "eval.every=0"]
     # SIGINT back to its default in the child: a shell that starts a job in the background (`cmd &`)
     # leaves SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -438,8 +447,8 @@ def test_a_run_shows_its_fast_rounds_and_ends_with_a_summary(tmp_path, tiny_mode
     assert "val_acc=" in err                                                   # the step bar's held-out accuracy
     summary = json.loads((tmp_path / "watch" / "summary.json").read_text())
     assert summary["steps_done"] == 4 and summary["mode"] == "fst" and summary["seconds"]["fast_round_count"] == 2
-    cells = summary["held_out_accuracy"]["arithmetic"]
+    cells = summary["held_out_accuracy"]["add"]
     assert set(cells) == {"seed", "best"} and all(c["steps"] == [0, 4] for c in cells.values())
     assert summary["best_context"]["lineage"][0] == "seed" and summary["kl_to_base"] > 0
     assert any(cmd.startswith("python eval.py export") for cmd in summary["next"])
-    assert "[fst] summary of" in err and "held-out accuracy on arithmetic" in err and "python eval.py" in err
+    assert "[fst] summary of" in err and "held-out accuracy on add" in err and "python eval.py" in err

@@ -25,7 +25,7 @@ def run_args(out_dir: Path, name: str, model_dir: str, steps: int = 3) -> list[s
     sets = {"model.name": model_dir, "out_dir": out_dir, "run_name": name, "train.steps": steps,
             "train.save_every": 1, "sampling.max_new_tokens": 8, "train.batch_size": 2,
             "sampling.group_size": 4, "train.lr": 0.01, "mode": "fst", "fast.every": 2, "fast.budget": 1,
-            "fast.operators": "[demo]", "eval.n": 2, "eval.k": 2}
+            "fast.operators": "[demo]", "eval.every": 0, "eval.n": 2, "eval.k": 2}
     return ["--config", "tiny.yaml"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
 
 

@@ -182,7 +182,8 @@ def test_trackio_gets_rows_text_and_config(tmp_path, monkeypatch):
 def _run(tmp_path, name, model_dir, extra=()):
     fst.main(["--config", "tiny.yaml", "--set", f"model.name={model_dir}", "--set", f"out_dir={tmp_path}",
               "--set", f"run_name={name}", "--set", "train.steps=2", "--set", "sampling.max_new_tokens=8",
-              "--set", "train.batch_size=2", "--set", "sampling.group_size=4", *extra])
+              "--set", "train.batch_size=2", "--set", "sampling.group_size=4", "--set", "mode=rl",
+              "--set", "eval.every=0", *extra])
     return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
 
