@@ -11,9 +11,10 @@ reflective mutation, with the same model in the same process as critic (adapter 
 `mode: rl | fst | gepa` picks the paper's arms: slow only, both, fast only.
 
 What this file is, and what was simplified on purpose:
-- One optimiser step per batch (strictly on-policy), so pi_old == pi_theta at the moment of the
-  update: the "old" log-probs are the current ones detached and the ratio is exactly 1 (its
-  gradient is not). This saves a whole forward pass; multi-epoch PPO reuse is left out.
+- One optimiser step per batch; the "old" log-probs are the sampler's own (the policy that generated
+  each token, recorded while sampling: no extra forward pass). On a fresh batch the ratio is 1 up to
+  the two passes' rounding; on the fast round's rollouts trained later (fast.reuse) it corrects their
+  lag, truncated by CISPO's tau or clipped by PPO's eps. Multi-epoch PPO reuse is left out.
 - The reference model for KL is the same weights with the adapter disabled; never a second copy.
   KL to base is always measured (k3 estimator on the sampled tokens, using the sampler's own
   log-probs, so it costs one no-grad base forward), and added to the loss when kl_coef > 0.

@@ -4,7 +4,7 @@
     python bench/sampler_vs_generate.py --dtypes float32 --threads 2
 
 Same model object for both (infra.load_model: SmolLM2-135M-Instruct + LoRA r=16, as the RL loop samples
-it), same prompts (the tiny config's arithmetic problems under its system prompt, ~130 tokens each),
+it), same prompts (the tiny config's task's problems under its seed prompt),
 G samples per prompt, same temperature / top_p / max_new_tokens / EOS ids. generate gets its fair best:
 the prompts left-padded and repeated G times (repeat_interleave), an attention mask, use_cache=True,
 top_k off. Tokens counted alike: fst's decode_tokens; for generate each row's tokens up to and including
@@ -26,13 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import infra  # noqa: E402
 import fst  # noqa: E402
+import rewards  # noqa: E402
 import rollout  # noqa: E402
 
 
 def prompts_for(cfg, tok, n: int) -> list[list[int]]:
     task = fst.make_task(cfg.task)
     problems = task.load("test")[:n]
-    return [rollout.encode_chat(tok, task.messages(p, cfg.task.system_prompt)) for p in problems]
+    prompt = rewards.seed_prompt(task, cfg.task.system_prompt)   # "" = the task's own prompt, as fst.py does
+    return [rollout.encode_chat(tok, task.messages(p, prompt)) for p in problems]
 
 
 def run_fst(model, tok, prompts, a, seed) -> tuple[int, float, float]:

@@ -7,7 +7,7 @@ Each side runs in its own child process (warm-up + N steps), alternating fst, TR
 child's peak RSS comes from os.wait4 (the kernel's ru_maxrss of that one process). fst is its own loop
 (`python fst.py --config tiny.yaml --set ...`, step times from metrics.jsonl); TRL is GRPOTrainer with a
 callback timing on_step_begin -> on_step_end. Same model (SmolLM2-135M-Instruct), LoRA r=16 alpha=32 on
-all linear layers, same prompts in the same order (fst's ProblemStream of the tiny config's arithmetic
+all linear layers, same prompts in the same order (fst's ProblemStream of the tiny config's task
 task and system prompt), 1 prompt x G=4 completions per step, 64 new tokens, temperature 0.7, lr 1e-4,
 CISPO loss (TRL loss_type="cispo", epsilon_high=4 = fst cispo_tau) and KL to the base: fst always runs one
 no-grad base pass (kl_coef 0.001), so TRL gets beta=0.001, which makes it run the same no-grad pass with
@@ -38,7 +38,8 @@ def fst_overrides(a, out_dir: Path, name: str) -> list[str]:
     sets = {"train.steps": a.warmup + a.steps, "train.batch_size": 1, "sampling.group_size": a.group_size,
             "sampling.max_new_tokens": a.max_new_tokens, "sampling.temperature": a.temperature,
             "train.lr": a.lr, "train.kl_coef": a.beta, "train.loss": "cispo", "model.dtype": a.dtype,
-            "train.save_every": 10**6, "train.keep_equal_groups": True, "out_dir": str(out_dir), "run_name": name}
+            "train.save_every": 10**6, "train.keep_equal_groups": True, "out_dir": str(out_dir), "run_name": name,
+            "mode": "rl", "eval.every": 0}   # the RL step alone (tiny.yaml itself runs fst with validation)
     return [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
 
 
@@ -99,7 +100,7 @@ def trl_child(a):
     cfg = fst.load_config("tiny.yaml")
     task = fst.make_task(cfg.task)
     stream = rewards.ProblemStream(task.load("train"), 1, infra.seed_for("stream", cfg.train.seed))  # fst's order
-    rows = [dict(p, prompt=task.messages(p, cfg.task.system_prompt))
+    rows = [dict(p, prompt=task.messages(p, rewards.seed_prompt(task, cfg.task.system_prompt)))
             for p in (stream.next_batch()[0] for _ in range(a.warmup + a.steps))]
     lengths = []
 
