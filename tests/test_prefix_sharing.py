@@ -20,9 +20,10 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def tiny_qwen2(tokenizer):
-    """A 2-layer Qwen2 (biased q/k/v projections, its own rope settings) with SmolLM2's vocabulary."""
+    """A 2-layer Qwen2 (biased q/k/v projections, its own rope settings) with SmolLM2's vocabulary; a
+    fresh one per test, as conftest's tiny_model (tests add hooks and LoRA layers to it)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -38,9 +39,9 @@ def tiny_qwen2(tokenizer):
     return model.eval()
 
 
-@pytest.fixture(params=["llama", "qwen2"])
-def any_model(request, tiny_model, tiny_qwen2):
-    return tiny_model if request.param == "llama" else tiny_qwen2
+@pytest.fixture(params=["tiny_model", "tiny_qwen2"])
+def any_model(request):
+    return request.getfixturevalue(request.param)
 
 
 FIRST = "Solve the word problem. Reason briefly, then give the final answer on a last line. " * 4
