@@ -99,7 +99,7 @@ def test_plan_stays_unshared_below_the_threshold_or_when_padding_eats_the_gain(m
     # 60-token suffixes: Q x A + U x S = 5 x 100 + 6 x 60 > U x P = 6 x 100.
     long = [[7] * 40 + [1] * 60, [7] * 40 + [2] * 60] + [[3 + k] * 100 for k in range(4)]
     assert rollout.plan_prefixes(long) == rollout.PrefixPlan.unshared(long)
-    assert rollout.plan_prefixes(long[:2]).shares  # alone they pay: 100 + 2 x 60 < 2 x 100
+    assert rollout.plan_prefixes(long[:2]).shares  # alone they pay: 1 x 40 + 2 x 60 < 2 x 100
 
 
 # ------------------------------------------------------------------------------------ the sampler
