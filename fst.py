@@ -447,12 +447,11 @@ def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool,
 
 @torch.no_grad()
 def base_logprobs(model, batch: rollout.Batch, micro_batch: int, chunk: int) -> torch.Tensor:
-    """Step 5: log p_base of every sampled token, [R, T]: one no-grad pass with the adapter off."""
+    """Step 5: log p_base of every sampled token, [R, T]: one no-grad pass with the adapter off, in
+    micro-batches of rows that share prompts and context prefixes (rollout.micro_batches)."""
     base_logp = torch.zeros_like(batch.completion_mask)
-    n = batch.input_ids.shape[0]
     with rollout.eval_mode(model), model.disable_adapter():
-        for s in range(0, n, micro_batch):
-            rows = torch.arange(s, min(s + micro_batch, n))
+        for rows in rollout.micro_batches(batch, micro_batch):
             base_logp[rows] = rollout.sequence_logprobs(model, batch.rows(rows), chunk)
     return base_logp
 
@@ -479,7 +478,8 @@ class UpdateStats:
 def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor, tc: TrainConfig,
            max_new_tokens: int, guard: infra.UpdateGuard, step: int, dist: Dist = Dist()) -> UpdateStats:
     """Step 6: one optimiser step on the rows of the kept groups (all rows with tc.keep_equal_groups),
-    in micro-batches whose losses add up to the full-batch loss (token_weights over the whole batch).
+    in micro-batches whose losses add up to the full-batch loss (token_weights over the whole batch);
+    a micro-batch holds rows that share prompts and context prefixes (rollout.micro_batches).
     The guard may skip it (non-finite) or stop the run (no gradient flow; three bad in a row).
     Under torchrun every rank backpropagates its own rows, the gradients are summed over ranks, and
     every rank takes the same step (a rank with no rows to train still joins the sums)."""
@@ -491,14 +491,14 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
     weights = token_weights(tc.loss, mask[train_rows], group[train_rows], max_new_tokens, batch_total=dist.total)
     optimizer.zero_grad(set_to_none=True)
     loss_value, entropy_sum, ratio_dev_sum = 0.0, 0.0, 0.0
-    for s in range(0, len(train_rows), tc.micro_batch):
-        rows = train_rows[s:s + tc.micro_batch]
+    for part in rollout.micro_batches(exp.batch.rows(train_rows), tc.micro_batch):  # indices into train_rows
+        rows = train_rows[part]
         logp, ent = rollout.sequence_logprobs(model, exp.batch.rows(rows), tc.logprob_chunk, with_entropy=True)
         # old_logp = the sampler's log-probs: the policy that generated each token. On a fresh batch the
         # ratio is 1 up to the two passes' rounding; on reused rollouts it corrects their lag.
         old_logp = exp.sampler_logp[rows].to(mask.device)
         loss = policy_loss(tc, logp, old_logp, exp.advantage[rows].to(mask.device), mask[rows],
-                           weights[s:s + tc.micro_batch].to(mask.device), base_logp=base_logp[rows])
+                           weights[part].to(mask.device), base_logp=base_logp[rows])
         loss.backward()
         loss_value += loss.item()
         entropy_sum += (ent * mask[rows]).sum().item()

@@ -9,6 +9,9 @@ sequence_logprobs(): the decoder body (each distinct prompt once, its KV cache e
            the completion columns; one plain pass when nothing is shared), then lm_head + log_softmax in
            checkpointed chunks over time, so a full [R, T, V] float32 tensor never exists (V ~ 50-150k
            makes that the memory peak).
+Both share more than whole prompts: prompts that begin with the same long prefix (FST: one of K
+contexts, a few hundred tokens, then a short problem) run that prefix once, and each prompt then runs
+only its own suffix on top of the prefix's cache rows (plan_prefixes, _prefill_prompts).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -56,6 +60,128 @@ def encode_chat(tokenizer, messages) -> list[int]:
     return [int(i) for i in ids]
 
 
+# ------------------------------------------------------------------------------ shared prompt prefixes
+# Prompts that begin alike run in two passes: each distinct prefix once, its KV cache rows repeated for
+# the prompts that start with it, then each prompt's own suffix on top. A second pass has a fixed cost
+# (and a GPU runs a short prefill at about the price of a long one), so prompts share a prefix only from
+# this many tokens on. Set it above any prompt's length (sys.maxsize) to turn sharing off in a whole run.
+MIN_SHARED_PREFIX = 64
+
+
+class PrefixPlan(NamedTuple):
+    """How U distinct prompts are prefilled: Q prefix rows, each run once, then each prompt's suffix."""
+    prefixes: list[list[int]]   # [Q] a prefix shared by >= 2 prompts, or a whole prompt that shares none
+    prefix_of: list[int]        # [U] the prefix row prompt u begins with
+    suffixes: list[list[int]]   # [U] prompt u after its prefix; [] when its prefix row is all of it
+
+    @classmethod
+    def unshared(cls, prompts: list[list[int]]) -> PrefixPlan:
+        """Today's path: every prompt is its own prefix row and no suffix pass runs."""
+        return cls([list(p) for p in prompts], list(range(len(prompts))), [[] for _ in prompts])
+
+    @property
+    def shares(self) -> bool:
+        # a prefix row shared by >= 2 distinct prompts leaves a suffix to at least one of them
+        return any(self.suffixes)
+
+    def padded_tokens(self) -> int:
+        """Token columns the passes compute, padding included: Q x the longest prefix + U x the longest suffix."""
+        return (len(self.prefixes) * max(map(len, self.prefixes))
+                + len(self.suffixes) * max(map(len, self.suffixes)))
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plan_prefixes(prompts: list[list[int]]) -> PrefixPlan:
+    """Split distinct prompts into shared prefixes and own suffixes so that the most prompt tokens are
+    computed once. Sorted by their tokens, prompts that share a prefix sit next to each other, and a run
+    of sorted prompts shares the smallest common length of its neighbours. A small dynamic programme
+    cuts the sorted list into runs: a run of n prompts sharing L >= MIN_SHARED_PREFIX tokens saves
+    (n - 1) * L tokens; a run of one shares nothing (its whole prompt is a prefix row). Contexts that
+    begin alike (a mutated instruction, a parent and its child with one more demo) thus still get a
+    prefix row each instead of one short common one. The unshared plan (today's path) when no run
+    saves anything, or when padding to the longest prefix and suffix would cost more than it saves."""
+    unshared = PrefixPlan.unshared(prompts)
+    U = len(prompts)
+    order = sorted(range(U), key=lambda u: prompts[u])
+    common = [_common_length(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]    # [U-1]
+    # saved[j]: the most tokens saved by cutting order[:j] into runs; start[j]: where its last run starts
+    saved, start = [0] * (U + 1), list(range(U + 1))
+    for j in range(1, U + 1):
+        saved[j], start[j] = saved[j - 1], j - 1                  # order[j-1] in a run of its own
+        shared = float("inf")
+        for i in range(j - 2, -1, -1):                            # the run order[i:j], growing leftwards
+            shared = min(shared, common[i])
+            if shared < max(1, MIN_SHARED_PREFIX):
+                break                                             # a longer run shares even less
+            if saved[i] + (j - i - 1) * shared > saved[j]:
+                saved[j], start[j] = saved[i] + (j - i - 1) * shared, i
+    if saved[U] == 0:
+        return unshared
+    runs, j = [], U
+    while j > 0:
+        runs.append(order[start[j]:j])
+        j = start[j]
+    prefixes, prefix_of, suffixes = [], [0] * U, [[] for _ in range(U)]
+    for run in reversed(runs):
+        # sorted, so the first and last prompt of a run share what all of it shares (a run of one: all of it)
+        n = _common_length(prompts[run[0]], prompts[run[-1]])
+        for u in run:
+            prefix_of[u], suffixes[u] = len(prefixes), list(prompts[u][n:])
+        prefixes.append(list(prompts[run[0]][:n]))
+    plan = PrefixPlan(prefixes, prefix_of, suffixes)
+    return plan if plan.padded_tokens() < unshared.padded_tokens() else unshared
+
+
+class Prefilled(NamedTuple):
+    """What a prefill hands to the next phase (the KV cache itself is extended in place)."""
+    last: torch.Tensor   # [U, D] the forward's output at each prompt's last token (logits or hidden state)
+    mask: torch.Tensor   # [U, A+S] the cache's columns: 1 on real tokens (prefix, then suffix), 0 on padding
+    tokens: int          # real tokens run through the model (a shared prefix counts once)
+
+
+def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids [n, W], mask [n, W]), right-aligned to the longest row W."""
+    W = max(map(len, rows))
+    ids = torch.tensor([[pad] * (W - len(r)) + list(r) for r in rows], device=device)
+    mask = torch.tensor([[0] * (W - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def _prefill_prompts(forward, cache, plan: PrefixPlan, pad: int, device) -> Prefilled:
+    """Prefill the prompts of `plan` into `cache`: the prefix rows, left-padded to A; their cache rows
+    repeated for the prompts that begin with them; then, when any prompt has one, every prompt's suffix,
+    left-padded to S, on top. forward(ids, mask, pos) runs the model on new columns (mask covers every
+    cached column too) and returns its output at the last column. The unshared plan is one plain pass."""
+    ids, mask = _left_pad(plan.prefixes, pad, device)                                       # [Q, A]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's first token is position 0
+    last = forward(ids, mask, pos)                                                          # [Q, D]
+    tokens = int(mask.sum())
+    if plan.prefix_of != list(range(len(plan.prefixes))):  # prompts share prefix rows: repeat them
+        of = torch.tensor(plan.prefix_of, device=device)
+        cache.batch_select_indices(of)
+        last, mask = last[of], mask[of]                                                     # [U, .]
+    if not plan.shares:
+        return Prefilled(last, mask, tokens)
+    # The suffixes sit right after the prefix columns, left-padded: a prompt's pads lie between its
+    # prefix and its suffix, masked out, and its positions go on from its prefix's real length.
+    sids, smask = _left_pad(plan.suffixes, pad, device)                                    # [U, S]
+    spos = mask.sum(-1, keepdim=True) + (smask.cumsum(-1) - 1).clamp(min=0)
+    mask = torch.cat([mask, smask], dim=1)                                                  # [U, A+S]
+    slast = forward(sids, mask, spos)                                                       # [U, D]
+    # A prompt that is all prefix (empty suffix: its last column is padding) keeps the prefix pass's output.
+    has_suffix = smask[:, -1:].bool()                                                       # [U, 1]
+    return Prefilled(torch.where(has_suffix, slast, last), mask, tokens + int(smask.sum()))
+
+
 # ----------------------------------------------------------------------------------------- sampling
 @dataclass
 class Rollouts:
@@ -66,7 +192,7 @@ class Rollouts:
     logprobs: list[list[float]] = field(default_factory=list)       # log p(token), temperature 1
     finish_reasons: list[str] = field(default_factory=list)         # "eos" | "stop" | "length"
     texts: list[str] = field(default_factory=list)                  # cut right after a stop string
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0                                         # prompt tokens run (shared ones once)
     decode_tokens: int = 0
     seconds: float = 0.0
 
@@ -148,13 +274,16 @@ def _new_cache(model) -> DynamicCache:
 @torch.inference_mode()
 def sample(model, tokenizer, prompts: list[list[int]], counts: list[int], *, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, stop=(), generator: torch.Generator | None = None,
-           batch_size: int | None = None, progress: bool = False) -> Rollouts:
+           batch_size: int | None = None, progress: bool = False, share_prefix: bool = True) -> Rollouts:
     """Sample counts[i] completions of prompts[i] (token ids); temperature 0 = greedy. batch_size
-    caps how many prompts are prefilled together (then they go in waves); None = all at once."""
+    caps how many prompts are prefilled together (then they go in waves); None = all at once.
+    share_prefix: prompts of a wave that begin with the same MIN_SHARED_PREFIX or more tokens prefill
+    that prefix once (plan_prefixes); False: each distinct prompt in full (the same samples)."""
     assert len(prompts) == len(counts), "one count per prompt"
     start, out = time.perf_counter(), Rollouts()
     opts = dict(eos=_eos_ids(model, tokenizer), max_new_tokens=max_new_tokens, temperature=temperature,
-                top_p=top_p, stop=[s for s in stop if s], generator=generator, progress=progress)
+                top_p=top_p, stop=[s for s in stop if s], generator=generator, progress=progress,
+                share_prefix=share_prefix)
     with eval_mode(model):
         wave = batch_size or max(1, len(prompts))
         for w in range(0, len(prompts), wave):
@@ -164,11 +293,12 @@ def sample(model, tokenizer, prompts: list[list[int]], counts: list[int], *, max
 
 
 def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, eos, max_new_tokens, temperature,
-                 top_p, stop, generator, progress):
+                 top_p, stop, generator, progress, share_prefix):
     """Sample counts[i] completions of each prompts[i] and append them to `out` in sample order
     (`offset`: this wave's first prompt index in the whole sample() call), in four phases:
     1. rows: one row per sample; identical prompts share one distinct prompt;
-    2. prefill: each distinct prompt once, left-padded, its KV-cache rows repeated for its samples;
+    2. prefill: each distinct prompt once (a shared prefix once, then the suffixes), its KV-cache rows
+       repeated for its samples;
     3. decode: one token per live row per step; a row leaves the batch at EOS or a stop string;
     4. collect: token ids, log-probs, finish reasons and texts into `out`."""
     device = model.get_input_embeddings().weight.device
@@ -185,7 +315,7 @@ def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, eos, max_new
         return
 
     # 2. Prefill each distinct prompt once; repeat its cache rows for its samples.
-    cache, logits, mask = _prefill(model, [list(p) for p in distinct], row_src, pad, device, out)
+    cache, logits, mask = _prefill(model, [list(p) for p in distinct], row_src, pad, device, out, share_prefix)
 
     # 3. Decode until every row has finished or max_new_tokens.
     comp, lps, reason = _decode(model, tokenizer, cache, logits, mask, out, eos=eos, max_new_tokens=max_new_tokens,
@@ -203,21 +333,26 @@ def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, eos, max_new
         out.texts.append(_cut_at_stop(text, stop) if reason[r] == "stop" else text)
 
 
-def _prefill(model, uniq: list[list[int]], row_src: list[int], pad: int, device, out: Rollouts):
-    """The distinct prompts `uniq` in one left-padded forward -> (KV cache with one row per sample,
-    next-token logits [R, V], attention mask [R, P]); row r continues prompt uniq[row_src[r]]."""
-    P = max(len(p) for p in uniq)
-    ids = torch.tensor([[pad] * (P - len(p)) + p for p in uniq], device=device)            # [U, P]
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in uniq], device=device)  # [U, P]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's first token is position 0
+def _prefill(model, uniq: list[list[int]], row_src: list[int], pad: int, device, out: Rollouts,
+             share_prefix: bool):
+    """The distinct prompts `uniq` -> (KV cache with one row per sample, next-token logits [R, V],
+    attention mask [R, L] of the cached columns); row r continues prompt uniq[row_src[r]]. Prompts that
+    share a long prefix run it once (plan_prefixes); otherwise one left-padded forward (L = P)."""
     cache = _new_cache(model)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]                           # [U, V]
-    out.prefill_tokens += int(mask.sum())
+    # Suffixes on top of repeated prefix rows need plain full-attention layers (see _can_share_prompts).
+    growing = all(type(layer) is _GrowingLayer for layer in cache.layers)
+    plan = plan_prefixes(uniq) if share_prefix and growing else PrefixPlan.unshared(uniq)
+
+    def forward(ids, mask, pos):  # new columns [n, c] on top of the cache -> next-token logits [n, V]
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                     use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    done = _prefill_prompts(forward, cache, plan, pad, device)
+    out.prefill_tokens += done.tokens
     src = torch.tensor(row_src, device=device)
     if len(row_src) != len(uniq):  # the shared prefill: repeat each prompt's cache rows for its samples
         cache.batch_select_indices(src)
-    return cache, logits[src], mask[src]                                                      # [R, .]
+    return cache, done.last[src], done.mask[src]                                              # [R, .]
 
 
 def _decode(model, tokenizer, cache, logits, mask, out: Rollouts, *, eos, max_new_tokens, temperature, top_p,
@@ -325,34 +460,71 @@ def _can_share_prompts(body) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def completion_hidden_states(model, batch: Batch, share_prompts: bool = True) -> torch.Tensor:
+def _prompt_tokens(batch: Batch, rows: torch.Tensor | None = None) -> list[list[int]]:
+    """The real prompt tokens of `rows` (default: all rows), without their left padding."""
+    P = batch.prompt_width
+    ids, mask = batch.input_ids[:, :P], batch.attention_mask[:, :P].bool()
+    if rows is not None:
+        ids, mask = ids[rows], mask[rows]
+    return [row[keep].tolist() for row, keep in zip(ids, mask)]
+
+
+def micro_batches(batch: Batch, size: int) -> list[torch.Tensor]:
+    """The row indices of `batch` in micro-batches of at most `size` rows, the rows sorted by their prompt
+    tokens first: rows that share a prompt or a context prefix (the same context under different
+    problems) land in one micro-batch, whose pass then runs it once. Each row's log-probs do not depend
+    on which rows share its micro-batch, so the order changes no result."""
+    prompts = _prompt_tokens(batch)
+    order = sorted(range(len(prompts)), key=prompts.__getitem__)  # stable: ties keep their row order
+    return list(torch.tensor(order, dtype=torch.long).split(size))
+
+
+def completion_hidden_states(model, batch: Batch, share_prompts: bool = True,
+                             share_prefix: bool = True) -> torch.Tensor:
     """Final hidden states at the positions that predict completion tokens: columns P-1 .. P+T-2.
     Runs only the decoder body (get_decoder() reaches through a peft wrapper; LoRA layers stay active).
 
     share_prompts: when rows share a prompt (an RL group), run the decoder on each distinct prompt once,
     expand its KV cache to its rows (differentiable: gradients flow back to the prompt pass) and run the
-    completion columns on top. Falls back to one pass over [R, P+T] when no prompt is shared or the
-    decoder cannot use a cache (see _can_share_prompts)."""
+    completion columns on top. share_prefix: prompts that begin with the same long prefix (a context
+    under several problems) run that prefix once and then their own suffixes (plan_prefixes), before the
+    completion columns. Falls back to one pass over [R, P+T] when nothing is shared or the decoder cannot
+    use a cache (see _can_share_prompts)."""
     body = model.get_decoder()
     P, T = batch.prompt_width, batch.completion_mask.shape[1]
     pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    groups = _shared_prompt_groups(batch) if share_prompts else None
-    if groups is None or not _can_share_prompts(body):
+    groups = plan = None
+    if share_prompts and _can_share_prompts(body) and P > 0 and len(pos) > 1:
+        groups = _shared_prompt_groups(batch)       # (first [U], inverse [R]) or None: all rows differ
+        first = groups[0] if groups is not None else None
+        prompts = _prompt_tokens(batch, first)                                                # [U]
+        plan = plan_prefixes(prompts) if share_prefix else PrefixPlan.unshared(prompts)
+    if groups is None and (plan is None or not plan.shares):
         h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos,
                  use_cache=False).last_hidden_state                                          # [R, P+T, H]
         return h[:, P - 1:P - 1 + T]                                                          # [R, T, H]
 
-    first, inverse = groups
     cache = DynamicCache(config=body.config)  # plain torch.cat layers: autograd sees every update
-    hp = body(input_ids=batch.input_ids[first, :P], attention_mask=batch.attention_mask[first, :P],
-              position_ids=pos[first, :P], past_key_values=cache, use_cache=True).last_hidden_state  # [U, P, H]
-    h0 = hp[:, -1].index_select(0, inverse)[:, None]  # left padding: column P-1 is every prompt's last
+
+    def forward(ids, mask, cols):  # new columns [n, c] on top of the cache -> last hidden state [n, H]
+        return body(input_ids=ids, attention_mask=mask, position_ids=cols, past_key_values=cache,
+                    use_cache=True).last_hidden_state[:, -1]
+
+    done = _prefill_prompts(forward, cache, plan, pad=0, device=pos.device)  # pad: any id, it is masked
+    h0 = done.last[:, None]                                   # [U, 1, H]: each prompt's last position
+    if groups is not None:  # [U, ...] -> [R, ...] by indexing, so grads sum back per prompt
+        h0 = h0.index_select(0, groups[1])
     if T == 1:
         return h0                                                                             # [R, 1, H]
-    cache.batch_select_indices(inverse)  # [U, ...] -> [R, ...] by indexing, so grads sum back per prompt
-    # The last completion column predicts nothing, so columns P .. P+T-2 suffice.
-    hc = body(input_ids=batch.input_ids[:, P:P + T - 1], attention_mask=batch.attention_mask[:, :P + T - 1],
-              position_ids=pos[:, P:P + T - 1], past_key_values=cache, use_cache=True).last_hidden_state
+    mask = done.mask                                                                          # [U, L]
+    if groups is not None:
+        cache.batch_select_indices(groups[1])
+        mask = mask[groups[1]]                                                                # [R, L]
+    # The last completion column predicts nothing, so columns P .. P+T-2 suffice; their mask covers the
+    # L cached prompt columns (laid out as the prefill left them), then the completion's own.
+    mask = torch.cat([mask, batch.attention_mask[:, P:P + T - 1]], dim=1)
+    hc = body(input_ids=batch.input_ids[:, P:P + T - 1], attention_mask=mask, position_ids=pos[:, P:P + T - 1],
+              past_key_values=cache, use_cache=True).last_hidden_state                       # [R, T-1, H]
     return torch.cat([h0, hc], dim=1)                                                         # [R, T, H]
 
 
@@ -386,9 +558,10 @@ def chunked_logprobs(lm_head, hidden, targets, chunk_size: int, with_entropy: bo
 
 
 def sequence_logprobs(model, batch: Batch, chunk_size: int = 64, with_entropy: bool = False,
-                      share_prompts: bool = True):
+                      share_prompts: bool = True, share_prefix: bool = True):
     """log p(completion token t | prefix) as [R, T] (padding columns: finite junk; mask them).
-    share_prompts: prefill each distinct prompt once (see completion_hidden_states)."""
-    hidden = completion_hidden_states(model, batch, share_prompts)
+    share_prompts: prefill each distinct prompt once; share_prefix: and a long prefix common to several
+    prompts once (see completion_hidden_states)."""
+    hidden = completion_hidden_states(model, batch, share_prompts, share_prefix)
     targets = batch.input_ids[:, batch.prompt_width:]
     return chunked_logprobs(model.get_output_embeddings(), hidden, targets, chunk_size, with_entropy)

@@ -3,6 +3,7 @@
     python bench/fast_round.py --threads 2              # fast.wave=1 vs the config's wave, 2 pairs, 12 proposals
     python bench/fast_round.py --proposals 0            # the config's budget as it is (proposals may differ)
     python bench/fast_round.py --threads 1 --before     # + a third side: the fast loop before waves
+    python bench/fast_round.py --demos 3 --unshared     # 3-demo contexts; + a side without prefix sharing
 
 The round is fst's own: `python fst.py --config tiny.yaml --set mode=fst` (SmolLM2-135M, arithmetic,
 12 anchors, budget 5x, reflect + demo) run through fst.main. A prep process runs RL steps 0-4 once and
@@ -15,6 +16,12 @@ ratio compares equal work. --proposals 0 keeps the config's budget, which a wave
 Sides alternate (sequential, wave, then wave, sequential, ...), each in its own process.
 --before adds the round as it was before waves: one at a time, free-form reflector replies, parents
 judged on their anchor rollouts (BEFORE_WAVES); it does different work, so it gets no time ratio.
+--demos N gives every pool member of the prep run's checkpoint N gold worked examples (train problems
+solved by the task's own computation, as turns), so the timed step and its round prompt with long
+contexts, as a pool does once the demo operators have filled it. --unshared adds a side that runs the
+wave side's round with prefix sharing off (rollout.MIN_SHARED_PREFIX = sys.maxsize in its process): the
+round before and after contexts were prefilled once per sample call; wave / unshared is its time ratio
+(printed when both sides made the same number of proposals).
 
 Per side: seconds of the round (the "fast" line of metrics.jsonl), proposals, acceptances, rollouts,
 where the time went, and the round's cost in RL steps = round seconds / median RL-step seconds of the
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -51,6 +59,9 @@ def child_main(a) -> None:
         torch.set_num_threads(a.threads)
     import context_opt
     import fst
+    import rollout
+    if a.no_prefix_sharing:
+        rollout.MIN_SHARED_PREFIX = sys.maxsize  # every prompt prefilled in full, as before prefix sharing
 
     replies = []
     real = context_opt.make_reflector
@@ -72,6 +83,8 @@ def child_main(a) -> None:
                   "--set", f"train.save_every={RL_STEPS_BEFORE}", "--set", "eval.every=0",
                   "--set", f"out_dir={run_dir.parent}", "--set", f"run_name={run_dir.name}",
                   *[x for s in a.common for x in ("--set", s)]])
+        if a.demos:
+            give_demos(fst, context_opt, run_dir, a.demos)
         return
     fst.main(["--resume", str(run_dir), "--set", f"train.steps={RL_STEPS_BEFORE + 1}",
               *[x for s in a.side_set for x in ("--set", s)]])
@@ -81,13 +94,30 @@ def child_main(a) -> None:
     Path(a.result).write_text(json.dumps({"fast": fast, "rl_step_seconds": rl, "replies": replies}))
 
 
-def run_child(a, role: str, run_dir: Path, side_set: list[str], result: Path | None = None) -> None:
+def give_demos(fst, context_opt, run_dir: Path, n: int) -> None:
+    """Every pool member in the prep run's last checkpoint gets n gold worked examples (distinct train
+    problems, bench/prefix_sharing.gold_demo), which the resumed sides then load with the pool."""
+    import infra
+    from prefix_sharing import gold_demo
+    cfg = fst.load_config(str(run_dir / "config.yaml"))
+    if n > cfg.fast.max_demos:
+        raise SystemExit(f"--demos {n} exceeds fast.max_demos={cfg.fast.max_demos}")
+    ckpt = infra.latest_checkpoint(run_dir)
+    pool = context_opt.PromptPool.load(ckpt / "pool.json")
+    problems = iter(random.Random(0).sample(fst.make_task(cfg.task).load("train"), n * len(pool)))
+    for prompt in pool:
+        prompt.demos = [list(gold_demo(next(problems))) for _ in range(n)]
+    pool.save(ckpt / "pool.json")
+
+
+def run_child(a, role: str, run_dir: Path, side_set: list[str], result: Path | None = None,
+              share_prefix: bool = True) -> None:
     env = dict(os.environ)
     if a.threads:
         env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     cmd = [sys.executable, __file__, "--child", role, "--run-dir", str(run_dir), "--config", a.config,
-           "--threads", str(a.threads), "--result", str(result or ""), "--common", *a.common,
-           "--side-set", *side_set]
+           "--threads", str(a.threads), "--result", str(result or ""), "--demos", str(a.demos),
+           *([] if share_prefix else ["--no-prefix-sharing"]), "--common", *a.common, "--side-set", *side_set]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -117,6 +147,8 @@ def main():
     ap.add_argument("--baseline", nargs="*", default=["fast.wave=1"],
                     help="overrides of the sequential side (the wave side runs the config as it is)")
     ap.add_argument("--before", action="store_true", help="also time the round as it was before waves")
+    ap.add_argument("--demos", type=int, default=0, help="gold worked examples given to every pool context")
+    ap.add_argument("--unshared", action="store_true", help="also time the wave round with prefix sharing off")
     ap.add_argument("--common", nargs="*", default=[], help="overrides for every run, e.g. fast.wave=8")
     ap.add_argument("--proposals", type=int, default=12,
                     help="proposals per round on every side (fast.max_proposals); 0 = the config's budget decides")
@@ -126,13 +158,15 @@ def main():
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--side-set", nargs="*", default=[], help=argparse.SUPPRESS)
+    ap.add_argument("--no-prefix-sharing", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child_main(a)
     if a.proposals:
         a.common = [f"fast.max_proposals={a.proposals}", "fast.budget=100", *a.common]
 
-    sides = ({"before": BEFORE_WAVES} if a.before else {}) | {"sequential": list(a.baseline), "wave": []}
+    sides = (({"before": BEFORE_WAVES} if a.before else {}) | {"sequential": list(a.baseline), "wave": []}
+             | ({"unshared": []} if a.unshared else {}))  # unshared: the wave side, prefix sharing off
     work = Path(tempfile.mkdtemp(prefix="fast_round_"))
     started = time.perf_counter()
     try:
@@ -146,7 +180,7 @@ def main():
                 run_dir = work / f"{side}-{pair}"
                 shutil.copytree(prep, run_dir)
                 result = work / f"{side}-{pair}.json"
-                run_child(a, "side", run_dir, a.common + sides[side], result)
+                run_child(a, "side", run_dir, a.common + sides[side], result, share_prefix=side != "unshared")
                 runs.append(side_summary(side, pair, json.loads(result.read_text())))
                 r = runs[-1]
                 print(f"[bench] pair {pair} {side:>10}: {r['seconds_round']:.1f} s, {r['proposals']} proposals, "
@@ -166,11 +200,15 @@ def main():
             old = next(r for r in runs if r["pair"] == pair and r["side"] == "before")
             pairs[-1]["before_round_in_rl_steps"] = old["round_in_rl_steps"]
             pairs[-1]["wave_round_in_rl_steps"] = wav["round_in_rl_steps"]
+        if a.unshared:
+            uns = next(r for r in runs if r["pair"] == pair and r["side"] == "unshared")
+            pairs[-1]["wave_over_unshared"] = (wav["seconds_round"] / uns["seconds_round"]
+                                               if uns["proposals"] == wav["proposals"] else None)
     equal_ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
     per_ratios = [p["ratio_per_proposal"] for p in pairs if p["ratio_per_proposal"] is not None]
     summary = {
         "settings": {"config": a.config, "pairs": a.pairs, "sides": sides, "common": a.common, "threads": a.threads,
-                     "timed_step": RL_STEPS_BEFORE},
+                     "timed_step": RL_STEPS_BEFORE, "demos": a.demos},
         "runs": runs, "pairs": pairs,
         "ratio": statistics.median(equal_ratios) if equal_ratios else None,
         "ratio_per_proposal": statistics.median(per_ratios) if per_ratios else None,
@@ -196,6 +234,10 @@ def main():
         if a.before:
             print(f"pair {p['pair']}: the round cost {p['before_round_in_rl_steps']:.1f} RL steps before waves, "
                   f"{p['wave_round_in_rl_steps']:.1f} now (different work: no ratio)")
+        if a.unshared:
+            print(f"pair {p['pair']}: " + (f"wave / unshared (prefix sharing on / off) time ratio {p['wave_over_unshared']:.2f}"
+                                           if p["wave_over_unshared"] is not None else
+                                           "wave and unshared made different numbers of proposals: no ratio"))
     for r in runs:
         print(f"{r['side']} pair {r['pair']}: reflect proposals passing the guards "
               f"{r['reflect_guard_pass']}/{r['reflect_proposals']}, accepted {r['accepted_by_operator']}")
