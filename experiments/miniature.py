@@ -39,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import statistics
 import sys
 import time
@@ -147,6 +148,19 @@ def check_sizes(sizes: Sizes):
 
 # ---------------------------------------------------------------------------------------------
 # The machine: which dtype pays on this CPU, and what a record says about where it ran.
+
+def code_version() -> str | None:
+    """The git commit the run's code came from (+ "-dirty" with uncommitted changes), or None outside git:
+    records made on different days say which version of fst made them."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else None
+
 
 def cpu_info(cpuinfo: str | None = None) -> dict:
     """The CPU's model name and the flags in CPU_FLAGS, from /proc/cpuinfo (Linux; elsewhere no
@@ -299,7 +313,8 @@ def ensure_run(spec: RunSpec, runs_dir: Path) -> Path:
     else:
         how, args = f"resume after step {saved}", ["--resume", str(run_dir)]
     print(f"[miniature] {spec.name}: {how} ({spec.steps} steps)", file=sys.stderr)
-    segment = {"how": how, "started": time.time(), "seconds": None, "finished": False, "machine": machine()}
+    segment = {"how": how, "started": time.time(), "seconds": None, "finished": False, "machine": machine(),
+               "code": code_version()}
     log["segments"].append(segment)
     write_run_log(run_dir, log)
     t0 = time.perf_counter()
