@@ -315,8 +315,9 @@ def vet_reflection(reflector_output: str, parent_text: str, anchor_questions: Se
     if text is None:
         return None, "no_fence"
     reason = check_proposal(text, parent_text, anchor_questions, max_chars)
-    if reason is None and copies_example(text, parent_text, " ".join(WORKED_REFLECTION)):
-        reason = "copies_example"
+    if reason is None and (copies_example(text, parent_text, " ".join(WORKED_REFLECTION))
+                           or _normalised(text).lower() in {_normalised(t).lower() for t in (WORKED_START, WORKED_REVISED)}):
+        reason = "copies_example"  # parrots the worked reflection (also a reply equal to one of its instructions)
     return (None, reason) if reason else (text, None)
 
 
@@ -385,16 +386,20 @@ def reflection_request(instruction: str, examples: Sequence[dict]) -> str:
 
 # One worked reflection, for a task fst does not train on, shown to the reflector as an earlier turn: a
 # small model follows an example of the reply it should write far more often than a description of it.
-# Its text is banned from children (the copies_example guard): a reply that parrots it is rejected.
+# Its text is banned from children (the copies_example guard): a reply that parrots it is rejected. Its
+# starting instruction shares no words with the tasks' seed prompts: "Answer the question.", the seed
+# prompts' own first sentence, once let a reply that copied it pass as a mere shortening of its parent.
+WORKED_START = "Convert the units."
+WORKED_REVISED = ("Convert the units. To turn minutes into seconds, multiply the minutes by 60 (never add 60). "
+                  "Show the multiplication, then give the final answer on a last line 'Answer: <number>'.")
 WORKED_REFLECTION = (
-    reflection_request("Answer the question.", [
+    reflection_request(WORKED_START, [
         {"question": "How many seconds are in 7 minutes?", "output": "7 minutes is 7 + 60 = 67 seconds.",
          "reward": 0.0, "feedback": "Expected 420 (7 x 60 = 420), but your final answer was 67. The reply "
                                     "also had no line 'Answer: N'."},
         {"question": "How many seconds are in 3 minutes?", "output": "3 x 60 = 180.\nAnswer: 180",
          "reward": 1.0, "feedback": "Correct: 3 x 60 = 180."}]),
-    "```\nAnswer the question. To turn minutes into seconds, multiply the minutes by 60 (never add 60). "
-    "Show the multiplication, then give the final answer on a last line 'Answer: <number>'.\n```")
+    f"```\n{WORKED_REVISED}\n```")
 
 
 def build_reflection_prompt(instruction: str, examples: Sequence[dict]) -> list[dict]:

@@ -573,11 +573,15 @@ def test_a_paragraph_reply_ends_at_its_first_blank_line(fake_stack):
 
 
 def test_a_short_reply_that_repeats_the_worked_reflections_instruction_is_a_copy():
-    """The worked reflection starts from "Answer the question.": a reply of just that (3 words, no 4-gram)
-    copies the example too."""
+    """The worked reflection starts from "Convert the units.": a reply of just that (3 words, no 4-gram)
+    copies the example too; and a reply equal to one of its instructions is a copy even when the parent
+    holds the same words (a shortening of the parent that happens to be the example's start)."""
     example = " ".join(co.WORKED_REFLECTION)
-    assert co.copies_example("Answer the question.", SEED, example)
+    assert co.copies_example("Convert the units.", SEED, example)
     assert not co.copies_example("Count the letters carefully.", SEED, example)
+    parent = "Convert the units. Reason briefly, then give the answer."
+    assert co.vet_reflection("```\nconvert the units.\n```", parent, [], 2000) == (None, "copies_example")
+    assert co.vet_reflection("```\nReason briefly.\n```", parent, [], 2000) == ("Reason briefly.", None)
 
 
 def test_fenced_reflector_on_a_real_tokenizer(tiny_model, tokenizer):
