@@ -1164,10 +1164,12 @@ class RoundProgress:
 
     def __init__(self, step: int, show: bool = True):
         from tqdm import tqdm
+        # until the first report (after the live pool's scoring) there is no budget to count against
         self.bar = tqdm(total=1, desc=f"fast round @ step {step}", position=1, leave=False, disable=not show,
-                        bar_format="{desc}: {n}/{total} rollouts of budget {bar:10} {postfix}")
+                        bar_format="{desc}: scoring the live pool on the anchors")
 
     def __call__(self, *, proposals: int, spent: int, budget: int, accepted: int, best: float):
+        self.bar.bar_format = "{desc}: {n}/{total} rollouts of budget {bar:10} {postfix}"
         self.bar.total, self.bar.n = budget, min(spent, budget)
         self.bar.set_postfix_str(f"{proposals} proposals, {accepted} accepted, best anchor {best:.2f}")
 

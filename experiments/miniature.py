@@ -567,6 +567,25 @@ def run_curves(record: Path, tasks: list[str]) -> dict:
     return out
 
 
+def fast_loop_summary(record: Path) -> dict:
+    """What a run's fast rounds did, from its record: proposals and acceptances by operator, the reflect
+    operator's rejections by reason, and the reflect children that reached a pool file (instruction text)."""
+    fast = [r for r in evaluation.read_metrics(record) if r.get("kind") == "fast"]
+    total = lambda key: {op: sum(r[key].get(op, 0) for r in fast) for op in fast[0][key]} if fast else {}  # noqa: E731
+    reasons = {}
+    for r in fast:
+        for reason, n in r["rejected_by_operator"].get("reflect", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    children = {}
+    for pool_file in sorted((record / "pool").glob("step_*.json")):
+        for p in json.loads(pool_file.read_text())["prompts"]:
+            if p.get("operator") == "reflect":
+                children.setdefault(p["id"], {"born": p.get("step"), "instruction": p["text"]})
+    return {"rounds": len(fast), "proposals": total("proposals_by_operator"),
+            "accepted": total("accepted_by_operator"), "reflect_rejected": reasons,
+            "reflect_children": list(children.values())}
+
+
 def run_summary(spec: RunSpec, record: Path) -> dict:
     log = json.loads((record / "miniature_run.json").read_text())
     cache = _cache(record)
@@ -582,6 +601,8 @@ def run_summary(spec: RunSpec, record: Path) -> dict:
            "reflector_calls": last.get("reflector_calls", 0)}
     if spec.two_by_two:
         out["two_by_two"] = cache["two_by_two"]
+    if spec.arm != "rl" and spec.study == "1":
+        out["fast_loop"] = fast_loop_summary(record)
     return out
 
 
@@ -772,7 +793,22 @@ def study1(sizes: Sizes, places: Places) -> dict:
             vs_rl("final KL(trained || base)", "final_kl", better="lower", fmt="{:.5f}")
     out["comparisons"] = comparisons
     out["findings"] = [c["text"] for c in comparisons]
+    out["fast_loop"] = {arm: fast_loop_totals(rs) for arm, rs in by_arm.items() if rs and "fast_loop" in rs[0]}
     return out
+
+
+def fast_loop_totals(runs: list[dict]) -> dict:
+    """An arm's fast loop over its seeds: sums by operator; the reflect guard's pass rate (replies that
+    no guard rejected, whatever their minibatch test then said); the reflect children, with their seed."""
+    add = lambda key: {op: sum(r["fast_loop"][key].get(op, 0) for r in runs)  # noqa: E731
+                       for op in dict.fromkeys(op for r in runs for op in r["fast_loop"][key])}
+    proposals, accepted, rejected = add("proposals"), add("accepted"), add("reflect_rejected")
+    replies = proposals.get("reflect", 0)
+    guarded = sum(n for reason, n in rejected.items() if reason != "not_better")
+    return {"rounds": sum(r["fast_loop"]["rounds"] for r in runs), "proposals": proposals, "accepted": accepted,
+            "reflect_rejected": rejected, "reflect_replies": replies,
+            "reflect_guard_pass_rate": (replies - guarded) / replies if replies else None,
+            "reflect_children": [dict(c, seed=r["seed"]) for r in runs for c in r["fast_loop"]["reflect_children"]]}
 
 
 def study2(sizes: Sizes, places: Places) -> dict:
@@ -1096,6 +1132,18 @@ def _readme_study1(s: dict) -> list[str]:
                   "| weights \\ prompt | seed | evolved |", "|---|---|---|",
                   f"| base | {_f(t['base']['seed'])} | {_f(t['base']['evolved'])} |",
                   f"| trained | {_f(t['trained']['seed'])} | {_f(t['trained']['evolved'])} |"]
+    for arm, f in s.get("fast_loop", {}).items():
+        ops = list(f["proposals"])
+        lines += ["", f"Fast loop of {arm} ({f['rounds']} rounds over {len(pa[arm]['seeds'])} seeds): proposals and "
+                  "acceptances by operator; the reflect operator's replies, the share no guard rejected, and its "
+                  "rejections by reason.", "",
+                  "| | " + " | ".join(ops) + " |", "|---|" + "---|" * len(ops),
+                  "| proposals | " + " | ".join(str(f["proposals"][o]) for o in ops) + " |",
+                  "| accepted | " + " | ".join(str(f["accepted"].get(o, 0)) for o in ops) + " |", "",
+                  f"reflect: {f['reflect_replies']} replies, guard pass rate {_f(f['reflect_guard_pass_rate'], '{:.2f}')}; "
+                  "rejected: " + (", ".join(f"{k} {n}" for k, n in f["reflect_rejected"].items() if n) or "none") + "."]
+        lines += [f"- reflect child (seed {c['seed']}, born at step {c['born']}): \"{' '.join(c['instruction'][:300].split())}\""
+                  for c in f["reflect_children"]]
     return lines + [""]
 
 
