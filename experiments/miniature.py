@@ -80,9 +80,10 @@ COST_EVAL_SAMPLE = 0.3     # per completion of a validation pass (32 x 4 x 64 to
 COST_KL_PROBLEM = 0.6      # kl_to_base: one completion + two full-vocabulary passes per problem
 COST_MODEL_LOAD = 3.0      # infra.load_model for one checkpoint
 
-# Study-1 arms: the fst settings each one adds. fst-reuse keeps the fast loop's scored rollouts for
-# the slow update (FastConfig.reuse, from another branch: config loading fails until it is merged).
-ARMS = {"rl": ["mode=rl"], "fst": ["mode=fst"], "gepa": ["mode=gepa"], "fst-reuse": ["mode=fst", "fast.reuse=pool"]}
+# Study-1 arms: the fst settings each one adds. fst-reuse trains on every rollout of the fast rounds too
+# (fast.reuse=all: with `pool` the first round, whose live pool is the seed prompt alone, gives one
+# rollout per problem, which has no advantage, so it would keep nothing).
+ARMS = {"rl": ["mode=rl"], "fst": ["mode=fst"], "gepa": ["mode=gepa"], "fst-reuse": ["mode=fst", "fast.reuse=all"]}
 # The dtype is part of a run's name when it is not float32, so fp32 and bf16 records never mix.
 DTYPES = {"float32": "", "bfloat16": "-bf16"}
 CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f")  # what decides whether bf16 pays on a CPU
@@ -1291,7 +1292,7 @@ def main(argv=None):
                          "gepa runs on the first")
     ap.add_argument("--study1-arms", nargs="+", choices=list(ARMS),
                     help="study 1's arms, rl among them (default rl fst gepa plus any arm already recorded; with "
-                         "--report-only the recorded arms). fst-reuse = mode fst with fast.reuse=pool")
+                         "--report-only the recorded arms). fst-reuse = mode fst with fast.reuse=all")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
                     help="model dtype of every run. Default float32: the paired bf16-vs-fp32 check has not been "
                          "made yet. auto = bfloat16 where /proc/cpuinfo lists avx512_bf16 or amx_bf16, else "

@@ -233,5 +233,5 @@ def test_fst_reuse_arm_is_fst_with_the_pool_reused(mini):
     specs = mini.study1_specs(mini.Sizes(study1_arms=("rl", "fst-reuse"), seeds=(0, 1, 2)))
     reuse = [s for s in specs if s.arm == "fst-reuse"]
     assert [s.name for s in reuse] == ["s1-fst-reuse-seed0", "s1-fst-reuse-seed1", "s1-fst-reuse-seed2"]
-    assert all("mode=fst" in s.overrides and "fast.reuse=pool" in s.overrides and s.two_by_two for s in reuse)
+    assert all("mode=fst" in s.overrides and "fast.reuse=all" in s.overrides and s.two_by_two for s in reuse)
     assert mini.Sizes().study1_arms == ("rl", "fst", "gepa")
