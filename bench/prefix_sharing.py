@@ -2,6 +2,7 @@
 
     python bench/prefix_sharing.py --threads 2           # SmolLM2-135M, contexts ~300 and ~600 tokens, fp32 + bf16
     python bench/prefix_sharing.py --tiny                # a tiny random model, small shapes: the code path, ~20 s
+    python bench/prefix_sharing.py --contexts 40 80 --min-shared 1 --dtypes float32   # where sharing stops paying
 
 The FST workload: K=4 contexts (the tiny config's instruction and worked examples as chat turns,
 context_opt.Context, as the demo operators build them; each context its own examples, as many as reach
@@ -235,8 +236,13 @@ def main():
     ap.add_argument("--matmul-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-shared", type=int, default=None,
+                    help="rollout.MIN_SHARED_PREFIX for this run: measure the threshold with short --contexts "
+                         f"(default: the module's, {rollout.MIN_SHARED_PREFIX})")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out"), help="folder for the JSON")
     a = ap.parse_args()
+    if a.min_shared is not None:
+        rollout.MIN_SHARED_PREFIX = a.min_shared
     for key, value in (SMOKE if a.tiny else FULL).items():
         if getattr(a, key) is None:
             setattr(a, key, value)
