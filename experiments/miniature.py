@@ -581,7 +581,7 @@ def fast_loop_summary(record: Path) -> dict:
     for pool_file in sorted((record / "pool").glob("step_*.json")):
         for p in json.loads(pool_file.read_text())["prompts"]:
             if p.get("operator") == "reflect":
-                children.setdefault(p["id"], {"born": p.get("step"), "instruction": p["text"]})
+                children.setdefault(p["id"], {"born": p.get("born_step"), "instruction": p["text"]})
     return {"rounds": len(fast), "proposals": total("proposals_by_operator"),
             "accepted": total("accepted_by_operator"), "reflect_rejected": reasons,
             "reflect_children": list(children.values())}
