@@ -154,12 +154,6 @@ class Config:
     init_from: str = ""
     init_pool: bool = False  # ...and also take that run's prompt pool
 
-    def check(self, prefix: str) -> None:
-        """What no one section can say alone: reused fast-round rollouts need a slow loop to train them."""
-        if self.fast.reuse != "none" and self.mode != "fst":
-            raise ConfigError(f"config key '{prefix}fast.reuse' is {self.fast.reuse!r}, but only mode fst trains "
-                              f"on fast-round rollouts (mode is {self.mode!r}): set fast.reuse=none")
-
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """YAML file (optional) + `a.b=value` overrides -> a checked Config (ConfigError names the bad key)."""
@@ -562,8 +556,8 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
     reflect = infra.counted(reflect, run.totals, "reflector_calls")
     scored = []  # (context, problem, result) of the phases fast.reuse keeps: RL data for the next steps
 
-    def keep(phase, contexts, problems, results):
-        if phase in REUSED_PHASES[cfg.fast.reuse]:
+    def keep(phase, contexts, problems, results):  # gepa never updates the weights: nothing to train them
+        if cfg.mode == "fst" and phase in REUSED_PHASES[cfg.fast.reuse]:
             scored.extend(zip(contexts, problems, results))
     with rollout.eval_mode(run.model), infra.RoundProgress(step, run.dist.is_main) as progress:
         stats = context_opt.fast_round(run.pool, anchors, cfg.fast, evaluate=evaluate, reflect=reflect, step=step,

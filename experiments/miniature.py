@@ -83,7 +83,10 @@ COST_MODEL_LOAD = 3.0      # infra.load_model for one checkpoint
 # Study-1 arms: the fst settings each one adds. fst-reuse trains on every rollout of the fast rounds too
 # (fast.reuse=all: with `pool` the first round, whose live pool is the seed prompt alone, gives one
 # rollout per problem, which has no advantage, so it would keep nothing).
-ARMS = {"rl": ["mode=rl"], "fst": ["mode=fst"], "gepa": ["mode=gepa"], "fst-reuse": ["mode=fst", "fast.reuse=all"]}
+# fst pins fast.reuse=none: the fast loop as the paper has it, whatever the release default (all, since
+# these runs measured it).
+ARMS = {"rl": ["mode=rl"], "fst": ["mode=fst", "fast.reuse=none"], "gepa": ["mode=gepa"],
+        "fst-reuse": ["mode=fst", "fast.reuse=all"]}
 # The dtype is part of a run's name when it is not float32, so fp32 and bf16 records never mix.
 DTYPES = {"float32": "", "bfloat16": "-bf16"}
 CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f")  # what decides whether bf16 pays on a CPU
@@ -242,8 +245,8 @@ def study2_specs(sizes: Sizes) -> list[RunSpec]:
     stages = ", ".join(f"{{name: {name}, steps: {steps}, options: {{format_reward: 0.1}}}}"
                        for name, steps in sizes.study2_schedule)
     total = sum(steps for _, steps in sizes.study2_schedule)
-    return [RunSpec("2", arm, seed, total, common_overrides(sizes, seed) + [
-        f"mode={arm}", f"schedule=[{stages}]", "task.system_prompt=''"],  # '' = rewards.TASK_AGNOSTIC_PROMPT
+    return [RunSpec("2", arm, seed, total, common_overrides(sizes, seed) + ARMS[arm] + [
+        f"schedule=[{stages}]", "task.system_prompt=''"],  # '' = rewards.TASK_AGNOSTIC_PROMPT
         [name for name, _ in sizes.study2_schedule], sizes.dtype, arm)
         for arm in ("rl", "fst") for seed in sizes.study2_seeds]
 

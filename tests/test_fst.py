@@ -289,10 +289,11 @@ def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity
     """fst-reuse: the checkpoint after step 1 lies between a fast round and the step that trains on its
     rollouts, so the resumed run must carry them over to replay the uninterrupted one."""
     reuse = ["--set", "fast.reuse=all"] if mode == "fst-reuse" else []
+    no_reuse = [] if reuse else ["--set", "fast.reuse=none"]
     mode = mode.removesuffix("-reuse")
     extra = ["--set", f"mode={mode}", "--set", "fast.every=2", "--set", "fast.budget=2",
              "--set", "fast.reflector_max_new_tokens=8", "--set", "fast.operators=[demo, reflect]",
-             "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2", *reuse]
+             "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2", *reuse, *no_reuse]
     full = _run(tmp_path, "full", tiny_model_dir, 4, extra)
     train_rows = [m for m in full if m["kind"] == "train"]
     if reuse:  # steps 2 and 3 train on round 1's rollouts (reuse_max_age 1: over two steps)

@@ -118,7 +118,8 @@ def test_the_round_shows_every_scored_rollout_by_phase():
     assert sum(n for _, n, _ in seen) == stats["metric_calls"] and all(n == m for _, n, m in seen)
 
 
-def test_reuse_needs_the_slow_loop():
+def test_reuse_is_a_checked_choice():
+    """fast.reuse is one of none|pool|all (rl and gepa accept it and keep nothing: no fast round, or no update)."""
     with pytest.raises(infra.ConfigError, match="fast.reuse"):
-        fst.load_config("tiny.yaml", ["mode=rl", "fast.reuse=pool"])
-    assert fst.load_config("tiny.yaml", ["mode=fst", "fast.reuse=all"]).fast.reuse == "all"
+        fst.load_config("tiny.yaml", ["fast.reuse=some"])
+    assert fst.load_config("tiny.yaml", ["mode=rl"]).fast.reuse == "all"
