@@ -106,7 +106,8 @@ def trl_child(a):
 
     def reward(prompts, completions, completion_ids, **kw):
         lengths.extend(len(c) for c in completion_ids)
-        problems = [{k: kw[k][i] for k in ("id", "question", "answer", "computation")} for i in range(len(prompts))]
+        # TRL passes the dataset's other columns as lists: rebuild each problem from the task's own fields
+        problems = [{k: kw[k][i] for k in rows[0] if k != "prompt" and k in kw} for i in range(len(prompts))]
         return [rewards.score_completion(task, p, c[0]["content"])[0] for p, c in zip(problems, completions)]
 
     class Timer(TrainerCallback):
