@@ -94,7 +94,7 @@ def test_export_adapter_and_merged_generate_like_fst(tmp_path, tiny_model_dir, p
     assert (adapter_dir / "system_prompt.txt").read_text() == best
     assert json.loads((adapter_dir / "context.json").read_text())["demos"] == pool.best().demos
     card = (adapter_dir / "README.md").read_text()
-    assert "| mode | fst |" in card and "| steps | 2 " in card and "| arithmetic | best |" in card
+    assert "| mode | fst |" in card and "| steps | 2 " in card and "| add | best |" in card
     assert best in card and str(Path(tiny_model_dir).resolve()) in card
     last = [r for r in ev.read_metrics(run) if r["kind"] == "eval" and r["step"] == 2]
     assert len(last) == 2 and all(f"| {r['prompt']} | {r['mean_at_k']:.3f} | {r['pass_at_k']:.3f} |" in card
