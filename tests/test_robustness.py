@@ -42,10 +42,21 @@ def without_timing(rows):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir):
-    """The reference: the same run, never interrupted."""
+    """The reference: the same run, never interrupted, in a fresh process on one thread like the killed
+    runs' first part (kill_driver.py): nothing an earlier test left in this process can change it."""
     tmp = tmp_path_factory.mktemp("reference")
-    run_with_parity_rewards(run_args(tmp, "full", tiny_model_dir))
+    run_fresh(run_args(tmp, "full", tiny_model_dir))
     return tmp / "full"
+
+
+def run_fresh(args: list[str]) -> None:
+    """fst.main(args) with parity rewards in a fresh one-thread process, as kill_driver.py runs the killed
+    runs: runs compared number for number must not depend on what earlier tests left in this process."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import conftest; "
+            "conftest.run_with_parity_rewards(sys.argv[2:])")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT / "tests"), *args], capture_output=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
 
 
 def assert_same_run(run_dir, reference):
@@ -70,7 +81,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, tiny_model_
     if where == "update":  # and a kill in the middle of a log line leaves half a line
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write('{"kind": "train", "step": 3, "rew')
-    fst.main(["--resume", str(run_dir)])
+    run_fresh(["--resume", str(run_dir)])
     assert_same_run(run_dir, uninterrupted)
 
 
@@ -86,7 +97,7 @@ def test_damaged_checkpoints_are_skipped_and_the_previous_one_used(tmp_path, uni
     assert infra.latest_checkpoint(run_dir).name == "step_000001"
     err = capsys.readouterr().err
     assert "skipping damaged checkpoint" in err and "step_000005" in err and "adapter_model.safetensors is missing" in err
-    fst.main(["--resume", str(run_dir)])
+    run_fresh(["--resume", str(run_dir)])
     assert_same_run(run_dir, uninterrupted)
 
 
