@@ -346,13 +346,19 @@ def experience_from(problems, group: list[int], prompt_id: list[int], ro: rollou
     whatever prompt each used; the rows collated; the sampler's log-probs as a [R, T] tensor."""
     reward = torch.tensor([r for r, _ in scored], dtype=torch.float32)
     adv, keep = group_advantages(reward.view(len(problems), -1), scale_by_std=scale_by_std)
+    batch, sampler_logp = collate_rollouts(ro, pad_id, device)
+    return Experience(problems=problems, group=torch.tensor(group), prompt_id=list(prompt_id), rollouts=ro,
+                      scored=list(scored), reward=reward, advantage=adv.view(-1), keep=keep, batch=batch,
+                      sampler_logp=sampler_logp, seconds_sampling=seconds_sampling)
+
+
+def collate_rollouts(ro: rollout.Rollouts, pad_id: int, device) -> tuple[rollout.Batch, torch.Tensor]:
+    """The rows collated on the device, and the sampler's log-probs as [R, T] (0 on padding)."""
     batch = rollout.collate(ro.prompt_ids, ro.completion_ids, pad_id, device)
     sampler_logp = torch.zeros_like(batch.completion_mask)
     for i, lp in enumerate(ro.logprobs):
         sampler_logp[i, :len(lp)] = torch.tensor(lp)
-    return Experience(problems=problems, group=torch.tensor(group), prompt_id=list(prompt_id), rollouts=ro,
-                      scored=list(scored), reward=reward, advantage=adv.view(-1), keep=keep, batch=batch,
-                      sampler_logp=sampler_logp, seconds_sampling=seconds_sampling)
+    return batch, sampler_logp
 
 
 @dataclass(kw_only=True)
@@ -423,10 +429,7 @@ def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool,
         logprobs=ro.logprobs + [k.logprobs for k in rows], finish_reasons=ro.finish_reasons + [k.finish_reason for k in rows],
         texts=ro.texts + [k.text for k in rows], prefill_tokens=ro.prefill_tokens, decode_tokens=ro.decode_tokens,
         seconds=ro.seconds)
-    batch = rollout.collate(joined.prompt_ids, joined.completion_ids, pad_id, device)
-    sampler_logp = torch.zeros_like(batch.completion_mask)
-    for i, lp in enumerate(joined.logprobs):
-        sampler_logp[i, :len(lp)] = torch.tensor(lp)
+    batch, sampler_logp = collate_rollouts(joined, pad_id, device)
     first = len(exp.problems)
     return Experience(
         problems=exp.problems + [g[0].problem for g in mine],
