@@ -156,6 +156,18 @@ def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
     return ids, mask
 
 
+def _repeat_cache_rows(cache, index: torch.Tensor) -> None:
+    """cache row i <- row index[i] in every layer, by index_select: its backward (index_add_) sums the
+    gradients of repeated rows in a fixed order. transformers' batch_select_indices indexes with
+    [index], whose backward (index_put_ with accumulate) sums them in an order that varies from run
+    to run on CPU with more than one thread, so a resumed run would not replay its training pass."""
+    for layer in cache.layers:
+        if isinstance(layer, _GrowingLayer):
+            layer.batch_select_indices(index)
+        elif layer.get_seq_length() > 0:
+            layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+
+
 def _prefill_prompts(forward, cache, plan: PrefixPlan, pad: int, device) -> Prefilled:
     """Prefill the prompts of `plan` into `cache`: the prefix rows, left-padded to A; their cache rows
     repeated for the prompts that begin with them; then, when any prompt has one, every prompt's suffix,
@@ -167,8 +179,8 @@ def _prefill_prompts(forward, cache, plan: PrefixPlan, pad: int, device) -> Pref
     tokens = int(mask.sum())
     if plan.prefix_of != list(range(len(plan.prefixes))):  # prompts share prefix rows: repeat them
         of = torch.tensor(plan.prefix_of, device=device)
-        cache.batch_select_indices(of)
-        last, mask = last[of], mask[of]                                                     # [U, .]
+        _repeat_cache_rows(cache, of)
+        last, mask = last.index_select(0, of), mask[of]                                     # [U, .]
     if not plan.shares:
         return Prefilled(last, mask, tokens)
     # The suffixes sit right after the prefix columns, left-padded: a prompt's pads lie between its
@@ -256,7 +268,7 @@ class _GrowingLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.get_seq_length() > 0:
-            self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+            self.kbuf, self.vbuf = self.kbuf.index_select(0, indices), self.vbuf.index_select(0, indices)
             self.keys, self.values = self.kbuf[..., :self.n, :], self.vbuf[..., :self.n, :]
 
 
@@ -518,7 +530,7 @@ def completion_hidden_states(model, batch: Batch, share_prompts: bool = True,
         return h0                                                                             # [R, 1, H]
     mask = done.mask                                                                          # [U, L]
     if groups is not None:
-        cache.batch_select_indices(groups[1])
+        _repeat_cache_rows(cache, groups[1])
         mask = mask[groups[1]]                                                                # [R, L]
     # The last completion column predicts nothing, so columns P .. P+T-2 suffice; their mask covers the
     # L cached prompt columns (laid out as the prefill left them), then the completion's own.

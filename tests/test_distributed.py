@@ -56,10 +56,7 @@ def fst_args(tmp_path, model_dir, name, steps, mode):
             "--set", f"sampling.group_size={G}", "--set", "train.lr=0.01", "--set", f"mode={mode}",
             "--set", "fast.every=2", "--set", "fast.budget=2", "--set", "fast.reflector_max_new_tokens=8",
             "--set", "fast.operators=[demo, reflect]", "--set", "eval.every=2", "--set", "eval.n=3",
-            "--set", "eval.k=2",
-            # fast.reuse under torchrun trains, but a resumed 2-process run with reused rollouts does not yet
-            # replay the uninterrupted one from the step after the round (open in issue 20's note)
-            "--set", "fast.reuse=none"]
+            "--set", "eval.k=2", "--set", "fast.reuse=all"]  # fst: the round's rollouts train the next steps
 
 
 def train_2(tmp_path, model_dir, name, args, *extra):
@@ -99,6 +96,7 @@ def test_torchrun_two_processes_train_as_one_run(tmp_path, tiny_model_dir, mode)
         assert proc.stderr.count("Loading weights:   0%") == 1                           # rank 0's bar alone
         return
     assert train_rows[-1]["rollouts_fast"] == sum(r["metric_calls"] for r in fast) > 0
+    assert train_rows[-1]["rollouts_reused"] > 0 and train_rows[2]["reused_share"] > 0  # the round's rollouts trained
     train_2(tmp_path, tiny_model_dir, "part", fst_args(tmp_path, tiny_model_dir, "part", 2, mode))
     _, resumed, prints = train_2(tmp_path, tiny_model_dir, "part", ["--resume", str(tmp_path / "part"),
                                                                      "--set", "train.steps=4"])

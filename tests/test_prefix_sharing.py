@@ -237,3 +237,23 @@ def test_base_pass_micro_batches_hold_rows_of_one_context(tiny_model, tokenizer)
         ref = rollout.sequence_logprobs(model, batch, share_prompts=False)
     m = batch.completion_mask.bool()
     torch.testing.assert_close(base[m], ref[m], atol=1e-5, rtol=0)
+
+
+def test_training_gradients_repeat_bit_for_bit_on_two_threads(tiny_model, tokenizer):
+    """Cache rows repeated for the rows that share them (a prefix under two contexts, a prompt's G rows)
+    are repeated by index_select, whose backward sums their gradients in a fixed order. With
+    transformers' batch_select_indices ([index]: index_put_ with accumulate) two CPU threads summed
+    them in a varying order, and a resumed 2-process run with reused fast-round rollouts did not
+    replay the uninterrupted one (issue 20). The rows: one problem under MIXED's three contexts, the
+    last context's rows six times (a micro-batch of a step that trained reused groups)."""
+    model = add_lora(tiny_model).train()
+    prompts = context_prompts(tokenizer)
+    g = torch.Generator().manual_seed(0)
+    rows = [prompts[i] for i in (0, 1, 2, 2, 2, 2, 2, 2)]
+    comps = [torch.randint(100, 5000, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
+             for _ in rows]
+    batch = rollout.collate(rows, comps, tokenizer.pad_token_id, "cpu")
+    torch.set_num_threads(2)  # the module's fixture restores one thread
+    runs = [scoring_run(model, batch)[2] for _ in range(8)]
+    for grads in runs[1:]:
+        assert all(torch.equal(grads[name], runs[0][name]) for name in grads)
