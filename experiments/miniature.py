@@ -642,6 +642,14 @@ def kl_at_accuracy(curve: list[dict], level: float):
     return curve[0]["kl"] if curve and curve[0]["accuracy"] >= level else None
 
 
+def seed_matched_levels(per_arm: dict, curves: dict, arm: str) -> dict:
+    """{seed: the highest validation accuracy both `arm`'s and rl's curves of that seed reach}, for the
+    seeds both arms have: a level each seed reaches by construction, unlike rl's best mean."""
+    rl_best = {seed: max(p["accuracy"] for p in c) for seed, c in zip(per_arm["rl"]["seeds"], curves["rl"])}
+    return {seed: min(max(p["accuracy"] for p in c), rl_best[seed])
+            for seed, c in zip(per_arm[arm]["seeds"], curves[arm]) if seed in rl_best}
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics: spread over seeds, and paired differences with a bootstrap interval.
 
@@ -675,7 +683,7 @@ def compare(what: str, arm: str, arm_values: dict, ref: str, ref_values: dict, *
     difference at this scale; above or below 0 -> `arm` ahead or behind, by the direction in `better`.
     Returns the numbers and one sentence (`text`)."""
     signed = fmt.replace("{:", "{:+", 1)
-    out = {"what": what, "arm": arm, "against": ref, "better": better, "seeds": [], "diffs": [],
+    out = {"what": what, "arm": arm, "against": ref, "better": better, "fmt": fmt, "seeds": [], "diffs": [],
            "mean_diff": None, "ci95": None, "verdict": None}
     a_stats, r_stats = describe(list(arm_values.values())), describe(list(ref_values.values()))
     head = (f"{what} ({better} is better): {arm} {_ms(a_stats, fmt)} vs {ref} {_ms(r_stats, fmt)} "
@@ -788,7 +796,19 @@ def study1(sizes: Sizes, places: Places) -> dict:
         vs_rl("mean validation accuracy over training (after step 0)", "mean_accuracy_during_training")
         vs_rl(f"steps to reach rl's best mean accuracy {target:.3f}", "steps_to_rl_best", better="lower",
               fmt="{:.1f}")
+        # The same questions per seed, at the seed's own matched accuracy (the highest both its curve and
+        # rl's curve of that seed reach), so every seed has a value and every seed counts.
+        levels = seed_matched_levels(per_arm, curves, arm)
+        out.setdefault("seed_matched_accuracy", {})[arm] = levels
+        def at_level(a, fn):  # noqa: E306 -- {seed: fn(curve of arm a in that seed, the seed's level)}
+            return {seed: fn(c, levels[seed]) for seed, c in zip(per_arm[a]["seeds"], curves[a]) if seed in levels}
+        for axis, what in (("step", "RL steps"), ("rollouts_all", "all rollouts (RL + fast)")):
+            reach_at = lambda c, level, x=axis: first_reach(c, level, x)  # noqa: E731
+            comparisons.append(compare(f"{what} to the seed's matched accuracy", arm, at_level(arm, reach_at),
+                                       "rl", at_level("rl", reach_at), better="lower", fmt="{:.1f}"))
         if arm in matched:  # gepa never moves the weights: its KL is 0 by construction, nothing to compare
+            comparisons.append(compare("KL at the seed's matched accuracy", arm, at_level(arm, kl_at_accuracy),
+                                       "rl", at_level("rl", kl_at_accuracy), better="lower", fmt="{:.5f}"))
             m = matched[arm]
             comparisons.append(compare(
                 f"KL at matched accuracy {m['accuracy']:.3f}", arm,
@@ -1089,7 +1109,7 @@ def _comparison_table(comparisons: list[dict]) -> list[str]:
     lines = ["| number | arm - reference | seeds paired | mean difference | 95% interval | verdict |",
              "|---|---|---|---|---|---|"]
     for c in comparisons:
-        fmt = "{:+.5f}" if "KL" in c["what"] else "{:+.1f}" if c["what"].startswith("steps") else "{:+.3f}"
+        fmt = c["fmt"].replace("{:", "{:+", 1)
         ci = f"[{fmt.format(c['ci95'][0])}, {fmt.format(c['ci95'][1])}]" if c["ci95"] else "n/a"
         lines.append(f"| {_cell_text(c['what'])} ({c['better']} is better) | {c['arm']} - {c['against']} | "
                      f"{', '.join(map(str, c['seeds'])) or '-'} | {_f(c['mean_diff'], fmt)} | {ci} | "
@@ -1117,7 +1137,11 @@ def _readme_study1(s: dict) -> list[str]:
                      f"{_f(_mean(p['rollouts_rl']), '{:.0f}')} + {_f(_mean(p['rollouts_fast']), '{:.0f}')} | "
                      f"{_duration(_mean(p['seconds_training']) or 0)} |")
     lines += ["", f"rl's best mean validation accuracy: {_f(s['rl_best_mean_accuracy'])}. \"Steps to rl's best "
-              "mean\" is the first validation step at which a curve reaches it.", "",
+              "mean\" is the first validation step at which a curve reaches it; a seed that never does leaves "
+              "that comparison not comparable. \"The seed's matched accuracy\" is, per seed, the highest "
+              "accuracy both the arm's and rl's curves of that seed reach, so every seed has a value: the RL "
+              f"steps (to the nearest validation, every {s['eval_every']} steps), all rollouts and KL at that "
+              "level are paired by seed.", "",
               "Paired by seed against rl:", ""] + _comparison_table(s["comparisons"]) + [
               "", "![KL against accuracy](study1_kl_vs_accuracy.png)", "",
               "Matched accuracy: the highest accuracy both an arm's and rl's mean curves reach; each arm's KL there "

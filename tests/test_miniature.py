@@ -75,8 +75,11 @@ def test_quick_records_runs_and_a_fresh_clone_reports_from_them(mini, tmp_path, 
     assert table["base"]["seed"] == curve[0]["accuracy_seed_prompt"]
     assert table["trained"]["evolved"] == curve[-1]["accuracy"]
     assert set(table["base"]) == {"seed", "evolved"} and "slow_gain" in table
-    # fst against rl on six numbers, gepa on the four that do not need its (zero) KL
-    assert [(c["arm"], c["against"]) for c in s1["comparisons"]] == [("fst", "rl")] * 6 + [("gepa", "rl")] * 4
+    # fst against rl on nine numbers, gepa on the six that do not need its (zero) KL
+    assert [(c["arm"], c["against"]) for c in s1["comparisons"]] == [("fst", "rl")] * 9 + [("gepa", "rl")] * 6
+    seed_matched = [c for c in s1["comparisons"] if c["arm"] == "fst" and "seed's matched" in c["what"]]
+    assert len(seed_matched) == 3 and all(c["seeds"] == [0, 1] for c in seed_matched)  # every seed has a value
+    assert set(s1["seed_matched_accuracy"]["fst"]) == {"0", "1"}  # summary.json: seeds as keys
     assert all(c["verdict"] == "n/a (one seed)" for c in s1["comparisons"] if c["arm"] == "gepa")
     assert s1["per_arm_stats"]["fst"]["final_accuracy"]["n"] == 2
 
@@ -174,6 +177,15 @@ def test_kl_at_matched_accuracy_interpolates_at_the_first_crossing(mini):
     assert mini.kl_at_accuracy(curve, 0.05) == 0.0                  # already there at step 0
     assert mini.kl_at_accuracy(curve, 0.6) is None
     assert mini.first_reach(curve, 0.3) == 6 and mini.first_reach(curve, 0.9) is None
+
+
+def test_seed_matched_level_is_the_highest_accuracy_both_curves_of_the_seed_reach(mini):
+    curve = lambda *acc: [{"step": 6 * i, "accuracy": a, "kl": 0.01 * i} for i, a in enumerate(acc)]  # noqa: E731
+    per_arm = {"rl": {"seeds": [0, 1]}, "fst": {"seeds": [1, 0, 2]}}
+    curves = {"rl": [curve(0.1, 0.5, 0.4), curve(0.1, 0.3, 0.6)], "fst": [curve(0.2, 0.4, 0.7), curve(0.1, 0.6, 0.3), curve(0.9)]}
+    assert mini.seed_matched_levels(per_arm, curves, "fst") == {1: 0.6, 0: 0.5}  # seed 2: no rl run to pair with
+    # seed 0 at its level 0.5: fst (its second curve) gets there at step 6, rl at step 6 too
+    assert mini.first_reach(curves["fst"][1], 0.5) == 6 and mini.first_reach(curves["rl"][0], 0.5) == 6
 
 
 def test_paired_bootstrap_on_differences_with_known_answers(mini):
