@@ -815,6 +815,17 @@ def study1(sizes: Sizes, places: Places) -> dict:
                 dict(zip(per_arm[arm]["seeds"], m["kl_per_seed"][arm])), "rl",
                 dict(zip(per_arm["rl"]["seeds"], m["kl_per_seed"]["rl"])), better="lower", fmt="{:.5f}"))
             vs_rl("final KL(trained || base)", "final_kl", better="lower", fmt="{:.5f}")
+    if {"fst", "fst-reuse"} <= set(arms):  # does training on the fast rounds' rollouts pay? (fast.reuse)
+        both = {"rl": per_arm["fst"], "fst": per_arm["fst-reuse"]}  # the seeds of fst-reuse's pairs with fst
+        levels = seed_matched_levels(both, {"rl": curves["fst"], "fst": curves["fst-reuse"]}, "fst")
+        reach_at = {a: {seed: first_reach(c, levels[seed], "rollouts_all")
+                        for seed, c in zip(per_arm[a]["seeds"], curves[a]) if seed in levels} for a in ("fst", "fst-reuse")}
+        comparisons.append(compare("all rollouts (RL + fast) to the accuracy both reach in the seed", "fst-reuse",
+                                   reach_at["fst-reuse"], "fst", reach_at["fst"], better="lower", fmt="{:.1f}"))
+        for what, key in (("final validation accuracy", "final_accuracy"),
+                          ("mean validation accuracy over training (after step 0)", "mean_accuracy_during_training")):
+            comparisons.append(compare(what, "fst-reuse", by_seed(per_arm, "fst-reuse", key), "fst",
+                                       by_seed(per_arm, "fst", key)))
     out["comparisons"] = comparisons
     out["findings"] = [c["text"] for c in comparisons]
     out["fast_loop"] = {arm: fast_loop_totals(rs) for arm, rs in by_arm.items() if rs and "fast_loop" in rs[0]}
@@ -1142,7 +1153,8 @@ def _readme_study1(s: dict) -> list[str]:
               "accuracy both the arm's and rl's curves of that seed reach, so every seed has a value: the RL "
               f"steps (to the nearest validation, every {s['eval_every']} steps), all rollouts and KL at that "
               "level are paired by seed.", "",
-              "Paired by seed against rl:", ""] + _comparison_table(s["comparisons"]) + [
+              "Paired by seed against rl (and fst-reuse against fst, where both ran):", "",
+              *_comparison_table(s["comparisons"]),
               "", "![KL against accuracy](study1_kl_vs_accuracy.png)", "",
               "Matched accuracy: the highest accuracy both an arm's and rl's mean curves reach; each arm's KL there "
               "is read off its mean curve where it first reaches that accuracy (linear between the two validation "
