@@ -642,12 +642,12 @@ def kl_at_accuracy(curve: list[dict], level: float):
     return curve[0]["kl"] if curve and curve[0]["accuracy"] >= level else None
 
 
-def seed_matched_levels(per_arm: dict, curves: dict, arm: str) -> dict:
-    """{seed: the highest validation accuracy both `arm`'s and rl's curves of that seed reach}, for the
+def seed_matched_levels(per_arm: dict, curves: dict, arm: str, ref: str = "rl") -> dict:
+    """{seed: the highest validation accuracy both `arm`'s and `ref`'s curves of that seed reach}, for the
     seeds both arms have: a level each seed reaches by construction, unlike rl's best mean."""
-    rl_best = {seed: max(p["accuracy"] for p in c) for seed, c in zip(per_arm["rl"]["seeds"], curves["rl"])}
-    return {seed: min(max(p["accuracy"] for p in c), rl_best[seed])
-            for seed, c in zip(per_arm[arm]["seeds"], curves[arm]) if seed in rl_best}
+    ref_best = {seed: max(p["accuracy"] for p in c) for seed, c in zip(per_arm[ref]["seeds"], curves[ref])}
+    return {seed: min(max(p["accuracy"] for p in c), ref_best[seed])
+            for seed, c in zip(per_arm[arm]["seeds"], curves[arm]) if seed in ref_best}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,8 +816,7 @@ def study1(sizes: Sizes, places: Places) -> dict:
                 dict(zip(per_arm["rl"]["seeds"], m["kl_per_seed"]["rl"])), better="lower", fmt="{:.5f}"))
             vs_rl("final KL(trained || base)", "final_kl", better="lower", fmt="{:.5f}")
     if {"fst", "fst-reuse"} <= set(arms):  # does training on the fast rounds' rollouts pay? (fast.reuse)
-        both = {"rl": per_arm["fst"], "fst": per_arm["fst-reuse"]}  # the seeds of fst-reuse's pairs with fst
-        levels = seed_matched_levels(both, {"rl": curves["fst"], "fst": curves["fst-reuse"]}, "fst")
+        levels = seed_matched_levels(per_arm, curves, "fst-reuse", ref="fst")
         reach_at = {a: {seed: first_reach(c, levels[seed], "rollouts_all")
                         for seed, c in zip(per_arm[a]["seeds"], curves[a]) if seed in levels} for a in ("fst", "fst-reuse")}
         comparisons.append(compare("all rollouts (RL + fast) to the accuracy both reach in the seed", "fst-reuse",
