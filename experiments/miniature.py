@@ -827,8 +827,47 @@ def study1(sizes: Sizes, places: Places) -> dict:
                                        by_seed(per_arm, "fst", key)))
     out["comparisons"] = comparisons
     out["findings"] = [c["text"] for c in comparisons]
+    if sizes.dtype != "float32":  # a bf16 run must end where its float32 twin does before bf16 is trusted
+        finals = {arm: {seed: {"final_accuracy": a, "final_kl": k} for seed, a, k in
+                        zip(per_arm[arm]["seeds"], per_arm[arm]["final_accuracy"], per_arm[arm]["final_kl"])}
+                  for arm in arms}
+        out["against_float32"] = against_float32(finals, float32_finals(sizes, places))
     out["fast_loop"] = {arm: fast_loop_totals(rs) for arm, rs in by_arm.items() if rs and "fast_loop" in rs[0]}
     return out
+
+
+def float32_finals(sizes: Sizes, places: Places) -> dict:
+    """{arm: {seed: {final_accuracy, final_kl}}} of every float32 study-1 record of `sizes`' arms."""
+    fp32 = dataclasses.replace(sizes, dtype="float32",
+                               seeds=tuple(sorted(recorded_seeds(places.records_dir, "1", "float32"))))
+    out = {}
+    for spec in study1_specs(fp32):
+        record = places.records_dir / spec.name
+        if record.is_dir():
+            last = run_curves(record, spec.tasks)[spec.tasks[0]][-1]
+            out.setdefault(spec.arm, {})[spec.seed] = {"final_accuracy": last["accuracy"], "final_kl": last["kl"]}
+    return out
+
+
+def against_float32(bf16: dict, fp32: dict) -> list[dict]:
+    """The check before a study switches to bfloat16: each bf16 run beside its float32 twin (same arm
+    and seed, so the same problems and validation draws), and whether the difference lies within the
+    float32 seed spread of that arm (one sample standard deviation over its seeds; None with one seed).
+    Both arguments: {arm: {seed: {"final_accuracy": x, "final_kl": y}}}; runs without a twin are left out."""
+    rows = []
+    for arm, seeds in bf16.items():
+        for seed, b in sorted(seeds.items()):
+            f = fp32.get(arm, {}).get(seed)
+            if f is None:
+                continue
+            row = {"arm": arm, "seed": seed}
+            for key in ("final_accuracy", "final_kl"):
+                sd = describe([r[key] for r in fp32[arm].values()])["sd"]
+                diff = None if None in (b[key], f[key]) else b[key] - f[key]
+                row[key] = {"float32": f[key], "bfloat16": b[key], "diff": diff, "float32_seed_sd": sd,
+                            "within_spread": None if diff is None or sd is None else abs(diff) <= sd}
+            rows.append(row)
+    return rows
 
 
 def fast_loop_totals(runs: list[dict]) -> dict:
@@ -1183,6 +1222,23 @@ def _readme_study1(s: dict) -> list[str]:
                   "rejected: " + (", ".join(f"{k} {n}" for k, n in f["reflect_rejected"].items() if n) or "none") + "."]
         lines += [f"- reflect child (seed {c['seed']}, born at step {c['born']}): \"{' '.join(c['instruction'][:300].split())}\""
                   for c in f["reflect_children"]]
+    if "against_float32" in s:
+        lines += ["", f"{s['dtype']} against float32, run by run (the float32 record of the same arm and seed; "
+                  "within spread = the difference is at most one standard deviation of the float32 arm over its "
+                  "seeds):", "",
+                  "| arm | seed | final accuracy float32 -> this | difference | float32 seed sd | within spread | "
+                  "final KL float32 -> this | difference | float32 seed sd | within spread |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in s["against_float32"]:
+            cells = []
+            for key, fmt in (("final_accuracy", "{:.3f}"), ("final_kl", "{:.5f}")):
+                c = r[key]
+                cells += [f"{_f(c['float32'], fmt)} -> {_f(c['bfloat16'], fmt)}",
+                          _f(c["diff"], fmt.replace("{:", "{:+", 1)), _f(c["float32_seed_sd"], fmt),
+                          {True: "yes", False: "**no**", None: "n/a"}[c["within_spread"]]]
+            lines.append(f"| {r['arm']} | {r['seed']} | " + " | ".join(cells) + " |")
+        if not s["against_float32"]:
+            lines.append("(no float32 record of the same arm and seed)")
     return lines + [""]
 
 
@@ -1332,8 +1388,9 @@ def main(argv=None):
                     help="study 1's arms, rl among them (default rl fst gepa plus any arm already recorded; with "
                          "--report-only the recorded arms). fst-reuse = mode fst with fast.reuse=all")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32",
-                    help="model dtype of every run. Default float32: the paired bf16-vs-fp32 check has not been "
-                         "made yet. auto = bfloat16 where /proc/cpuinfo lists avx512_bf16 or amx_bf16, else "
+                    help="model dtype of every run. Default float32: in the paired check (study 1, seed 0, rl and "
+                         "fst; results/miniature/bf16/) bf16 ended 0.13-0.15 lower in final accuracy, outside the "
+                         "float32 seed spread. auto = bfloat16 where /proc/cpuinfo lists avx512_bf16 or amx_bf16, else "
                          "float32. A bfloat16 run is named ...-bf16 and reported in RESULTS/bf16/")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild README, plots and summary.json from the committed records alone (no training, "
@@ -1373,7 +1430,10 @@ def main(argv=None):
     model_name = sizes.model or fst.load_config(str(ROOT / BASE_CONFIG)).model.name
     settings = {"quick": args.quick, "model": places.portable(model_name), "base_config": BASE_CONFIG,
                 "dtype": dtype, "records": Path(os.path.relpath(records_dir, report_dir)).as_posix(),
-                "sizes": {k: v for k, v in vars(sizes).items() if k not in ("model", "extra")}}
+                # seeds and arms are per study (each study's entry has its own): the invocation's choice for
+                # the studies it did not rebuild would contradict the entries kept from other invocations
+                "sizes": {k: v for k, v in vars(sizes).items()
+                          if k not in ("model", "extra", "seeds", "study2_seeds", "study3_seeds", "study1_arms")}}
     base_file = ROOT / "results" / "miniature" / "base_accuracy.json"
     done = {}  # the studies this invocation has rebuilt
     for s in chosen:

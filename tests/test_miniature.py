@@ -241,6 +241,23 @@ def test_dtype_auto_follows_the_cpu_flags_and_names_bf16_runs(mini):
     assert mini.NAME.match("s1-fst-reuse-seed3-bf16").group("arm", "seed", "dtype") == ("fst-reuse", "3", "-bf16")
 
 
+def test_bf16_runs_are_set_against_their_float32_twins_and_the_seed_spread(mini):
+    fp32 = {"rl": {0: {"final_accuracy": 0.60, "final_kl": 0.10}, 1: {"final_accuracy": 0.70, "final_kl": 0.20},
+                   2: {"final_accuracy": 0.80, "final_kl": 0.30}},          # sd 0.1 in both numbers
+            "fst": {0: {"final_accuracy": 0.50, "final_kl": 0.05}}}         # one seed: no spread
+    bf16 = {"rl": {0: {"final_accuracy": 0.65, "final_kl": 0.25}, 5: {"final_accuracy": 0.9, "final_kl": 0.1}},
+            "fst": {0: {"final_accuracy": 0.55, "final_kl": None}}}
+    rows = mini.against_float32(bf16, fp32)
+    assert [(r["arm"], r["seed"]) for r in rows] == [("rl", 0), ("fst", 0)]   # seed 5 has no float32 twin
+    rl, fst = rows
+    assert rl["final_accuracy"]["diff"] == pytest.approx(0.05)
+    assert rl["final_accuracy"]["float32_seed_sd"] == pytest.approx(0.1)
+    assert rl["final_accuracy"]["within_spread"] is True             # 0.05 <= 0.1
+    assert rl["final_kl"]["diff"] == pytest.approx(0.15) and rl["final_kl"]["within_spread"] is False
+    assert fst["final_accuracy"]["within_spread"] is None             # no spread to compare with
+    assert fst["final_kl"]["diff"] is None and fst["final_kl"]["within_spread"] is None
+
+
 def test_fst_reuse_arm_is_fst_with_the_pool_reused(mini):
     specs = mini.study1_specs(mini.Sizes(study1_arms=("rl", "fst-reuse"), seeds=(0, 1, 2)))
     reuse = [s for s in specs if s.arm == "fst-reuse"]
