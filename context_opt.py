@@ -848,7 +848,7 @@ def round_report(stats: dict) -> str:
 
 # ---------------------------------------------------------------- model-backed adapters
 def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: float = 1.0,
-                  top_p: float = 1.0, stop=(), generator=None) -> Evaluate:
+                  top_p: float = 1.0, stop=(), generator=None, max_rows: int | None = None) -> Evaluate:
     """evaluate() for fast_round: all pairs in ONE rollout.sample call, graded by the task. Sample as
     the RL rollouts are sampled (the same max_new_tokens, temperature, top_p and stop strings), or a
     prompt's score would measure another policy than the one RL trains."""
@@ -866,7 +866,7 @@ def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: f
         chats = [rollout.encode_chat(tokenizer, context.messages(task, problem)) for context, problem, _ in entries]
         out = rollout.sample(model, tokenizer, chats, [count for _, _, count in entries],
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             stop=list(stop), generator=generator)
+                             stop=list(stop), generator=generator, max_rows=max_rows)
         samples: list[list[tuple[str, Sampled]]] = [[] for _ in entries]
         for row, index in enumerate(out.prompt_index):
             samples[index].append((out.texts[row], Sampled(out.prompt_ids[row], out.completion_ids[row],

@@ -42,8 +42,9 @@ WEIGHTS, PROMPTS = ("base", "trained"), ("seed", "evolved")
 
 # ---------------------------------------------------------------------------------- accuracy
 def evaluate(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, temperature,
-             top_p=1.0, generator=None, use_adapter=True, stop=(), batch_size=None, dist=None) -> dict:
-    """k samples per problem in one batched rollout.sample call. mean@k = mean reward over all
+             top_p=1.0, generator=None, use_adapter=True, stop=(), batch_size=None, max_rows=None,
+             dist=None) -> dict:
+    """k samples per problem in one rollout.sample call (in waves of max_rows samples). mean@k = mean reward over all
     n*k samples; accuracy = fraction of those samples with reward >= 1 (differs from mean@k when a
     task gives partial credit, e.g. arithmetic's format_reward); pass@k = fraction of problems with
     at least one sample of reward >= 1. Under torchrun (dist, an infra.Dist) each rank samples its
@@ -59,7 +60,7 @@ def evaluate(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, 
         with rollout.weights(model, use_adapter):  # rollout.sample runs in eval mode and restores the model's mode
             ro = rollout.sample(model, tok, prompts, [k] * len(prompts), max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, stop=list(stop),
-                                generator=generator, batch_size=batch_size)
+                                generator=generator, batch_size=batch_size, max_rows=max_rows)
         scored = [(mine[j], rewards.score_completion(task, problems[mine[j]], text)[0])
                   for j, text in zip(ro.prompt_index, ro.texts)]
     scored = dist.gather(scored)
@@ -101,7 +102,8 @@ def exact_token_kl(model, batch, chunk_size: int = 64) -> torch.Tensor:
 
 
 def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_new_tokens, temperature,
-               chunk_size=64, generator=None, top_p=1.0, stop=(), micro_batch=16, dist=None) -> float:
+               chunk_size=64, generator=None, top_p=1.0, stop=(), micro_batch=16, max_rows=None,
+               dist=None) -> float:
     """Sample n_samples completions per problem from the TRAINED policy, then average the exact
     per-token KL(pi_trained || pi_base) over all completion tokens (under torchrun: each rank its
     slice of the problems, the sums added over ranks)."""
@@ -111,7 +113,8 @@ def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_ne
     prompts = [rollout.encode_chat(tok, context.messages(task, p)) for p in dist.shard(list(problems))]
     if prompts:
         ro = rollout.sample(model, tok, prompts, [n_samples] * len(prompts), max_new_tokens=max_new_tokens,
-                            temperature=temperature, top_p=top_p, stop=list(stop), generator=generator)
+                            temperature=temperature, top_p=top_p, stop=list(stop), generator=generator,
+                            max_rows=max_rows)
         device = next(model.parameters()).device
         with rollout.eval_mode(model):
             for s in range(0, len(ro.texts), micro_batch):
@@ -153,7 +156,8 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
     evolved = context_opt.best_context(ckpt)  # instruction and worked examples, from the pool
     tasks = tasks or run_tasks(run, cfg)
     gen = lambda: dist.generator(device, seed)  # the same draws in every cell  # noqa: E731
-    sampling = dict(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop)
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop,
+                    max_rows=s.max_rows)
     out = {"run": str(run), "checkpoint": ckpt.name, "step": int(state["step"]), "mode": cfg.mode,
            "n": n, "k": k, "seed": seed, "sampling": sampling, "evolved_prompt": evolved and evolved.text(),
            "evolved_context": evolved and dataclasses.asdict(evolved), "notes": [], "tasks": {}, "forgetting": {}}

@@ -286,22 +286,46 @@ def _new_cache(model) -> DynamicCache:
 @torch.inference_mode()
 def sample(model, tokenizer, prompts: list[list[int]], counts: list[int], *, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, stop=(), generator: torch.Generator | None = None,
-           batch_size: int | None = None, progress: bool = False, share_prefix: bool = True) -> Rollouts:
+           batch_size: int | None = None, max_rows: int | None = None, progress: bool = False,
+           share_prefix: bool = True) -> Rollouts:
     """Sample counts[i] completions of prompts[i] (token ids); temperature 0 = greedy. batch_size
-    caps how many prompts are prefilled together (then they go in waves); None = all at once.
-    share_prefix: prompts of a wave that begin with the same MIN_SHARED_PREFIX or more tokens prefill
-    that prefix once (plan_prefixes); False: each distinct prompt in full (the same samples)."""
+    caps how many prompts are prefilled together; max_rows caps how many rows (samples) decode
+    together, the sampler's memory knob (KV cache = rows x tokens): a call over either limit runs in
+    waves, one after the other; None = all at once. A call within both limits is one wave, so the
+    limits change no sample of it. share_prefix: prompts of a wave that begin with the same
+    MIN_SHARED_PREFIX or more tokens prefill that prefix once (plan_prefixes); False: each distinct
+    prompt in full (the same samples)."""
     assert len(prompts) == len(counts), "one count per prompt"
     start, out = time.perf_counter(), Rollouts()
     opts = dict(eos=_eos_ids(model, tokenizer), max_new_tokens=max_new_tokens, temperature=temperature,
                 top_p=top_p, stop=[s for s in stop if s], generator=generator, progress=progress,
                 share_prefix=share_prefix)
     with eval_mode(model):
-        wave = batch_size or max(1, len(prompts))
-        for w in range(0, len(prompts), wave):
-            _sample_wave(model, tokenizer, prompts[w:w + wave], counts[w:w + wave], w, out, **opts)
+        for first, wave_prompts, wave_counts in sampling_waves(prompts, counts, batch_size, max_rows):
+            _sample_wave(model, tokenizer, wave_prompts, wave_counts, first, out, **opts)
     out.seconds = time.perf_counter() - start
     return out
+
+
+def sampling_waves(prompts: list, counts: list[int], batch_size: int | None = None,
+                   max_rows: int | None = None) -> list[tuple[int, list, list[int]]]:
+    """The waves a sample() call runs, in order: (index of the wave's first prompt, its prompts, their
+    counts), at most batch_size prompts and max_rows rows each. A prompt with more samples than
+    max_rows is split over waves (its samples stay in order); prompts keep their input order."""
+    waves, prompt_cap, row_cap = [], batch_size or len(prompts) or 1, max_rows or sum(counts) or 1
+    cur: tuple[int, list, list[int]] | None = None
+    for i, (p, c) in enumerate(zip(prompts, counts)):
+        while True:  # a prompt of count 0 still takes its place, so a wave's prompt indices stay consecutive
+            if cur is None or len(cur[1]) >= prompt_cap or (c > 0 and sum(cur[2]) >= row_cap):
+                cur = (i, [], [])
+                waves.append(cur)
+            take = min(c, row_cap - sum(cur[2]))
+            cur[1].append(p)
+            cur[2].append(take)
+            c -= take
+            if c == 0:
+                break
+    return waves
 
 
 def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, eos, max_new_tokens, temperature,

@@ -153,6 +153,10 @@ def test_sampling_reproducible_counts_and_waves(tiny_model, tokenizer):
                                          temperature=0, **kw).completion_ids
     ref = greedy()
     assert greedy(batch_size=1, progress=True) == ref
+    # max_rows: waves of at most that many rows, a prompt's samples split over waves when it has more
+    assert greedy(max_rows=1) == ref and greedy(max_rows=3) == ref
+    split = rollout.sample(tiny_model, tokenizer, prompts, [1, 2, 1], max_new_tokens=6, temperature=0, max_rows=1)
+    assert split.prompt_index == [0, 1, 1, 2] and split.prompt_ids == [prompts[0]] + [prompts[1]] * 2 + [prompts[2]]
     # a model left in train mode with gradient checkpointing and use_cache=False still decodes with
     # the cache, without dropout, and is handed back in train mode
     tiny_model.config.use_cache = False
@@ -164,6 +168,15 @@ def test_sampling_reproducible_counts_and_waves(tiny_model, tokenizer):
     nucleus = rollout.sample(tiny_model, tokenizer, prompts, [1, 2, 1], max_new_tokens=6, temperature=1.0,
                              top_p=1e-6, generator=torch.Generator().manual_seed(0))
     assert nucleus.completion_ids == ref
+
+
+def test_sampling_waves_bound_rows_and_keep_prompt_order():
+    waves = rollout.sampling_waves(["a", "b", "c", "d"], [2, 0, 5, 1], max_rows=3)
+    assert waves == [(0, ["a", "b", "c"], [2, 0, 1]), (2, ["c"], [3]), (2, ["c", "d"], [1, 1])]
+    assert all(sum(counts) <= 3 for _, _, counts in waves)
+    assert rollout.sampling_waves(["a", "b", "c"], [2, 0, 5]) == [(0, ["a", "b", "c"], [2, 0, 5])]  # one wave
+    assert rollout.sampling_waves(["a", "b", "c"], [1, 1, 1], batch_size=2) == [(0, ["a", "b"], [1, 1]), (2, ["c"], [1])]
+    assert rollout.sampling_waves([], []) == []
 
 
 @pytest.mark.parametrize("variant", ["plain", "eos", "lora"])
