@@ -122,7 +122,7 @@ def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_ne
                                         tok.pad_token_id, device)
                 total += exact_token_kl(model, batch, chunk_size).sum().item()
                 tokens += int(batch.completion_mask.sum().item())
-    total, tokens = dist.total(torch.tensor([total, tokens], dtype=torch.float64)).tolist()
+    total, tokens = dist.total(torch.tensor([total, tokens], dtype=torch.float64, device="cpu")).tolist()
     return total / max(tokens, 1)
 
 

@@ -185,21 +185,28 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: floa
 # Under torchrun each rank holds whole groups; `total` (Dist.total) sums a count over ranks, so the
 # normalisers are the one-process ones.
 
+def count(n) -> torch.Tensor:
+    """A count for Dist.total, as a CPU scalar (bookkeeping; a 0-dim CPU tensor divides a GPU one)."""
+    return torch.tensor(float(n), device="cpu")
+
+
 def per_group_token_mean(mask, group, max_new_tokens, total):
-    """Token mean within each group, then mean over groups (CISPO, the paper)."""
-    n_groups = total(torch.tensor(float(group.unique().numel())))
-    tokens_per_group = torch.zeros(int(group.max()) + 1 if len(group) else 0).index_add_(0, group, mask.sum(1))
-    return mask / tokens_per_group[group][:, None].clamp(min=1) / n_groups
+    """Token mean within each group, then mean over groups (CISPO, the paper). `group` is bookkeeping on
+    the CPU; the per-group token counts are summed on the mask's device."""
+    n_groups = total(count(group.unique().numel()))
+    index = group.to(mask.device)
+    tokens_per_group = mask.new_zeros(int(group.max()) + 1 if len(group) else 0).index_add_(0, index, mask.sum(1))
+    return mask / tokens_per_group[index][:, None].clamp(min=1) / n_groups
 
 
 def per_sequence_mean(mask, group, max_new_tokens, total):
     """Mean over each sequence's tokens, then over sequences (GRPO)."""
-    return mask / mask.sum(1, keepdim=True).clamp(min=1) / total(torch.tensor(float(mask.shape[0])))
+    return mask / mask.sum(1, keepdim=True).clamp(min=1) / total(count(mask.shape[0]))
 
 
 def constant_normaliser(mask, group, max_new_tokens, total):
     """A constant: max_new_tokens x rows, so no length bias (Dr. GRPO)."""
-    return mask / (max_new_tokens * total(torch.tensor(float(mask.shape[0]))))
+    return mask / (max_new_tokens * total(count(mask.shape[0])))
 
 
 def per_token_mean(mask, group, max_new_tokens, total):
@@ -348,10 +355,10 @@ def experience_from(problems, group: list[int], prompt_id: list[int], ro: rollou
                     scale_by_std: bool, pad_id: int, device, seconds_sampling: float = 0.0) -> Experience:
     """Step 4 and the tensors steps 5-6 read: advantages once per problem across all its G rollouts,
     whatever prompt each used; the rows collated; the sampler's log-probs as a [R, T] tensor."""
-    reward = torch.tensor([r for r, _ in scored], dtype=torch.float32)
+    reward = torch.tensor([r for r, _ in scored], dtype=torch.float32, device="cpu")  # bookkeeping: CPU
     adv, keep = group_advantages(reward.view(len(problems), -1), scale_by_std=scale_by_std)
     batch, sampler_logp = collate_rollouts(ro, pad_id, device)
-    return Experience(problems=problems, group=torch.tensor(group), prompt_id=list(prompt_id), rollouts=ro,
+    return Experience(problems=problems, group=torch.tensor(group, device="cpu"), prompt_id=list(prompt_id), rollouts=ro,
                       scored=list(scored), reward=reward, advantage=adv.view(-1), keep=keep, batch=batch,
                       sampler_logp=sampler_logp, seconds_sampling=seconds_sampling)
 
@@ -359,9 +366,9 @@ def experience_from(problems, group: list[int], prompt_id: list[int], ro: rollou
 def collate_rollouts(ro: rollout.Rollouts, pad_id: int, device) -> tuple[rollout.Batch, torch.Tensor]:
     """The rows collated on the device, and the sampler's log-probs as [R, T] (0 on padding)."""
     batch = rollout.collate(ro.prompt_ids, ro.completion_ids, pad_id, device)
-    sampler_logp = torch.zeros_like(batch.completion_mask)
-    for i, lp in enumerate(ro.logprobs):
-        sampler_logp[i, :len(lp)] = torch.tensor(lp)
+    width = batch.completion_mask.shape[1]
+    sampler_logp = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in ro.logprobs], dtype=torch.float32,
+                                device=batch.completion_mask.device)  # [R, T]: one transfer, not a row each
     return batch, sampler_logp
 
 
@@ -423,7 +430,7 @@ def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool,
     mine = dist.shard([g for g in groups.values() if len(g) > 1])  # one rollout alone has no advantage
     if not mine:
         return exp
-    advantages, keeps = zip(*(group_advantages(torch.tensor([[k.reward for k in g]]), scale_by_std)
+    advantages, keeps = zip(*(group_advantages(torch.tensor([[k.reward for k in g]], device="cpu"), scale_by_std)
                               for g in mine))
     rows = [k for g in mine for k in g]
     ro = exp.rollouts
@@ -437,10 +444,10 @@ def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool,
     first = len(exp.problems)
     return Experience(
         problems=exp.problems + [g[0].problem for g in mine],
-        group=torch.cat([exp.group, torch.tensor([first + n for n, g in enumerate(mine) for _ in g])]),
+        group=torch.cat([exp.group, torch.tensor([first + n for n, g in enumerate(mine) for _ in g], device="cpu")]),
         prompt_id=exp.prompt_id + [k.prompt_id for k in rows], rollouts=joined,
         scored=exp.scored + [(k.reward, k.feedback) for k in rows],
-        reward=torch.cat([exp.reward, torch.tensor([k.reward for k in rows])]),
+        reward=torch.cat([exp.reward, torch.tensor([k.reward for k in rows], device="cpu")]),
         advantage=torch.cat([exp.advantage, *(a.view(-1) for a in advantages)]),
         keep=torch.cat([exp.keep, *keeps]), batch=batch, sampler_logp=sampler_logp,
         seconds_sampling=exp.seconds_sampling, fresh_rows=len(exp.group))
@@ -485,8 +492,8 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
     Under torchrun every rank backpropagates its own rows, the gradients are summed over ranks, and
     every rank takes the same step (a rank with no rows to train still joins the sums)."""
     group, mask = exp.group, exp.batch.completion_mask
-    train_rows = torch.arange(len(group)) if tc.keep_equal_groups else exp.keep[group].nonzero().view(-1)
-    if not dist.total(torch.tensor(float(len(train_rows)))):
+    train_rows = torch.arange(len(group), device="cpu") if tc.keep_equal_groups else exp.keep[group].nonzero().view(-1)
+    if not dist.total(count(len(train_rows))):  # no rank has a row to train: no step at all
         return UpdateStats()
     model.train()
     weights = token_weights(tc.loss, mask[train_rows], group[train_rows], max_new_tokens, batch_total=dist.total)
@@ -508,7 +515,7 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
     # The loss, the entropy, the ratios, the tokens and whether any advantage was non-zero, summed over ranks.
     loss_value, entropy_sum, ratio_dev_sum, tokens, signal, n_rows, n_reused = dist.total(torch.tensor(
         [loss_value, entropy_sum, ratio_dev_sum, mask[train_rows].sum().item(),
-         float(exp.advantage[train_rows].any()), len(train_rows), reused], dtype=torch.float64)).tolist()
+         float(exp.advantage[train_rows].any()), len(train_rows), reused], dtype=torch.float64, device="cpu")).tolist()
     # Gradients summed over ranks, the guards, then (clipped if asked) optimizer.step() and scheduler.step().
     skipped = guard.step(model, optimizer, scheduler, loss_value, step, has_signal=signal > 0,
                          max_grad_norm=tc.max_grad_norm, dist=dist)
@@ -589,14 +596,25 @@ def validate(cfg: Config, run: Run, step: int, log) -> dict:
     problems are split over ranks (eval.evaluate gathers the results). Returns the last accuracy
     measured, for the progress bar: {"val_acc": "0.42"}."""
     import eval as evaluation  # eval.py imports this file: at the top this import would be circular
-    prompts = {"seed": run.seed_prompt} | ({"best": run.pool.context(run.pool.best())} if cfg.mode != "rl" else {})
+    contexts = {"seed": context_opt.as_context(run.seed_prompt)}
+    if cfg.mode != "rl":
+        contexts["best"] = run.pool.context(run.pool.best())
     for name, (task, problems) in run.val_sets.items():
-        for which, text in prompts.items():
-            gen = run.dist.generator(run.device, infra.seed_for("validation", cfg.train.seed))
-            acc = evaluation.evaluate(run.model, run.tok, task, problems, text, k=cfg.eval.k,
-                                      **cfg.sampling.generation(), generator=gen, dist=run.dist)
+        measured = {}  # the chat a context gives -> its numbers: a best context equal to the seed is measured once
+        for which, context in contexts.items():
+            key = repr(context.messages(task, problems[0]))
+            if key not in measured:
+                gen = run.dist.generator(run.device, infra.seed_for("validation", cfg.train.seed))
+                measured[key] = evaluation.evaluate(run.model, run.tok, task, problems, context, k=cfg.eval.k,
+                                                    **cfg.sampling.generation(), generator=gen, dist=run.dist)
+            acc = measured[key]
             log({"kind": "eval", "step": step, "task": name, "prompt": which, **acc, **run.totals})
     return {"val_acc": f"{acc['accuracy']:.2f}"} if run.val_sets else {}
+
+
+def validation_due(cfg: Config, steps_done: int, total_steps: int) -> bool:
+    """Validation runs before the first step, every eval.every updates and after the last one."""
+    return bool(cfg.eval.every) and (steps_done % cfg.eval.every == 0 or steps_done == total_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -722,8 +740,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
     with infra.RunLog(run_dir, cfg.log, infra.config_to_dict(cfg), run.start, dist.is_main,
                       on_close=functools.partial(say_summary, run_dir)) as log, \
             infra.checkpoint_on_interrupt(run.checkpoint, run_dir) as progress:
-        if cfg.eval.every and run.start == 0:
-            val = validate(cfg, run, 0, log.row)
+        # Before the first step; on resume, the validation a crash cut off after its step's checkpoint.
+        if validation_due(cfg, run.start, run.total_steps) and not infra.logged(run_dir, "eval", run.start):
+            val = validate(cfg, run, run.start, log.row)
         bar = tqdm(range(run.start, run.total_steps), initial=run.start, total=run.total_steps, desc=cfg.mode,
                    disable=not dist.is_main)
         for step in bar:
@@ -770,10 +789,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             progress.done, progress.undo = step, None  # the step's update, fast round and log line are in
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{kl:.4f}", **val,
                             s_step=f"{row['seconds_step']:.1f}")
-            if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == run.total_steps):
-                val = validate(cfg, run, step + 1, log.row)
             if (step + 1) % cfg.train.save_every == 0 or step + 1 == run.total_steps:
-                run.checkpoint(step)
+                run.checkpoint(step)  # before its validation: a validation that fails loses no step
+            if validation_due(cfg, step + 1, run.total_steps):
+                val = validate(cfg, run, step + 1, log.row)
     return run_dir
 
 
@@ -807,7 +826,7 @@ def main(argv=None):
     infra.make_run_folder(run_dir, infra.config_to_dict(cfg), dist)
     try:
         train(cfg, run_dir, resume=bool(args.resume), config_name=config_name, dist=dist)
-    except infra.TrainingError as e:
+    except (infra.TrainingError, rollout.NonFiniteLogits) as e:
         raise SystemExit(f"training error: {e}")
     finally:
         dist.close()

@@ -17,6 +17,7 @@ import ast
 import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import importlib.util
 import inspect
@@ -920,6 +921,21 @@ def timed(seconds: dict, key: str):
         seconds[key] = time.perf_counter() - t0
 
 
+def logged(run_dir: Path, kind: str, step: int) -> bool:
+    """Whether metrics.jsonl holds a row of this kind and step (a resumed run: was it written?)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line a kill cut in half
+            continue
+        if row.get("kind") == kind and row.get("step") == step:
+            return True
+    return False
+
+
 def truncate_jsonl(path: Path, resume_step: int):
     """On resume, drop the lines written after the checkpoint, so the log reads as one clean run:
     rows of steps >= resume_step, and a last line that a kill cut in half. An eval row's `step`
@@ -1182,20 +1198,33 @@ class RoundProgress:
 
 @contextlib.contextmanager
 def checkpoint_on_interrupt(save, run_dir: Path):
-    """Ctrl-C inside the block saves the last completed step and exits with 130. The loop sets
+    """Ctrl-C inside the block saves the last completed step and exits with 130; running out of GPU
+    memory saves it too and exits with one line naming the keys to lower. The loop sets
     `progress.done` (the last whole step) and `progress.undo` (un-reads the batch of an unfinished
     step: it has changed no weights unless Ctrl-C landed inside optimizer.step() itself)."""
     progress = types.SimpleNamespace(done=None, undo=None)
+
+    def save_last_step() -> str:
+        if progress.undo is not None:
+            progress.undo()
+        if progress.done is None:
+            return "no step had finished, nothing saved"
+        save(progress.done)
+        return f"saved step {progress.done} in {run_dir}"
     try:
         yield progress
     except KeyboardInterrupt:
-        if progress.undo is not None:
-            progress.undo()
-        if progress.done is not None:
-            save(progress.done)
-            print(f"\n[fst] interrupted: saved step {progress.done} in {run_dir}; "
-                  f"resume with: python fst.py --resume {run_dir}", file=sys.stderr)
+        print(f"\n[fst] interrupted: {save_last_step()}; resume with: python fst.py --resume {run_dir}",
+              file=sys.stderr)
         raise SystemExit(130)
+    except torch.OutOfMemoryError as e:
+        gc.collect()
+        torch.cuda.empty_cache()  # room to save the step; a no-op without CUDA
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else "torch.OutOfMemoryError"
+        raise SystemExit(f"[fst] out of memory ({first}): {save_last_step()}. Lower sampling.max_rows (sampler "
+                         f"calls: RL step, fast round, validation) or train.micro_batch (training); `python fst.py "
+                         f"--config CONFIG --plan` shows each phase's peak. Then: python fst.py --resume {run_dir} "
+                         f"--set sampling.max_rows=N") from e
 
 
 def make_run_folder(run_dir: Path, config: dict, dist: Dist) -> None:

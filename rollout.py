@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -49,8 +50,10 @@ def weights(model, use_adapter: bool):
 
 
 def encode_chat(tokenizer, messages) -> list[int]:
-    """Chat messages -> prompt token ids ending with the assistant generation prompt."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    """Chat messages -> prompt token ids ending with the assistant generation prompt. Thinking is off
+    where the template has the switch (Qwen3's `enable_thinking`; other templates ignore the variable):
+    a thinking reply would spend max_new_tokens before its answer."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, enable_thinking=False)
     if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     if hasattr(ids, "tolist"):
@@ -216,10 +219,11 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
-def _pick(logp: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """logp [B, V] float32 log-softmax -> token ids [B]: greedy, or temperature + nucleus sampling.
-    Sampling inverts the CDF with one uniform per row: torch.multinomial draws an exponential per
-    vocabulary entry, which is most of a CPU decode step at V ~ 50k; a full sort for top-p is worse."""
+def _pick(logp: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None) -> torch.Tensor:
+    """logp [B, V] float32 log-softmax, u [B] uniforms in [0, 1) -> token ids [B]: greedy (u unused), or
+    temperature + nucleus sampling. Sampling inverts the CDF at u, one uniform per row: torch.multinomial
+    draws an exponential per vocabulary entry, which is most of a CPU decode step at V ~ 50k; a full
+    sort for top-p is worse."""
     if temperature == 0:
         return logp.argmax(-1)
     w = (logp * (1.0 / temperature)).exp_()                      # unnormalised p^(1/T)  [B, V]
@@ -234,11 +238,23 @@ def _pick(logp: torch.Tensor, temperature: float, top_p: float, generator) -> to
             k *= 4
         w = vals.masked_fill(vals.cumsum(-1) - vals >= top_p, 0.0)   # keep until mass reaches top_p
     cdf = w.cumsum(-1)
-    # one uniform per row, drawn on the generator's own device (a CPU generator may drive a GPU model)
-    u = torch.rand(cdf.shape[0], 1, generator=generator,
-                   device=generator.device if generator is not None else cdf.device).to(cdf.device)
+    u = u.to(cdf.device, cdf.dtype)[:, None]                                                  # [B, 1]
     tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
     return (tok if idx is None else idx.gather(-1, tok)).squeeze(-1)
+
+
+class NonFiniteLogits(RuntimeError):
+    """The model returned NaN or inf logits: sampling from them would give garbage tokens silently."""
+
+
+def _check_finite(logp: torch.Tensor, step: int) -> None:
+    """Stop a call whose logits are not finite (some fused attention kernels return NaN on a left-padded
+    row whose query sees only padding, and NaN spreads through attention to the real rows)."""
+    bad = logp.isnan().any(-1)  # NaN or +inf logits give NaN here; -inf is a token of probability 0  # [B]
+    if bool(bad.any()):
+        raise NonFiniteLogits(f"non-finite logits in {int(bad.sum())} of {len(bad)} rows at new token {step} "
+                              f"of a sampler call (a NaN from the attention kernel on padded rows is the usual "
+                              f"cause: try model.attn=sdpa, or model.dtype=float32 to rule out overflow)")
 
 
 def _cut_at_stop(text: str, stop) -> str:
@@ -298,13 +314,28 @@ def sample(model, tokenizer, prompts: list[list[int]], counts: list[int], *, max
     assert len(prompts) == len(counts), "one count per prompt"
     start, out = time.perf_counter(), Rollouts()
     opts = dict(eos=_eos_ids(model, tokenizer), max_new_tokens=max_new_tokens, temperature=temperature,
-                top_p=top_p, stop=[s for s in stop if s], generator=generator, progress=progress,
-                share_prefix=share_prefix)
+                top_p=top_p, stop=[s for s in stop if s], progress=progress, share_prefix=share_prefix)
+    uniforms = row_uniforms(sum(counts), max_new_tokens, temperature, generator)
     with eval_mode(model):
+        row = 0
         for first, wave_prompts, wave_counts in sampling_waves(prompts, counts, batch_size, max_rows):
-            _sample_wave(model, tokenizer, wave_prompts, wave_counts, first, out, **opts)
+            rows = sum(wave_counts)
+            _sample_wave(model, tokenizer, wave_prompts, wave_counts, first, out,
+                         uniforms=None if uniforms is None else uniforms[row:row + rows], **opts)
+            row += rows
     out.seconds = time.perf_counter() - start
     return out
+
+
+def row_uniforms(rows: int, max_new_tokens: int, temperature: float, generator) -> torch.Tensor | None:
+    """The call's randomness, drawn up front: one uniform per (row, new token), [rows, max_new_tokens]
+    (None when greedy). Row r's t-th token inverts its CDF at uniforms[r, t] whichever wave the row runs
+    in and whichever rows finish beside it, so waves (max_rows, batch_size) give the samples of one wave.
+    Drawn on the generator's own device (a CPU generator may drive a GPU model)."""
+    if temperature == 0 or rows == 0:
+        return None
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(rows, max_new_tokens, generator=generator, device=device)
 
 
 def sampling_waves(prompts: list, counts: list[int], batch_size: int | None = None,
@@ -328,8 +359,8 @@ def sampling_waves(prompts: list, counts: list[int], batch_size: int | None = No
     return waves
 
 
-def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, eos, max_new_tokens, temperature,
-                 top_p, stop, generator, progress, share_prefix):
+def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, uniforms, eos, max_new_tokens, temperature,
+                 top_p, stop, progress, share_prefix):
     """Sample counts[i] completions of each prompts[i] and append them to `out` in sample order
     (`offset`: this wave's first prompt index in the whole sample() call), in four phases:
     1. rows: one row per sample; identical prompts share one distinct prompt;
@@ -355,7 +386,7 @@ def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, eos, max_new
 
     # 3. Decode until every row has finished or max_new_tokens.
     comp, lps, reason = _decode(model, tokenizer, cache, logits, mask, out, eos=eos, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, stop=stop, generator=generator,
+                                temperature=temperature, top_p=top_p, stop=stop, uniforms=uniforms,
                                 progress=progress)
 
     # 4. Collect the rows into `out`, in sample order.
@@ -392,10 +423,12 @@ def _prefill(model, uniq: list[list[int]], row_src: list[int], pad: int, device,
 
 
 def _decode(model, tokenizer, cache, logits, mask, out: Rollouts, *, eos, max_new_tokens, temperature, top_p,
-            stop, generator, progress):
+            stop, uniforms, progress):
     """One token per live row per step from the prefilled `cache`; finished rows leave the batch, so
-    later steps compute live rows only. Returns per row: token ids, their log-probs, finish reason."""
+    later steps compute live rows only. Returns per row: token ids, their log-probs, finish reason.
+    uniforms [R, max_new_tokens] (None: greedy): row r's t-th token is drawn at uniforms[r, t]."""
     device, R = mask.device, mask.shape[0]
+    u = None if uniforms is None else uniforms.to(device)                                     # [R, N]
     next_pos = mask.sum(-1, keepdim=True)                                                     # [R, 1]
     comp, lps, reason = [[] for _ in range(R)], [[] for _ in range(R)], ["length"] * R
     live = list(range(R))  # live[b] = output row of batch row b
@@ -408,7 +441,8 @@ def _decode(model, tokenizer, cache, logits, mask, out: Rollouts, *, eos, max_ne
         bar = tqdm(total=max_new_tokens, desc="decode", leave=False)
     for step in range(max_new_tokens):
         logp = logits.float().log_softmax(-1)  # the raw distribution (temperature 1)        # [B, V]
-        tok = _pick(logp, temperature, top_p, generator)                                     # [B]
+        _check_finite(logp, step)
+        tok = _pick(logp, temperature, top_p, None if u is None else u[:, step])             # [B]
         lp = logp.gather(-1, tok[:, None]).squeeze(-1)                                        # [B]
         out.decode_tokens += len(live)
         keep = []
@@ -430,6 +464,7 @@ def _decode(model, tokenizer, cache, logits, mask, out: Rollouts, *, eos, max_ne
             k = torch.tensor(keep, device=device)
             cache.batch_select_indices(k)
             tok, mask, next_pos = tok[k], mask[k], next_pos[k]
+            u = None if u is None else u[k]
             live = [live[b] for b in keep]
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)                          # [B, L+1]
         logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
@@ -483,11 +518,23 @@ def _shared_prompt_groups(batch: Batch):
     return first, inverse
 
 
+def checkpointing_on(body) -> bool:
+    """Whether the decoder's layers checkpoint activations, from transformers' public API
+    (`is_activation_checkpointing`; `is_gradient_checkpointing` before 5.x). A model that offers
+    neither counts as checkpointing: the guard below then takes the single pass, which is always right."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(body), name, None), property):
+            with warnings.catch_warnings():  # the old name warns that it is deprecated
+                warnings.simplefilter("ignore", FutureWarning)
+                return bool(getattr(body, name))
+    return True
+
+
 def _can_share_prompts(body) -> bool:
     """The two-pass path needs the decoder to honour past_key_values: HF drops the cache in layers that
     checkpoint (gradient checkpointing + train mode), and only plain full-attention DynamicLayers are
     known to expand and extend correctly (sliding windows / linear attention: use the single pass)."""
-    if any(getattr(m, "gradient_checkpointing", False) and m.training for m in body.modules()):
+    if body.training and checkpointing_on(body):
         return False
     try:
         cache = DynamicCache(config=body.config)
@@ -512,7 +559,9 @@ def micro_batches(batch: Batch, size: int) -> list[torch.Tensor]:
     on which rows share its micro-batch, so the order changes no result."""
     prompts = _prompt_tokens(batch)
     order = sorted(range(len(prompts)), key=prompts.__getitem__)  # stable: ties keep their row order
-    return list(torch.tensor(order, dtype=torch.long).split(size))
+    # Row indices are bookkeeping (CPU); Batch.rows moves them. No rows: no micro-batch (an empty one
+    # would reach the model as a 0-row forward, which raises).
+    return list(torch.tensor(order, dtype=torch.long, device="cpu").split(size)) if order else []
 
 
 def completion_hidden_states(model, batch: Batch, share_prompts: bool = True,
