@@ -1279,16 +1279,18 @@ def _shape_from_config(c) -> ModelShape:
 
 @functools.lru_cache(maxsize=None)
 def model_shape(name: str) -> ModelShape:
-    """The shapes of model `name`, never from the network: a local folder's config.json, the built-in
-    table (KNOWN_SHAPES), or the Hugging Face cache of an earlier download."""
+    """The shapes of model `name`, never from the network: a local folder's config.json, a .gguf file's
+    metadata, the built-in table (KNOWN_SHAPES), or the Hugging Face cache of an earlier download."""
     from transformers import AutoConfig
     if (Path(name) / "config.json").is_file():
         return _shape_from_config(AutoConfig.from_pretrained(name))
+    if name.endswith(".gguf") and Path(name).is_file():
+        return _shape_from_config(AutoConfig.from_pretrained(Path(name).parent, gguf_file=Path(name).name))
     if name in KNOWN_SHAPES:
         return KNOWN_SHAPES[name]
     try:
         return _shape_from_config(AutoConfig.from_pretrained(name, local_files_only=True))
-    except OSError:
+    except (OSError, ValueError):  # not cached; or no valid hub id (huggingface_hub's ValueError)
         raise PlanError(f"no shapes known for model {name!r}: give a local folder with its config.json, or "
                         f"download it once (known without one: {', '.join(KNOWN_SHAPES)})") from None
 
@@ -1561,10 +1563,12 @@ def format_plan(plan: MemoryPlan, title: str, card: str, advice: list[str]) -> s
     return "\n".join(lines)
 
 
-def _card(gpu_gib: float | None) -> tuple[int, str]:
-    """(bytes, description) of the card the plan is for: --gpu-gib, this machine's GPU, or 24 GiB."""
+def _card(gpu_gib: float | None, device: str) -> tuple[int, str]:
+    """(bytes, description) of the card the plan is for: --gpu-gib, the GPU the run would use, or 24 GiB."""
     if gpu_gib:
         return int(gpu_gib * GIB), f"{gpu_gib:g} GiB (--gpu-gib)"
+    if device == "cpu":
+        return 24 * GIB, "the config runs on the CPU (device: cpu): assumed a 24 GiB card (--gpu-gib N for another)"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return props.total_memory, f"{props.name}, {props.total_memory / GIB:.1f} GiB (torch.cuda)"
@@ -1576,7 +1580,7 @@ def print_memory_plan(args, load_config) -> None:
     config = args.config or str(Path(args.resume) / "config.yaml")
     try:
         cfg = load_config(config, args.set)
-        card_bytes, card = _card(args.gpu_gib)
+        card_bytes, card = _card(args.gpu_gib, cfg.device)
         plan = memory_plan(cfg, card_bytes)
     except (ConfigError, PlanError) as e:
         raise SystemExit(f"--plan: {e}")

@@ -162,3 +162,14 @@ def test_the_built_in_shapes_count_the_real_architectures_parameters(name, publi
         model = AutoModelForCausalLM.from_config(config)
     assert infra.weight_bytes(s, "none", 1) == sum(p.numel() for p in model.parameters())
     assert abs(infra.weight_bytes(s, "none", 1) / published - 1) < 0.005
+
+
+def test_the_built_in_smollm2_shape_is_the_dequantised_checkpoints(tokenizer):
+    # the tokenizer fixture has dequantised the alias's GGUF into a folder with its config.json
+    assert infra.model_shape(infra.resolve_model_path("smollm2-135m")) == infra.KNOWN_SHAPES["smollm2-135m"]
+
+
+def test_plan_of_a_resumed_run_reads_its_config(offline_cpu, capsys, tmp_path):
+    (tmp_path / "config.yaml").write_text((infra.ROOT / "configs" / "gsm8k.yaml").read_text())
+    out = plan_output(capsys, "--resume", str(tmp_path), "--set", "sampling.max_rows=100")
+    assert f"{tmp_path / 'config.yaml'} (mode rl)" in out and "   100  " in out
