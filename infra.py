@@ -1226,8 +1226,10 @@ DEMO_QUESTION_TOKENS = 200    # a worked example's question; its solution is an 
 REFLECTION_EXTRA_TOKENS = 400  # the reflection template and the grader's feedback around the examples
 CUDA_CONTEXT_BYTES = GIB      # CUDA context, cuBLAS workspaces: taken from the card before any tensor
 ALLOCATOR_SLACK = 0.10        # shapes change every step: keep a tenth of the rest free for fragmentation
-DECODE_LOGIT_BYTES = 2 + 3 * 4  # per [rows, V] element: the head's output + float, log-softmax, probs
-CHUNK_LOGIT_BYTES = 2 + 4 * 4   # per [rows, chunk, V] element: + float, exp, softmax, its gradient
+# Logits transients, in fp32 copies beside the head's output (compute dtype) of each element:
+DECODE_FP32_COPIES = 3        # decode [rows, V]: float, log-softmax, the sampling probabilities
+CHUNK_FP32_COPIES = 4         # a training chunk [rows, chunk, V]: float, exp, softmax, their gradient
+BASE_FP32_COPIES = 2          # a no-grad chunk: float, exp
 
 
 class PlanError(ValueError):
@@ -1402,7 +1404,7 @@ def _sampler_phase(name: str, s: ModelShape, b: int, *, rows: int, contexts: int
     prefill = prefilled * kv + max(prefilled * _layer_bytes_per_token(s, b, grad=False), rows * prompt * kv)
     cache = rows * (prompt + new_tokens) * kv
     gqa = 2 * s.heads * s.head_dim * b if s.heads > s.kv_heads else 0
-    decode = cache + rows * (prompt + new_tokens) * gqa + rows * s.vocab * DECODE_LOGIT_BYTES
+    decode = cache + rows * (prompt + new_tokens) * gqa + rows * s.vocab * (b + 4 * DECODE_FP32_COPIES)
     return PhasePlan(name, "sampling.max_rows", max(prefill, decode), rows, prompt + new_tokens,
                      f"KV {cache / GIB:.2f} GiB, prefill {prefill / GIB:.2f}, decode {decode / GIB:.2f}")
 
@@ -1417,14 +1419,14 @@ def _training_phases(cfg, s: ModelShape, b: int, prompt: int) -> list[PhasePlan]
     kept = (rows * tokens * s.hidden * b * s.layers + one_layer if cfg.model.gradient_checkpointing
             else one_layer * s.layers)
     hidden = 2 * rows * new * s.hidden * b                   # the completion's last hidden states and their grad
-    logits = rows * chunk * s.vocab * CHUNK_LOGIT_BYTES
+    logits = rows * chunk * s.vocab * (b + 4 * CHUNK_FP32_COPIES)
     train = PhasePlan(f"training micro-batch (checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'})",
                       "train.micro_batch", kept + hidden + logits, rows, tokens,
                       f"activations {kept / GIB:.2f} GiB, logits chunk {logits / GIB:.2f} (train.logprob_chunk)")
     # The base pass prefills each prompt once into a cache, then runs the completions on top of it.
     base_kv = rows * tokens * kv_bytes_per_token(s, b)
-    base_logits = rows * chunk * s.vocab * (2 + 2 * 4)
-    base = (base_kv + rows * tokens * _layer_bytes_per_token(s, b, grad=False) + hidden // 2 + base_logits)
+    base_logits = rows * chunk * s.vocab * (b + 4 * BASE_FP32_COPIES)
+    base = base_kv + rows * tokens * _layer_bytes_per_token(s, b, grad=False) + hidden // 2 + base_logits
     return [train, PhasePlan("base pass (no grad, KL)", "train.micro_batch", base, rows, tokens,
                              f"KV {base_kv / GIB:.2f} GiB, logits chunk {base_logits / GIB:.2f}")]
 
