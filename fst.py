@@ -815,12 +815,16 @@ def main(argv=None):
     ap.add_argument("--trust-old-checkpoint", action="store_true", help="also read pre-2026-12 checkpoints (README)")
     ap.add_argument("--help-config", action="store_true",
                     help="print every config key with its default and meaning (the README's table) and exit")
+    ap.add_argument("--plan", action="store_true", help="print the memory plan (peak GPU memory of each phase) and exit")
+    ap.add_argument("--gpu-gib", type=float, metavar="N", help="--plan for a card of N GiB (default: this one's, or 24)")
     args = ap.parse_args(argv)
     if args.help_config:
         print(infra.config_table(Config))
         return
     if not args.config and not args.resume:
         ap.error("give --config (a new run) or --resume RUN_DIR")
+    if args.plan:
+        return infra.print_memory_plan(args, load_config)
     dist = infra.init_distributed()  # torchrun: join the other ranks (every rank runs all of main)
     cfg, run_dir, config_name = infra.start_up(args, dist, load_config, make_task)
     infra.make_run_folder(run_dir, infra.config_to_dict(cfg), dist)
