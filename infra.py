@@ -1513,8 +1513,9 @@ class MemoryPlan:
         return not self.too_big()
 
 
-def memory_plan(cfg, card_bytes: int) -> MemoryPlan:
-    """The plan of config `cfg` (fst.Config, read duck-typed) on a card of `card_bytes`."""
+def memory_plan(cfg, card_bytes: int, at_start: bool = False) -> MemoryPlan:
+    """The plan of config `cfg` (fst.Config, read duck-typed) on a card of `card_bytes`: with the longest
+    contexts the config lets the fast loop build, or (at_start) with the seed prompt the run starts from."""
     m = cfg.model
     shape, b = model_shape(m.name), getattr(torch, m.dtype).itemsize
     quant = {"4bit": "NF4", "8bit": "int8", "none": m.dtype}[m.quant]
@@ -1531,6 +1532,8 @@ def memory_plan(cfg, card_bytes: int) -> MemoryPlan:
         resident.append(PhasePlan(f"reflector weights ({cfg.fast.reflector})", "fast.reflector",
                                   weight_bytes(reflector, m.quant, b), resident=True))
     p = prompt_lengths(cfg)
+    if at_start:
+        p = dataclasses.replace(p, context=0, reflection=max(0, p.reflection - p.context))
     phases = _sampling_phases(cfg, shape, reflector, b, p)
     if cfg.mode != "gepa":  # gepa trains nothing
         phases[1:1] = _training_phases(cfg, shape, b, p.problem + p.context)
@@ -1619,15 +1622,25 @@ def print_memory_plan(args, load_config) -> None:
 
 
 def plan_refusal(cfg, card_bytes: int) -> str | None:
-    """The one line a run on a card of `card_bytes` stops with when its plan does not fit (None: it
-    fits, or the model's shapes are unknown here: then say so and let the run try)."""
+    """The one line a run on a card of `card_bytes` stops with when its plan does not fit even with the
+    seed prompt it starts from (None: it fits, or the model's shapes are unknown here: then say so and
+    let the run try). A plan that fits at the start but not with the longest contexts the config allows
+    (an upper bound: most runs never build them) is a one-line warning; if it comes to that, the
+    out-of-memory handler saves the last whole step and names the key."""
     try:
-        plan = memory_plan(cfg, card_bytes)
+        plan, start = memory_plan(cfg, card_bytes), memory_plan(cfg, card_bytes, at_start=True)
     except PlanError as e:
         print(f"[fst] memory plan skipped: {e}", file=sys.stderr)
         return None
     if plan.fits:
         return None
+    if start.fits:
+        worst = max(plan.too_big(), key=plan.peak)
+        print(f"[fst] memory plan: fits with the seed prompt, but {worst.name} would need {plan.peak(worst) / GIB:.1f} "
+              f"GiB of {plan.usable / GIB:.1f} usable with the longest contexts the config allows; "
+              f"{'; '.join(plan_advice(cfg, plan))}", file=sys.stderr)
+        return None
+    plan = start
     worst = max(plan.too_big(), key=plan.peak)
     return (f"memory plan: {worst.name} needs {plan.peak(worst) / GIB:.1f} GiB of this card's "
             f"{plan.usable / GIB:.1f} GiB usable; {'; '.join(plan_advice(cfg, plan))} (fst.py --plan shows the plan)")

@@ -147,6 +147,18 @@ def test_a_card_too_small_for_the_plan_stops_at_start_up(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())  # stopped before a run folder exists
 
 
+def test_a_plan_that_fits_only_with_the_seed_prompt_warns_and_runs(capsys):
+    """tiny.yaml's bound (contexts as long as fast.max_prompt_chars and max_demos allow, no checkpointing)
+    is over 24 GiB, its start is not: the run starts, with one warning line naming the key."""
+    cfg = fst.load_config("configs/tiny.yaml", ["mode=fst"])
+    assert not infra.memory_plan(cfg, 24 * GIB).fits and infra.memory_plan(cfg, 24 * GIB, at_start=True).fits
+    assert infra.plan_refusal(cfg, 24 * GIB) is None
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("[fst] memory plan: fits with the seed prompt") and "train.micro_batch" in warning
+    assert "\n" not in warning
+    assert infra.plan_refusal(cfg, 2 * GIB) is not None  # a card too small even for the start
+
+
 @pytest.mark.parametrize("name,published", [("Qwen/Qwen2.5-1.5B-Instruct", 1.54e9), ("Qwen/Qwen3-8B", 8.19e9),
                                             ("smollm2-135m", 134.5e6)])
 def test_the_built_in_shapes_count_the_real_architectures_parameters(name, published):
