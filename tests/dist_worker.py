@@ -7,6 +7,9 @@
 with the batch-wide normalisers (Dist.total), backpropagates each loss and sums the LoRA gradients over
 ranks (Dist.sum_gradients); rank 0 saves them for the test to compare with the one-process gradients.
 
+`idle`: fst.update on one step's experience where only rank 0 has a group of mixed rewards (rank 1's
+groups all have equal rewards: nothing to train); every rank saves its LoRA weights after the step.
+
 `train`: fst.main(FST_ARGS) as `torchrun ... fst.py FST_ARGS` runs it, with every task scoring the
 parity of the completion's length (conftest.parity_get_task: a random model has mixed rewards). Each
 rank records the fingerprints fst checks after every step (adapter + pool) in
@@ -67,6 +70,30 @@ def lora_gradients(model_dir: str, loss: str, dist: infra.Dist) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def idle_rank_update(model_dir: str, out_dir: str, dist: infra.Dist) -> None:
+    """One update where rank 1 holds only groups of equal rewards: it must join the sums and take the
+    same optimiser step without a forward pass (it used to raise on an empty micro-batch)."""
+    infra.seed_everything(0)
+    model, tok = infra.load_model(infra.ModelConfig(name=model_dir, dtype="float32", lora_r=4, lora_alpha=8),
+                                  torch.device("cpu"))
+    prompts, completions, _, _ = fixed_batch(len(tok))
+    rows = [0, 1, 2, 3] if dist.rank == 0 else [4, 5, 6, 7]
+    rewards = [1.0, 0.0, 0.0, 1.0] if dist.rank == 0 else [1.0, 1.0, 0.0, 0.0]  # groups of two
+    ro = rollout.Rollouts(prompt_index=[0, 0, 1, 1], prompt_ids=[prompts[r] for r in rows],
+                          completion_ids=[completions[r] for r in rows],
+                          logprobs=[[-1.0] * len(completions[r]) for r in rows],
+                          finish_reasons=["length"] * 4, texts=[""] * 4)
+    exp = fst.experience_from([{"id": 0}, {"id": 1}], [0, 0, 1, 1], [0] * 4, ro, [(r, "") for r in rewards],
+                              scale_by_std=True, pad_id=tok.pad_token_id, device=torch.device("cpu"))
+    tc = fst.TrainConfig(lr=0.01, warmup_steps=0)
+    optimizer, scheduler = fst.make_optimizer(model, tc)
+    base_logp = fst.base_logprobs(model, exp.batch, tc.micro_batch, tc.logprob_chunk)
+    stats = fst.update(model, optimizer, scheduler, exp, base_logp, tc, 8, infra.UpdateGuard(), 0, dist)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"weights": weights, "rows": stats.rows, "skipped": stats.skipped},
+               Path(out_dir) / f"idle_rank{dist.rank}.pt")
+
+
 def train(out_dir: str, diverge: bool, fst_args: list[str]) -> None:
     import conftest
     import rewards
@@ -102,6 +129,8 @@ def main():
         grads = {loss: lora_gradients(model_dir, loss, dist) for loss in LOSSES}
         if dist.is_main:
             torch.save(grads, Path(out_dir) / f"grads_world{dist.world}.pt")
+    elif command == "idle":
+        idle_rank_update(model_dir, out_dir, dist)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,17 @@ def test_summed_gradients_over_two_ranks_equal_one_process(tmp_path, tiny_model_
         assert any(g.abs().sum() > 0 for name, g in one.items() if "lora_A" in name)
 
 
+def test_a_rank_with_nothing_to_train_takes_the_same_step(tmp_path, tiny_model_dir):
+    """Only rank 0 has a group of mixed rewards; rank 1 has no row to train. Both take the same optimiser
+    step (rank 1 without a forward pass): the same weights, moved from the start, and 4 rows trained."""
+    torchrun(2, ROOT / "tests" / "dist_worker.py", "idle", tiny_model_dir, tmp_path)
+    ranks = [torch.load(tmp_path / f"idle_rank{r}.pt") for r in range(2)]
+    assert all(r["rows"] == 4 and r["skipped"] is None for r in ranks)
+    assert ranks[0]["weights"].keys() == ranks[1]["weights"].keys()
+    assert all(torch.equal(ranks[0]["weights"][n], ranks[1]["weights"][n]) for n in ranks[0]["weights"])
+    assert any(w.abs().sum() > 0 for n, w in ranks[0]["weights"].items() if "lora_B" in n)  # B moved from 0
+
+
 # --- the whole loop under torchrun: 2 processes, the tiny random model, parity rewards ------------
 
 B, G = 4, 4
