@@ -109,6 +109,10 @@ class TrainConfig:
     clip_eps: float = 0.2  # grpo / dr_grpo ratio clip, and dapo's lower clip
     dapo_clip_high: float = 0.28  # dapo's "clip-higher"
     kl_coef: float = 0.001  # KL(pi || base) penalty; KL is measured whatever this is
+    # (ours) truncated importance sampling for the sampler-trainer gap (bf16): > 0 takes a fresh row's
+    # ratio against the trainer's own log-probs and weights each token by min(pi_train / pi_sampler, this);
+    # 0 = off, the ratio against the sampler's. Reused rows always use the sampler's (see truncated_is)
+    tis_cap: float = 0.0
     micro_batch: int = 16  # rollouts per forward/backward (memory knob; the math is unchanged)
     logprob_chunk: int = 64  # completion positions per lm_head chunk
     seed: int = 0
@@ -119,7 +123,7 @@ class TrainConfig:
     ranges = {"steps": ">= 1", "batch_size": ">= 1", "lr": "> 0", "warmup_steps": ">= 0", "betas": "[0, 1)",
               "weight_decay": ">= 0", "max_grad_norm": ">= 0", "cispo_tau": "> 0",
               "clip_eps": "(0, 1)",  # the ratio is clipped to [1 - eps, 1 + eps]: 1 - eps must stay > 0
-              "dapo_clip_high": "> 0", "kl_coef": ">= 0", "micro_batch": ">= 1", "logprob_chunk": ">= 1",
+              "dapo_clip_high": "> 0", "kl_coef": ">= 0", "tis_cap": ">= 0", "micro_batch": ">= 1", "logprob_chunk": ">= 1",
               "seed": "any", "save_every": ">= 1", "log_samples": ">= 0"}
 
     def check(self, prefix: str) -> None:
@@ -268,6 +272,19 @@ def policy_loss(tc: TrainConfig, logp, old_logp, adv, mask, weights, base_logp=N
     if tc.kl_coef > 0:
         per_token = per_token + tc.kl_coef * k3_kl(logp, base_logp)
     return (per_token * weights).sum()
+
+
+def truncated_is(logp, sampler_logp, fresh, cap: float):
+    """train.tis_cap > 0: logp, sampler_logp [R, T], fresh [R] bool -> (old_logp, token weight) [R, T]. A fresh
+    row was sampled by the weights being trained, so its ratio is taken against the trainer's own log-probs
+    (1: nothing to clip) and the sampler-trainer gap (bf16 kernels) is corrected by the truncated importance
+    weight min(pi_train / pi_sampler, cap) (TIS, as verl and TRL do). A reused row (fast.reuse) keeps the
+    sampler's log-probs: its policy has moved on since, which is what the loss's clip is for. cap 0: off."""
+    if cap <= 0:
+        return sampler_logp, None
+    own, fresh = logp.detach(), fresh[:, None].to(logp.device)
+    weight = (own - sampler_logp).exp().clamp(max=cap)
+    return torch.where(fresh, own, sampler_logp), torch.where(fresh, weight, torch.ones_like(weight))
 
 
 def k3_kl(logp, base_logp):
@@ -480,7 +497,9 @@ class UpdateStats:
     skipped: str | None = None     # why a guard dropped this update ("non-finite loss", ...)
     rows: int = 0                  # rollouts trained on
     rows_reused: int = 0           # ...of which fast-round rollouts (fast.reuse)
-    ratio_dev: float | None = None  # mean |pi/pi_old - 1| per trained token: the sampler vs the trainer
+    ratio_dev: float | None = None  # mean |pi/pi_sampler - 1| per trained token: the sampler vs the trainer
+    tis_weight: float | None = None  # train.tis_cap: the mean truncated weight over fresh tokens...
+    tis_capped: float | None = None  # ...and the share of them it capped
 
 
 def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor, tc: TrainConfig,
@@ -498,29 +517,39 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
     model.train()
     weights = token_weights(tc.loss, mask[train_rows], group[train_rows], max_new_tokens, batch_total=dist.total)
     optimizer.zero_grad(set_to_none=True)
-    loss_value, entropy_sum, ratio_dev_sum = 0.0, 0.0, 0.0
+    loss_value, entropy_sum, ratio_dev_sum, tis = 0.0, 0.0, 0.0, torch.zeros(3, dtype=torch.float64, device="cpu")
     for part in rollout.micro_batches(exp.batch.rows(train_rows), tc.micro_batch):  # indices into train_rows
         rows = train_rows[part]
         logp, ent = rollout.sequence_logprobs(model, exp.batch.rows(rows), tc.logprob_chunk, with_entropy=True)
-        # old_logp = the sampler's log-probs: the policy that generated each token. On a fresh batch the
-        # ratio is 1 up to the two passes' rounding; on reused rollouts it corrects their lag.
-        old_logp = exp.sampler_logp[rows].to(mask.device)
+        # The sampler's log-probs: the policy that generated each token. On a fresh batch the ratio to them
+        # is 1 up to the two passes' rounding; on reused rollouts it corrects their lag.
+        sampler_logp = exp.sampler_logp[rows].to(mask.device)
+        fresh = rows < (len(group) if exp.fresh_rows is None else exp.fresh_rows)
+        old_logp, tis_weight = truncated_is(logp, sampler_logp, fresh, tc.tis_cap)
+        w = weights[part].to(mask.device)
         loss = policy_loss(tc, logp, old_logp, exp.advantage[rows].to(mask.device), mask[rows],
-                           weights[part].to(mask.device), base_logp=base_logp[rows])
+                           w if tis_weight is None else w * tis_weight, base_logp=base_logp[rows])
         loss.backward()
         loss_value += loss.item()
         entropy_sum += (ent * mask[rows]).sum().item()
-        ratio_dev_sum += ((logp.detach() - old_logp).exp() - 1).abs().mul(mask[rows]).sum().item()
+        ratio_dev_sum += ((logp.detach() - sampler_logp).exp() - 1).abs().mul(mask[rows]).sum().item()
+        if tis_weight is not None:  # over fresh tokens: the weight's sum, how many it capped, how many
+            on = mask[rows] * fresh[:, None].to(mask.device)
+            tis += torch.tensor([(tis_weight * on).sum().item(), ((tis_weight >= tc.tis_cap) * on).sum().item(),
+                                 on.sum().item()], dtype=torch.float64, device="cpu")
     reused = 0 if exp.fresh_rows is None else int((train_rows >= exp.fresh_rows).sum())
     # The loss, the entropy, the ratios, the tokens and whether any advantage was non-zero, summed over ranks.
-    loss_value, entropy_sum, ratio_dev_sum, tokens, signal, n_rows, n_reused = dist.total(torch.tensor(
-        [loss_value, entropy_sum, ratio_dev_sum, mask[train_rows].sum().item(),
-         float(exp.advantage[train_rows].any()), len(train_rows), reused], dtype=torch.float64, device="cpu")).tolist()
+    loss_value, entropy_sum, ratio_dev_sum, tokens, signal, n_rows, n_reused, tis_sum, tis_capped, tis_tokens = \
+        dist.total(torch.cat([torch.tensor([loss_value, entropy_sum, ratio_dev_sum, mask[train_rows].sum().item(),
+                                            float(exp.advantage[train_rows].any()), len(train_rows), reused],
+                                           dtype=torch.float64, device="cpu"), tis])).tolist()
     # Gradients summed over ranks, the guards, then (clipped if asked) optimizer.step() and scheduler.step().
     skipped = guard.step(model, optimizer, scheduler, loss_value, step, has_signal=signal > 0,
                          max_grad_norm=tc.max_grad_norm, dist=dist)
     return UpdateStats(loss=loss_value, entropy=entropy_sum / max(tokens, 1.0), skipped=skipped, rows=int(n_rows),
-                       rows_reused=int(n_reused), ratio_dev=ratio_dev_sum / max(tokens, 1.0))
+                       rows_reused=int(n_reused), ratio_dev=ratio_dev_sum / max(tokens, 1.0),
+                       tis_weight=tis_sum / tis_tokens if tis_tokens else None,
+                       tis_capped=tis_capped / tis_tokens if tis_tokens else None)
 
 
 def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: UpdateStats, lr: float,
@@ -543,7 +572,8 @@ def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: Upd
         "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
         "truncation_rate": sum(f == "length" for f in finish) / len(finish),
         "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr, "update_skipped": upd.skipped,
-        "ratio_dev": upd.ratio_dev, "rows_trained": upd.rows,
+        "ratio_dev": upd.ratio_dev, "tis_weight": upd.tis_weight, "tis_capped": upd.tis_capped,
+        "rows_trained": upd.rows,
         "reused_share": upd.rows_reused / upd.rows if upd.rows else 0.0,  # trained rows from the fast loop
         "seconds_sampling": seconds_sampling, "seconds_base_kl": seconds["seconds_base_kl"],
         "seconds_training": seconds["seconds_training"],

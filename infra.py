@@ -320,8 +320,52 @@ class ModelConfig:
     lora_dropout: float = 0.0  # dropout makes the on-policy ratio != 1; off by default
     lora_targets: str = "all-linear"
     gradient_checkpointing: bool = False  # trade compute for memory on long completions
+    # (ours) logits in float32 from the head's own weights, a block of the vocabulary at a time, in the
+    # sampler and in training alike (MiniMax-M1's fix for the sampler-trainer gap); bf16/fp16 only
+    fp32_head: bool = False
 
     ranges = {"lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)"}
+
+
+class _Float32Logits(torch.autograd.Function):
+    """h [..., H] (any dtype) -> logits [..., V] in float32 from a frozen head weight [V, H], upcast a block
+    of `block` vocabulary rows at a time: never a whole float32 copy of the head, in the forward or in
+    the backward (which recasts each block to give h its gradient; the head itself gets none)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, block: int):
+        ctx.save_for_backward(weight)
+        ctx.block, ctx.h_dtype = block, h.dtype
+        h32 = h.float()
+        logits = torch.cat([h32 @ weight[v:v + block].float().T for v in range(0, weight.shape[0], block)], dim=-1)
+        return logits if bias is None else logits + bias.float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        grad_h = sum(grad[..., v:v + ctx.block] @ weight[v:v + ctx.block].float()
+                     for v in range(0, weight.shape[0], ctx.block))
+        return grad_h.to(ctx.h_dtype), None, None, None
+
+
+class Float32Head(torch.nn.Module):
+    """The output head (lm_head) computing float32 logits from its bf16 weights (model.fp32_head). It keeps
+    the original Linear (a tied head stays tied to the embedding); `weight` reads through to it."""
+
+    def __init__(self, head: torch.nn.Linear, block: int = 16384):
+        super().__init__()
+        self.head, self.block = head, block
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.head.weight.requires_grad:  # a trained head: plain autograd through the upcast blocks
+            w = self.head.weight
+            logits = torch.cat([h.float() @ w[v:v + self.block].float().T for v in range(0, w.shape[0], self.block)], -1)
+            return logits if self.head.bias is None else logits + self.head.bias.float()
+        return _Float32Logits.apply(h, self.head.weight, self.head.bias, self.block)
 
 
 
@@ -379,6 +423,9 @@ def load_model(cfg, device: torch.device, adapter_path: str | None = None):
             p.data = p.data.float()
     if cfg.quant == "4bit":
         keep_4bit_layers_differentiable(model)
+    if cfg.fp32_head and cfg.dtype != "float32":  # after peft: LoRA must not see the wrapper's inner Linear
+        base = model.get_base_model()
+        base.set_output_embeddings(Float32Head(base.get_output_embeddings()))
     return model, tok
 
 

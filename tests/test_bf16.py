@@ -1,0 +1,84 @@
+"""The bf16 fixes (issue 31): a float32 head computed a vocabulary block at a time, and truncated importance
+sampling (train.tis_cap) for the gap between the sampler's and the trainer's log-probs."""
+import pytest
+import torch
+
+import fst
+import infra
+import rollout
+
+
+def test_float32_head_gives_float32_logits_and_the_gradient_of_the_upcast_head():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 70, bias=False).to(torch.bfloat16).requires_grad_(False)
+    h = torch.randn(3, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    wrapped = infra.Float32Head(head, block=32)  # 70 rows: blocks of 32, 32 and 6
+    logits = wrapped(h)
+    h32 = h.detach().float().requires_grad_()
+    reference = h32 @ head.weight.float().T
+    assert logits.dtype == torch.float32 and logits.shape == (3, 5, 70)
+    assert torch.allclose(logits, reference, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(logits, head(h.detach()).float())  # a bf16 head rounds its logits
+    grad = torch.randn(3, 5, 70)
+    logits.backward(grad)
+    reference.backward(grad)
+    assert h.grad.dtype == torch.bfloat16 and head.weight.grad is None
+    assert torch.allclose(h.grad.float(), h32.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_fp32_head_is_installed_after_lora_and_keeps_the_tie(tiny_model_dir):
+    model, _ = infra.load_model(infra.ModelConfig(name=tiny_model_dir, dtype="bfloat16", lora_r=4, lora_alpha=8,
+                                                  fp32_head=True), torch.device("cpu"))
+    head = model.get_output_embeddings()
+    assert isinstance(head, infra.Float32Head)
+    assert head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied as before
+    assert not any("lora" in n for n, _ in head.named_parameters())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert model(input_ids=ids).logits.dtype == torch.float32
+    plain, _ = infra.load_model(infra.ModelConfig(name=tiny_model_dir, dtype="float32", fp32_head=True),
+                                torch.device("cpu"))
+    assert not isinstance(plain.get_output_embeddings(), infra.Float32Head)  # float32: nothing to fix
+
+
+def test_truncated_is_by_hand():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    sampler = torch.tensor([[-1.5, -1.0], [-0.5, -2.0]])
+    fresh = torch.tensor([True, False])
+    old, weight = fst.truncated_is(logp, sampler, fresh, cap=1.2)
+    # fresh row: ratio against the trainer's own log-probs, weight min(exp(logp - sampler), cap)
+    assert torch.equal(old[0], logp.detach()[0]) and torch.equal(old[1], sampler[1])
+    assert torch.allclose(weight, torch.tensor([[1.2, torch.exp(torch.tensor(-1.0)).item()], [1.0, 1.0]]))
+    assert fst.truncated_is(logp, sampler, fresh, cap=0.0) == (sampler, None)
+
+
+def test_tis_cispo_gradient_is_the_weighted_policy_gradient():
+    """cispo with TIS on fresh rows: d/dlogp of the loss = -w * A * token weight (the ratio is 1)."""
+    logp = torch.tensor([[-1.0, -2.0, -0.7]], requires_grad=True)
+    sampler = torch.tensor([[-1.2, -1.0, -0.7]])
+    mask = torch.ones(1, 3)
+    tc = fst.TrainConfig(loss="cispo", kl_coef=0.0, tis_cap=2.0)
+    old, w = fst.truncated_is(logp, sampler, torch.tensor([True]), tc.tis_cap)
+    weights = fst.token_weights("cispo", mask, torch.tensor([0]), 8)
+    fst.policy_loss(tc, logp, old, torch.tensor([0.5]), mask, weights * w).backward()
+    expected = -torch.clamp(torch.exp(logp.detach() - sampler), max=2.0) * 0.5 * weights
+    assert torch.allclose(logp.grad, expected)
+
+
+@pytest.mark.parametrize("cap", [0.0, 2.0])
+def test_update_logs_the_truncated_weight(tiny_model_dir, tokenizer, cap):
+    model, tok = infra.load_model(infra.ModelConfig(name=tiny_model_dir, dtype="float32", lora_r=4, lora_alpha=8),
+                                  torch.device("cpu"))
+    prompts = [rollout.encode_chat(tok, [{"role": "user", "content": "Hi"}])]
+    ro = rollout.sample(model, tok, prompts, [4], max_new_tokens=4, temperature=1.0,
+                        generator=torch.Generator().manual_seed(0))
+    ro.logprobs = [[lp - 0.3 * (i % 2) for i, lp in enumerate(row)] for row in ro.logprobs]  # a gap
+    exp = fst.experience_from([{"id": 0}], [0] * 4, [0] * 4, ro, [(1.0, ""), (0.0, ""), (1.0, ""), (0.0, "")],
+                              scale_by_std=True, pad_id=tok.pad_token_id, device=torch.device("cpu"))
+    tc = fst.TrainConfig(lr=0.01, warmup_steps=0, tis_cap=cap)
+    optimizer, scheduler = fst.make_optimizer(model, tc)
+    base_logp = fst.base_logprobs(model, exp.batch, 16, 64)
+    stats = fst.update(model, optimizer, scheduler, exp, base_logp, tc, 4, infra.UpdateGuard(), 0)
+    if cap == 0:
+        assert stats.tis_weight is None and stats.tis_capped is None
+    else:  # every other token's sampler log-prob is 0.3 lower: weight exp(0.3) = 1.35 there, ~1 elsewhere
+        assert 1.1 < stats.tis_weight < 1.25 and stats.tis_capped == 0.0
