@@ -9,6 +9,7 @@ rollout.py, rewards.py and eval.py read like the method. It imports none of them
   bitsandbytes), with the workarounds GGUF and bitsandbytes need.
 - torchrun: `Dist`, the few collectives the loop needs.
 - Update guards, checkpoints and resume, trackers (live curves), the run's log files, Ctrl-C.
+- A chat model behind an OpenAI-compatible endpoint (fast.reflector: openai:<model>).
 - Start-up checks of paths and tasks.
 """
 from __future__ import annotations
@@ -1212,6 +1213,91 @@ def make_run_folder(run_dir: Path, config: dict, dist: Dist) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# A reflector behind an OpenAI-compatible endpoint (fast.reflector: openai:<model>): vLLM, SGLang,
+# llama.cpp's llama-server, Ollama or a hosted model, through the maintained `openai` client. Its own
+# retries (exponential backoff with jitter, honouring Retry-After) cover rate limits (429), server
+# errors (5xx), timeouts and dropped connections; a call that still fails comes back as an error, not
+# an exception, and the fast round skips that proposal (context_opt: reflector_error).
+
+ENDPOINT_PREFIX = "openai:"
+
+
+class EndpointReply(typing.NamedTuple):
+    """One chat completion of a ChatEndpoint, or why it failed."""
+    text: str
+    finish_reason: str          # "stop" (the model ended it), "length" (max tokens); "" when it failed
+    tokens: int                 # completion tokens as the server counts them (0: it reports no usage)
+    seconds: float              # the call's wall time, retries included
+    model: str                  # the model id the server says answered (the configured one when it failed)
+    error: str = ""             # why it failed after its retries, in one line; "" when it answered
+
+
+class ChatEndpoint:
+    """A chat model behind an OpenAI-compatible endpoint: `complete_many` sends a batch of chats at once,
+    at most `max_in_flight` in flight, each with its timeout and retries. The key comes from the
+    environment only (OPENAI_API_KEY), so no config.yaml, log or tracker can hold it; a local server
+    wants none, and a placeholder stands in. url "" = the client's OPENAI_BASE_URL (else OpenAI's)."""
+
+    def __init__(self, model: str, url: str = "", *, timeout: float, retries: int, max_in_flight: int):
+        try:
+            import openai
+        except ImportError:
+            raise SystemExit(f"fast.reflector={ENDPOINT_PREFIX}{model} needs the openai package "
+                             "(pip install openai)") from None
+        self.openai, self.model, self.max_in_flight = openai, model, max_in_flight
+        self._key = os.environ.get("OPENAI_API_KEY") or "no-key"
+        self.client = openai.OpenAI(base_url=url or None, api_key=self._key, timeout=timeout, max_retries=retries)
+        self.url = str(self.client.base_url)
+
+    def _why(self, error: Exception) -> str:
+        """An exception in one line, the key (should a server echo it) blanked out."""
+        line = (str(error).splitlines() or [""])[0][:300].replace(self._key, "***")
+        return f"{type(error).__name__}: {line}"
+
+    def complete(self, messages: list[dict], *, max_tokens: int, temperature: float, top_p: float) -> EndpointReply:
+        started = time.perf_counter()
+        try:
+            out = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
+                                                      temperature=temperature, top_p=top_p)
+        except self.openai.OpenAIError as e:
+            return EndpointReply("", "", 0, time.perf_counter() - started, self.model, self._why(e))
+        choice = out.choices[0]
+        return EndpointReply(choice.message.content or "", choice.finish_reason or "stop",
+                             out.usage.completion_tokens if out.usage else 0, time.perf_counter() - started,
+                             out.model or self.model)
+
+    def complete_many(self, chats: list[list[dict]], **sampling) -> list[EndpointReply]:
+        """complete() of every chat, concurrently (at most max_in_flight at once), in the chats' order."""
+        if not chats:
+            return []
+        from concurrent.futures import ThreadPoolExecutor   # the client is thread-safe: one for all calls
+        with ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(chats))) as calls:
+            return list(calls.map(lambda chat: self.complete(chat, **sampling), chats))
+
+    def probe(self) -> None:
+        """At start-up: does the endpoint answer, and does it serve the model? One line (SystemExit) if not.
+        The model list first; a server without one (404) is asked for a one-token reply instead."""
+        where = f"fast.reflector={ENDPOINT_PREFIX}{self.model} at {self.url}"
+        try:
+            served = [m.id for m in self.client.models.list()]
+        except self.openai.NotFoundError:
+            served = None
+        except self.openai.OpenAIError as e:
+            raise SystemExit(f"{where}: the endpoint does not answer: {self._why(e)}") from None
+        if served is not None and self.model not in served:
+            raise SystemExit(f"{where}: no such model there (it serves {', '.join(served[:8]) or 'none'})")
+        if served is None and (reply := self.complete([{"role": "user", "content": "Hi"}], max_tokens=1,
+                                                      temperature=0.0, top_p=1.0)).error:
+            raise SystemExit(f"{where}: the endpoint does not answer: {reply.error}")
+
+
+def reflector_endpoint(fast) -> ChatEndpoint:
+    """The ChatEndpoint of a config's `fast` section (fast.reflector = openai:<model>)."""
+    return ChatEndpoint(fast.reflector[len(ENDPOINT_PREFIX):], fast.reflector_url, timeout=fast.reflector_timeout,
+                        retries=fast.reflector_retries, max_in_flight=fast.reflector_max_in_flight)
+
+
+# ----------------------------------------------------------------------------------------------
 # Start-up checks.
 
 def check_paths_and_tasks(cfg, make_task) -> None:
@@ -1238,7 +1324,7 @@ def start_up(args, dist: Dist, load_config, make_task):
     """fst.main's arguments -> (config, run folder, config file name) of a new run (--config, --set) or
     a resumed one (--resume). Every check that can fail runs here, before the run folder exists, and
     stops with one line: keys, types and ranges (load_config), tasks and paths (make_task), the
-    device, the trackers."""
+    device, the trackers, a reflector endpoint."""
     if args.trust_old_checkpoint:
         trust_old_checkpoints()
     try:
@@ -1264,4 +1350,6 @@ def start_up(args, dist: Dist, load_config, make_task):
     except ConfigError as e:
         raise SystemExit(f"config error: {e}")
     check_trackers(cfg.log.report_to)  # a missing tracker stops us before the run folder exists
+    if cfg.mode != "rl" and cfg.fast.reflector.startswith(ENDPOINT_PREFIX):
+        reflector_endpoint(cfg.fast).probe()  # a wrong URL or model name stops here, in one line
     return cfg, run_dir, config_name
