@@ -454,7 +454,8 @@ def reflector_used(run: Path) -> dict | None:
 
 
 def reflector_line(used: dict) -> str:
-    """reflector_used() in words: openai:qwen (answered as qwen2.5-7b): 24 calls, 3100 tokens, 41 s, 1 failed."""
+    """reflector_used() in words: openai:qwen (answered as qwen2.5-7b): 24 calls, 3100 tokens, 41 s, 1 failed
+    (reflector_error)."""
     models = f" (answered as {', '.join(used['models'])})" if used["models"] else ""
     failed = f", {used['failed_calls']} failed (reflector_error)" if used["failed_calls"] else ""
     return (f"{used['reflector']}{models}: {used['calls']} calls, {used['tokens']} tokens, "
