@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 import typing
 from dataclasses import asdict, dataclass, field
@@ -40,9 +41,16 @@ class FastConfig:
     pool_size: int = 4  # K prompts used for rollouts
     budget: float = 5.0  # metric calls per round = budget x anchor-set size (paper: 5x)
     minibatch: int = 3  # anchor problems shown to the reflector
-    # base: the policy with its adapter off (a frozen critic at no extra memory); policy: adapter on; or a
-    # hub id, folder, .gguf or alias of another causal LM, loaded once and frozen, that only writes proposals
+    # base: the policy with its adapter off (a frozen critic at no extra memory); policy: adapter on; a hub
+    # id, folder, .gguf or alias of another causal LM, loaded once and frozen, that only writes proposals; or
+    # openai:<model>, a model behind an OpenAI-compatible endpoint (vLLM, SGLang, llama-server, Ollama, hosted)
     reflector: str = "base"
+    # openai:<model>: the endpoint's base URL (e.g. http://127.0.0.1:8080/v1); "" = OPENAI_BASE_URL. The key
+    # is read from OPENAI_API_KEY only (never a config key, so never in a run folder); a local server needs none
+    reflector_url: str = ""
+    reflector_timeout: float = 120.0  # openai:<model>: seconds one call may take (a 1024-token reply, busy server)
+    reflector_retries: int = 3  # openai:<model>: retries of a call (429, 5xx, timeout), with exponential backoff
+    reflector_max_in_flight: int = 8  # openai:<model>: a wave's calls in flight at once (the server's queue)
     # proposal operators, taken in turn: names registered with @operator in context_opt.py (reflect, demo, ...)
     operators: list[str] = field(default_factory=lambda: ["reflect"])
     demo_buffer: int = 256  # rewarded RL rollouts kept as candidate worked examples (demo operators)
@@ -71,13 +79,19 @@ class FastConfig:
               "max_proposals": ">= 0", "patience": ">= 1", "max_demos": ">= 0", "reuse_max_age": ">= 0",
               "demo_buffer": ">= 1",  # the buffer keeps its last N entries: N = 0 would keep them all
               "max_prompt_chars": ">= 1", "reflector_max_new_tokens": ">= 1",
-              "reflector_temperature": ">= 0", "reflector_top_p": "(0, 1]"}
+              "reflector_temperature": ">= 0", "reflector_top_p": "(0, 1]", "reflector_timeout": "> 0",
+              "reflector_retries": ">= 0", "reflector_max_in_flight": ">= 1"}
 
     def check(self, prefix: str = "") -> None:
         """What `ranges` cannot say: at least one operator, every one a registered one; a reflector model
-        that can exist."""
-        if self.reflector not in ("base", "policy") and (why := infra.model_name_problem(self.reflector)):
-            raise infra.ConfigError(f"config key '{prefix}reflector' must be base, policy or a model: {why}")
+        that can exist, or an endpoint's with a model name."""
+        if self.reflector.startswith(infra.ENDPOINT_PREFIX):
+            if not self.reflector[len(infra.ENDPOINT_PREFIX):].strip():
+                raise infra.ConfigError(f"config key '{prefix}reflector' must name the endpoint's model: "
+                                        f"{infra.ENDPOINT_PREFIX}<model>")
+        elif self.reflector not in ("base", "policy") and (why := infra.model_name_problem(self.reflector)):
+            raise infra.ConfigError(f"config key '{prefix}reflector' must be base, policy or a model "
+                                    f"(or {infra.ENDPOINT_PREFIX}<model>, an endpoint's): {why}")
         if not self.operators:
             raise infra.ConfigError(f"config key '{prefix}operators' must name at least one of {list(OPERATORS)}")
         for i, name in enumerate(self.operators):
@@ -515,10 +529,15 @@ ROUND_PHASES = ("pool", "children", "parents", "accepted")
 
 
 class Reflection(NamedTuple):
-    """One reply of the reflector: its text and the tokens generated for it. A reflect() callable may
-    return plain strings instead (a scripted reflector generates no tokens)."""
+    """One reply of the reflector: its text and the tokens generated for it; an endpoint's reply also
+    its call's seconds, the model id that answered, and its error (a failed call: its proposal is skipped,
+    reflector_error). A reflect() callable may return plain strings instead (a scripted reflector
+    generates no tokens)."""
     text: str
     tokens: int = 0
+    seconds: float = 0.0
+    model: str = ""          # "" for an in-process reflector (its calls are not itemised)
+    error: str = ""
 
 
 Reflect = Callable[[list[list[dict]]], list["Reflection | str"]]  # reflector chats -> replies
@@ -585,13 +604,16 @@ class _Round:
 
 def _new_stats(step: int, anchor_size: int, budget: int, cfg: FastConfig) -> dict:
     operators = cfg.operators
-    skips = ["perfect_parent", *(OPERATORS[op].skip for op in operators if OPERATORS[op].skip)]
+    skips = ["perfect_parent", *(OPERATORS[op].skip for op in operators if OPERATORS[op].skip),
+             *(["reflector_error"] if cfg.reflector.startswith(infra.ENDPOINT_PREFIX) else [])]
     return {"step": step, "anchor_size": anchor_size, "budget": budget, "wave": cfg.wave, "metric_calls": 0,
             "waves": 0, "proposals": 0, "accepted": 0, "rejected": dict.fromkeys(REJECT_REASONS, 0),
             "rejected_by_operator": {op: dict.fromkeys(REJECT_REASONS, 0) for op in operators},
             "skipped": dict.fromkeys(skips, 0), "proposals_by_operator": dict.fromkeys(operators, 0),
             "accepted_by_operator": dict.fromkeys(operators, 0), "accepted_prompts": [],
-            "seconds_reflecting": 0.0, "seconds_scoring": 0.0, "seconds_proposing": 0.0, "reflector_tokens": 0}
+            "seconds_reflecting": 0.0, "seconds_scoring": 0.0, "seconds_proposing": 0.0, "reflector_tokens": 0,
+            "reflector": cfg.reflector,
+            "reflector_replies": []}  # an endpoint's calls, each {model, tokens, seconds, error}
 
 
 def _score_live_pool(r: _Round) -> None:
@@ -691,11 +713,27 @@ def _reflect_and_vet(r: _Round, proposals: list[Proposal]) -> None:
     for proposal, reply in zip(reflecting, replies):
         reply = reply if isinstance(reply, Reflection) else Reflection(reply)
         r.stats["reflector_tokens"] += reply.tokens
+        if reply.model:                          # an endpoint's call, on the record
+            r.stats["reflector_replies"].append({"model": reply.model, "tokens": reply.tokens,
+                                                 "seconds": round(reply.seconds, 3), "error": reply.error})
+        if reply.error:
+            _skip_failed_call(r, proposal, reply.error)
+            continue
         proposal.text, reason = vet_reflection(reply.text, proposal.parent.text, r.questions,
                                                r.cfg.max_prompt_chars)
         reason = reason or _vet(r, proposal)     # a reply that passed: its whole context, as a demo child's
         if reason:
             r.reject(proposal, reason)
+
+
+def _skip_failed_call(r: _Round, proposal: Proposal, error: str) -> None:
+    """A reflection whose call failed (after its retries) is a skip, reason reflector_error, not a
+    proposal: nothing was proposed, nothing is spent, and the round goes on (patience counts it)."""
+    proposal.reason = "reflector_error"
+    r.stats["proposals"] -= 1
+    r.stats["proposals_by_operator"][proposal.operator] -= 1
+    r.stats["skipped"]["reflector_error"] = r.stats["skipped"].get("reflector_error", 0) + 1
+    print(f"[fst] reflector call failed, proposal skipped (reflector_error): {error}", file=sys.stderr)
 
 
 def _score_children(r: _Round, trying: list[Proposal]) -> tuple[list, dict[tuple[int, int], float]]:
@@ -923,3 +961,64 @@ def make_reflector(model, tokenizer, *, use_adapter: bool, max_new_tokens: int, 
         return replies
 
     return reflect
+
+
+def as_prefilled(reply: str, finish_reason: str, reply_format: ReplyFormat) -> str:
+    """An endpoint's reply as make_reflector would have returned it. A chat endpoint cannot, in general,
+    continue an assistant turn we start (vLLM and llama-server can, each its own way; a hosted model
+    cannot), so the opening fence is not pre-filled and the format's stop strings are not sent (the
+    fence that ends the block would stop a reply at the fence that opens it). Instead the reply is read
+    from just after its first opening fence (from its start when it writes none: a pre-filled reply
+    starts inside the block) and cut here at the format's first stop string, then closed as
+    make_reflector closes it: at a stop string or when the model ended the reply ("stop"), left open
+    when max tokens cut it ("length": rejected as no_fence). A blank line right after the fence is
+    skipped: a pre-filled reply never starts there. The tokens are the whole reply's: what was paid for."""
+    if reply_format == "free":
+        return reply
+    opening = re.search(rf"{FENCE}[^\n`]*\n", reply)
+    body = (reply[opening.end():] if opening else reply).lstrip("\n")
+    stops = [at for s in ([FENCE, "\n\n"] if reply_format == "paragraph" else [FENCE]) if (at := body.find(s)) >= 0]
+    closed = bool(stops) or finish_reason == "stop"
+    body = body[:min(stops)] if stops else body
+    return f"{FENCE}\n" + (body.rstrip() + f"\n{FENCE}" if closed else body)
+
+
+def make_endpoint_reflector(endpoint: infra.ChatEndpoint, *, max_new_tokens: int, temperature: float = 1.0,
+                            top_p: float = 1.0, reply_format: ReplyFormat = "fenced") -> Reflect:
+    """reflect() for fast_round from a model behind an OpenAI-compatible endpoint (fast.reflector:
+    openai:<model>): the chat make_reflector encodes (the worked reflection turn, then the request), with
+    the same max tokens, temperature and top_p; a wave's prompts go out at once (endpoint.max_in_flight at
+    most), and each reply is read as a pre-filled one would be (as_prefilled), so the guards see what
+    they see from make_reflector. A call that fails after its retries is a Reflection with its error."""
+    if reply_format not in REPLY_FORMATS:
+        raise ValueError(f"reply_format must be one of {REPLY_FORMATS}, got {reply_format!r}")
+
+    def reflect(prompts: list[list[dict] | str]) -> list[Reflection]:
+        chats = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+        replies = endpoint.complete_many(chats, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        return [Reflection("" if reply.error else as_prefilled(reply.text, reply.finish_reason, reply_format),
+                           reply.tokens, reply.seconds, reply.model, reply.error) for reply in replies]
+
+    return reflect
+
+
+def load_reflector(fast: FastConfig, model_cfg, device):
+    """What fast.reflector names, made once at start-up (fst.start_run): None for base and policy (the
+    policy model itself reflects), an infra.ChatEndpoint for openai:<model> (infra.start_up has probed
+    it), else (model, tokenizer) of another causal LM, frozen."""
+    if fast.reflector in ("base", "policy"):
+        return None
+    if fast.reflector.startswith(infra.ENDPOINT_PREFIX):
+        return infra.reflector_endpoint(fast)
+    return infra.load_frozen_model(fast.reflector, model_cfg, device)
+
+
+def reflector_for(fast: FastConfig, loaded, model, tokenizer, generator=None) -> Reflect:
+    """A round's reflect(): the endpoint's, or the in-process one on `loaded` (load_reflector's frozen
+    model), else on the policy `model` (adapter off for base, on for policy)."""
+    settings = dict(max_new_tokens=fast.reflector_max_new_tokens, temperature=fast.reflector_temperature,
+                    top_p=fast.reflector_top_p, reply_format=fast.reflector_format)
+    if isinstance(loaded, infra.ChatEndpoint):
+        return make_endpoint_reflector(loaded, **settings)
+    return make_reflector(*(loaded or (model, tokenizer)), use_adapter=fast.reflector == "policy",
+                          generator=generator, **settings)

@@ -160,7 +160,8 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
                     max_rows=s.max_rows)
     out = {"run": str(run), "checkpoint": ckpt.name, "step": int(state["step"]), "mode": cfg.mode,
            "n": n, "k": k, "seed": seed, "sampling": sampling, "evolved_prompt": evolved and evolved.text(),
-           "evolved_context": evolved and dataclasses.asdict(evolved), "notes": [], "tasks": {}, "forgetting": {}}
+           "evolved_context": evolved and dataclasses.asdict(evolved), "reflector": reflector_used(run),
+           "notes": [], "tasks": {}, "forgetting": {}}
     if evolved is None:
         out["notes"].append(f"{ckpt / 'pool.json'} missing: evolved prompt = seed prompt")
     elif cfg.mode == "rl":
@@ -216,6 +217,7 @@ def markdown(out: dict) -> str:
     f = lambda x: "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"  # noqa: E731
     lines = [f"# {out['run']} @ {out['checkpoint']} (mode {out['mode']}, n={out['n']}, k={out['k']})", ""]
     lines += [f"> {note}" for note in out["notes"]]
+    lines += [f"reflector: {reflector_line(out['reflector'])}", ""] if out.get("reflector") else []
     for name, t in out["tasks"].items():
         m, p = t["two_by_two_mean_at_k"], t["two_by_two_pass_at_k"]
         lines += [f"## {name}", "",
@@ -437,6 +439,29 @@ def with_default_system_prompt(chat_template: str, prompt: str, turns: list[dict
 
 
 # ---------------------------------------------------------------------------------- end of a run
+def reflector_used(run: Path) -> dict | None:
+    """Which reflector wrote the run's proposals (fast.reflector, from its fast rows) and what it cost:
+    calls, tokens, seconds; an endpoint's also the model ids that answered and its failed calls (their
+    proposals skipped, reflector_error). None for a run without fast rounds (rl)."""
+    fast = [r for r in read_metrics(run) if r.get("kind") == "fast"]
+    if not fast:
+        return None
+    itemised = [c for r in fast for c in r.get("reflector_replies", [])]
+    return {"reflector": fast[-1].get("reflector", "unrecorded"), "calls": fast[-1].get("reflector_calls", 0),
+            "tokens": sum(r.get("reflector_tokens", 0) for r in fast),
+            "seconds": round(sum(r.get("seconds_reflecting", 0.0) for r in fast), 1),
+            "models": sorted({c["model"] for c in itemised}), "failed_calls": sum(bool(c["error"]) for c in itemised)}
+
+
+def reflector_line(used: dict) -> str:
+    """reflector_used() in words: openai:qwen (answered as qwen2.5-7b): 24 calls, 3100 tokens, 41 s, 1 failed
+    (reflector_error)."""
+    models = f" (answered as {', '.join(used['models'])})" if used["models"] else ""
+    failed = f", {used['failed_calls']} failed (reflector_error)" if used["failed_calls"] else ""
+    return (f"{used['reflector']}{models}: {used['calls']} calls, {used['tokens']} tokens, "
+            f"{used['seconds']:.0f} s{failed}")
+
+
 def lineage(run: Path, prompt_id: int) -> list[str]:
     """The operators that made a pool member, oldest first (seed, demo, reflect, ...), from every pool
     file the run saved (ancestors a later round pruned are in the earlier files)."""
@@ -474,6 +499,7 @@ def summarize(run: Path) -> str:
     fast = sum(r.get("seconds_fast", 0.0) for r in train)
     out = {"run": str(run), "steps_done": train[-1]["step"] + 1, "mode": train[-1]["mode"],
            "held_out_accuracy": held_out, "kl_to_base": train[-1]["kl_to_base"], "best_context": best,
+           "reflector": reflector_used(run),
            "seconds": {"rl_steps": round(sum(r["seconds_step"] for r in train) - fast, 1),
                        "fast_rounds": round(fast, 1), "fast_round_count": sum(r.get("kind") == "fast" for r in rows)},
            "next": [f"python eval.py {run}", f"python eval.py compare {run} OTHER_RUN --out plots/",
@@ -496,6 +522,8 @@ def summary_text(out: dict) -> str:
         first = " / ".join(b["instruction"].strip().splitlines()[:2])
         lines.append(f"  best context: \"{first[:100]}\" + {b['demos']} worked example(s); lineage "
                      f"{' -> '.join(b['lineage'])} (born at step {b['born_step']})")
+    if out.get("reflector"):
+        lines.append(f"  reflector: {reflector_line(out['reflector'])}")
     t = out["seconds"]
     lines.append(f"  wall time: {t['rl_steps'] / 60:.1f} min RL steps, {t['fast_rounds'] / 60:.1f} min in "
                  f"{t['fast_round_count']} fast round(s) (validation not counted)")

@@ -592,10 +592,7 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
     anchors = [p for b in stream.peek(cfg.fast.every) for p in b]
     gen = run.dist.generator(run.device, infra.seed_for("fast", cfg.train.seed, step))
     evaluate = context_opt.make_evaluate(run.model, run.tok, task, **cfg.sampling.generation(), generator=gen)
-    reflect = context_opt.make_reflector(
-        *(run.reflector or (run.model, run.tok)), use_adapter=cfg.fast.reflector == "policy",
-        max_new_tokens=cfg.fast.reflector_max_new_tokens, temperature=cfg.fast.reflector_temperature,
-        top_p=cfg.fast.reflector_top_p, generator=gen, reply_format=cfg.fast.reflector_format)
+    reflect = context_opt.reflector_for(cfg.fast, run.reflector, run.model, run.tok, generator=gen)
     evaluate, reflect = run.dist.split_round(evaluate, reflect)  # torchrun: each call's items split over ranks
     reflect = infra.counted(reflect, run.totals, "reflector_calls")
     scored = []  # (context, problem, result) of the phases fast.reuse keeps: RL data for the next steps
@@ -671,7 +668,7 @@ class Run:
                                                   "rollouts_reused": 0})
     demo_buffer: list = field(default_factory=list)  # (problem, completion, reward) for the demo operators
     kept: list = field(default_factory=list)  # KeptRollout: the last fast round's rollouts not yet trained on
-    reflector: tuple | None = None     # (model, tokenizer) of fast.reflector when it names another model
+    reflector: Any = None              # context_opt.load_reflector's: another model, or an endpoint
     start: int = 0                     # the first step this process runs
 
     @property
@@ -754,8 +751,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str
     run = Run(run_dir=run_dir, device=device, model=model, tok=tok, optimizer=optimizer, scheduler=scheduler,
               tasks=tasks, streams=streams, stage_ends=list(itertools.accumulate(s.steps for s in stages)),
               seed_prompt=seed_prompt, pool=pool, val_sets=val_sets, guard=infra.UpdateGuard(run_dir), dist=dist,
-              reflector=infra.load_frozen_model(cfg.fast.reflector, cfg.model, device)  # loaded once
-              if cfg.mode != "rl" and cfg.fast.reflector not in ("base", "policy") else None)
+              reflector=context_opt.load_reflector(cfg.fast, cfg.model, device) if cfg.mode != "rl" else None)
     if ckpt:
         run.restore(ckpt)
     return run

@@ -10,7 +10,8 @@ rollout.py, rewards.py and eval.py read like the method. It imports none of them
 - torchrun: `Dist`, the few collectives the loop needs.
 - Update guards, checkpoints and resume, trackers (live curves), the run's log files, Ctrl-C.
 - The memory plan (`fst.py --plan`): each phase's peak GPU memory from the config and the model's shapes.
-- Start-up checks of paths, tasks and the memory plan.
+- A chat model behind an OpenAI-compatible endpoint (fast.reflector: openai:<model>).
+- Start-up checks of paths, tasks, the memory plan and a reflector endpoint.
 """
 from __future__ import annotations
 
@@ -1507,7 +1508,7 @@ def _training_phases(cfg, s: ModelShape, b: int, prompt: int) -> list[PhasePlan]
                              f"KV {base_kv / GIB:.2f} GiB, logits chunk {base_logits / GIB:.2f}")]
 
 
-def _sampling_phases(cfg, s: ModelShape, reflector: ModelShape, b: int, p: PromptLengths) -> list[PhasePlan]:
+def _sampling_phases(cfg, s: ModelShape, reflector: ModelShape | None, b: int, p: PromptLengths) -> list[PhasePlan]:
     """Every sampler call of a step, each capped at sampling.max_rows rows a wave: the RL step's B*G
     rollouts, the fast round's scoring and reflection, validation's eval.n x eval.k."""
     smp, t, f, e = cfg.sampling, cfg.train, cfg.fast, cfg.eval
@@ -1522,9 +1523,10 @@ def _sampling_phases(cfg, s: ModelShape, reflector: ModelShape, b: int, p: Promp
         phases.append(_sampler_phase(f"fast-round scoring ({contexts} contexts x {anchors} anchors)", s, b,
                                      rows=rows, contexts=contexts, distinct=rows, **common))
         rows = min(f.wave, cap)
-        phases.append(_sampler_phase(f"reflection (fast.wave = {f.wave})", reflector, b, rows=rows,
-                                     contexts=rows, distinct=0, context_tokens=p.reflection, problem_tokens=0,
-                                     new_tokens=f.reflector_max_new_tokens))
+        if reflector is not None:  # an endpoint reflects on its own machine
+            phases.append(_sampler_phase(f"reflection (fast.wave = {f.wave})", reflector, b, rows=rows,
+                                         contexts=rows, distinct=0, context_tokens=p.reflection, problem_tokens=0,
+                                         new_tokens=f.reflector_max_new_tokens))
     rows = min(e.n * e.k, cap)
     phases.append(_sampler_phase(f"validation (eval.n x eval.k = {e.n * e.k})", s, b, rows=rows, contexts=1,
                                  distinct=-(-rows // e.k), **common))
@@ -1574,7 +1576,9 @@ def memory_plan(cfg, card_bytes: int, at_start: bool = False) -> MemoryPlan:
                 PhasePlan(f"LoRA r={m.lora_r} ({lora / 1e6:.1f} M): fp32 + grads + AdamW", "model.lora_r",
                           16 * lora, resident=True)]
     reflector = shape
-    if cfg.mode != "rl" and cfg.fast.reflector not in ("base", "policy"):
+    if cfg.fast.reflector.startswith(ENDPOINT_PREFIX):  # reflection runs on the endpoint's machine
+        reflector = None
+    elif cfg.mode != "rl" and cfg.fast.reflector not in ("base", "policy"):
         reflector = model_shape(cfg.fast.reflector)
         resident.append(PhasePlan(f"reflector weights ({cfg.fast.reflector})", "fast.reflector",
                                   weight_bytes(reflector, m.quant, b), resident=True))
@@ -1694,6 +1698,91 @@ def plan_refusal(cfg, card_bytes: int) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# A reflector behind an OpenAI-compatible endpoint (fast.reflector: openai:<model>): vLLM, SGLang,
+# llama.cpp's llama-server, Ollama or a hosted model, through the maintained `openai` client. Its own
+# retries (exponential backoff with jitter, honouring Retry-After) cover rate limits (429), server
+# errors (5xx), timeouts and dropped connections; a call that still fails comes back as an error, not
+# an exception, and the fast round skips that proposal (context_opt: reflector_error).
+
+ENDPOINT_PREFIX = "openai:"
+
+
+class EndpointReply(typing.NamedTuple):
+    """One chat completion of a ChatEndpoint, or why it failed."""
+    text: str
+    finish_reason: str          # "stop" (the model ended it), "length" (max tokens); "" when it failed
+    tokens: int                 # completion tokens as the server counts them (0: it reports no usage)
+    seconds: float              # the call's wall time, retries included
+    model: str                  # the model id the server says answered (the configured one when it failed)
+    error: str = ""             # why it failed after its retries, in one line; "" when it answered
+
+
+class ChatEndpoint:
+    """A chat model behind an OpenAI-compatible endpoint: `complete_many` sends a batch of chats at once,
+    at most `max_in_flight` in flight, each with its timeout and retries. The key comes from the
+    environment only (OPENAI_API_KEY), so no config.yaml, log or tracker can hold it; a local server
+    wants none, and a placeholder stands in. url "" = the client's OPENAI_BASE_URL (else OpenAI's)."""
+
+    def __init__(self, model: str, url: str = "", *, timeout: float, retries: int, max_in_flight: int):
+        try:
+            import openai
+        except ImportError:
+            raise SystemExit(f"fast.reflector={ENDPOINT_PREFIX}{model} needs the openai package "
+                             "(pip install openai)") from None
+        self.openai, self.model, self.max_in_flight = openai, model, max_in_flight
+        self._key = os.environ.get("OPENAI_API_KEY") or "no-key"
+        self.client = openai.OpenAI(base_url=url or None, api_key=self._key, timeout=timeout, max_retries=retries)
+        self.url = str(self.client.base_url)
+
+    def _why(self, error: Exception) -> str:
+        """An exception in one line, the key (should a server echo it) blanked out."""
+        line = (str(error).splitlines() or [""])[0][:300].replace(self._key, "***")
+        return f"{type(error).__name__}: {line}"
+
+    def complete(self, messages: list[dict], *, max_tokens: int, temperature: float, top_p: float) -> EndpointReply:
+        started = time.perf_counter()
+        try:
+            out = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_tokens,
+                                                      temperature=temperature, top_p=top_p)
+        except self.openai.OpenAIError as e:
+            return EndpointReply("", "", 0, time.perf_counter() - started, self.model, self._why(e))
+        choice = out.choices[0]
+        return EndpointReply(choice.message.content or "", choice.finish_reason or "stop",
+                             out.usage.completion_tokens if out.usage else 0, time.perf_counter() - started,
+                             out.model or self.model)
+
+    def complete_many(self, chats: list[list[dict]], **sampling) -> list[EndpointReply]:
+        """complete() of every chat, concurrently (at most max_in_flight at once), in the chats' order."""
+        if not chats:
+            return []
+        from concurrent.futures import ThreadPoolExecutor   # the client is thread-safe: one for all calls
+        with ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(chats))) as calls:
+            return list(calls.map(lambda chat: self.complete(chat, **sampling), chats))
+
+    def probe(self) -> None:
+        """At start-up: does the endpoint answer, and does it serve the model? One line (SystemExit) if not.
+        The model list first; a server without one (404) is asked for a one-token reply instead."""
+        where = f"fast.reflector={ENDPOINT_PREFIX}{self.model} at {self.url}"
+        try:
+            served = [m.id for m in self.client.models.list()]
+        except self.openai.NotFoundError:
+            served = None
+        except self.openai.OpenAIError as e:
+            raise SystemExit(f"{where}: the endpoint does not answer: {self._why(e)}") from None
+        if served is not None and self.model not in served:
+            raise SystemExit(f"{where}: no such model there (it serves {', '.join(served[:8]) or 'none'})")
+        if served is None and (reply := self.complete([{"role": "user", "content": "Hi"}], max_tokens=1,
+                                                      temperature=0.0, top_p=1.0)).error:
+            raise SystemExit(f"{where}: the endpoint does not answer: {reply.error}")
+
+
+def reflector_endpoint(fast) -> ChatEndpoint:
+    """The ChatEndpoint of a config's `fast` section (fast.reflector = openai:<model>)."""
+    return ChatEndpoint(fast.reflector[len(ENDPOINT_PREFIX):], fast.reflector_url, timeout=fast.reflector_timeout,
+                        retries=fast.reflector_retries, max_in_flight=fast.reflector_max_in_flight)
+
+
+# ----------------------------------------------------------------------------------------------
 # Start-up checks.
 
 def check_paths_and_tasks(cfg, make_task) -> None:
@@ -1720,7 +1809,7 @@ def start_up(args, dist: Dist, load_config, make_task):
     """fst.main's arguments -> (config, run folder, config file name) of a new run (--config, --set) or
     a resumed one (--resume). Every check that can fail runs here, before the run folder exists, and
     stops with one line: keys, types and ranges (load_config), tasks and paths (make_task), the
-    device, the memory plan on a CUDA card, the trackers."""
+    device, the memory plan on a CUDA card, the trackers, a reflector endpoint."""
     if args.trust_old_checkpoint:
         trust_old_checkpoints()
     try:
@@ -1748,4 +1837,6 @@ def start_up(args, dist: Dist, load_config, make_task):
     if device.type == "cuda" and (why := plan_refusal(cfg, torch.cuda.get_device_properties(device).total_memory)):
         raise SystemExit(why)  # before the run folder: a run that cannot fit loses nothing
     check_trackers(cfg.log.report_to)  # a missing tracker stops us before the run folder exists
+    if cfg.mode != "rl" and cfg.fast.reflector.startswith(ENDPOINT_PREFIX):
+        reflector_endpoint(cfg.fast).probe()  # a wrong URL or model name stops here, in one line
     return cfg, run_dir, config_name

@@ -394,7 +394,7 @@ SEQUENTIAL_POOL = [(3, 0, "demo", 5), (4, 3, "reflect", 5), (5, 3, "demo", 5), (
                    (7, 5, "reflect", 11), (8, 7, "reflect", 11), (9, 3, "reflect", 11)]
 SEQUENTIAL_DIGEST = "bfd0d89b5f6b49e9fbade02adb7b93265d3ff23c6797fafb777483d946fe6df8"
 NEW_STATS = {"wave", "waves", "rejected_by_operator", "seconds_reflecting", "seconds_scoring", "seconds_proposing",
-             "reflector_tokens"}
+             "reflector_tokens", "reflector", "reflector_replies"}
 
 
 def test_wave_of_one_reproduces_the_sequential_loop():
