@@ -147,6 +147,14 @@ def test_a_card_too_small_for_the_plan_stops_at_start_up(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())  # stopped before a run folder exists
 
 
+def test_an_endpoint_reflector_reflects_off_this_card():
+    cfg = fst.load_config("configs/gsm8k.yaml", ["mode=fst", "fast.reflector=openai:some-model"])
+    plan = infra.memory_plan(cfg, 24 * GIB)
+    assert plan.fits and not any(p.name.startswith(("reflection", "reflector")) for p in plan.phases)
+    local = infra.memory_plan(fst.load_config("configs/gsm8k.yaml", ["mode=fst"]), 24 * GIB)
+    assert any(p.name.startswith("reflection") for p in local.phases)
+
+
 def test_a_plan_that_fits_only_with_the_seed_prompt_warns_and_runs(capsys):
     """tiny.yaml's bound (contexts as long as fast.max_prompt_chars and max_demos allow, no checkpointing)
     is over 24 GiB, its start is not: the run starts, with one warning line naming the key."""
