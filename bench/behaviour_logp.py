@@ -91,11 +91,11 @@ def p99(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
     return ((a - b).exp() - 1).abs()[mask.bool()].float().quantile(0.99).item()
 
 
-def decompose(fp32_head: bool, steps: int, model: str | None) -> dict:
+def decompose(fp32_head: bool, steps: int, model: str | None, overrides=()) -> dict:
     """Each pass's log-probs of the same fresh rows (bf16 body), and the gaps between them."""
     with tempfile.TemporaryDirectory(prefix="fst-decompose-") as tmp:
         sets = ["model.dtype=bfloat16", f"model.fp32_head={fp32_head}", "mode=rl", "eval.every=0",
-                f"out_dir={tmp}"] + ([f"model.name={model}"] if model else [])
+                f"out_dir={tmp}"] + ([f"model.name={model}"] if model else []) + list(overrides)
         cfg = fst.load_config("tiny.yaml", sets)
         run = fst.start_run(cfg, Path(tmp) / "run")
         passes, masks = {k: [] for k in ("sampler", "eval_shared", "eval_single", "train")}, []
@@ -118,7 +118,7 @@ def decompose(fp32_head: bool, steps: int, model: str | None) -> dict:
         lp, mask = {k: pad(v) for k, v in passes.items()}, pad(masks)
         first = torch.zeros_like(mask)
         first[:, 0] = mask[:, 0]  # a completion's first token: the sampler's prefill pass
-        return {"fp32_head": fp32_head, "tokens": int(mask.sum()),
+        return {"fp32_head": fp32_head, "overrides": list(overrides), "tokens": int(mask.sum()),
                 "train_vs_sampler": p99(lp["train"], lp["sampler"], mask),
                 "train_vs_sampler_prefill_token": p99(lp["train"], lp["sampler"], first),
                 "train_vs_sampler_decode_tokens": p99(lp["train"], lp["sampler"], mask - first),
@@ -148,13 +148,15 @@ def main():
     ap.add_argument("--model", help="model.name (default: the tiny config's smollm2-135m)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decompose", action="store_true", help="bf16: the gap pass by pass, head bf16 and fp32")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="--decompose: a config override for both runs, e.g. --set model.attn=eager")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "behaviour_logp.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.decompose:
-        results = [decompose(fp32_head, a.steps, a.model) for fp32_head in (False, True)]
+        results = [decompose(fp32_head, a.steps, a.model, a.set) for fp32_head in (False, True)]
         print_decomposition(results)
-        out = Path(a.out).with_name("behaviour_logp_decompose.json")
+        out = Path(a.out).with_name("behaviour_logp_decompose" + "".join(f"_{s}" for s in a.set) + ".json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"results": results, "bf16_cpu": has_bf16()}, indent=1))
         return
