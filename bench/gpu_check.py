@@ -274,6 +274,11 @@ def check_model(name: str, a, root: Path, device: str, quant: str) -> dict:
         "bound_tokens_per_s_weights_kv": round(rows * bw / (wbytes + rows * mean_ctx * kv_per_token), 1)}
     res["sampler"] = sampler_vs_generate(model, tok, make_prompts(a.gen_prompts, 1), a.group, a.gen_tokens,
                                          a.repeats if name != "qwen3-8b" else a.repeats_8b, device)
+    if a.val_problems:  # before the step, as fst validates at step 0 (and a failing step cannot hide it)
+        res["validation"] = validation_call(model, tok, prompts_for(a, a.val_problems, 4), a.val_k, a.new_tokens,
+                                            a.max_rows, device)
+        print(f"[gpu_check] {name}: validation {res['validation']['rows']} rows in {res['validation']['waves']} "
+              f"waves, {res['validation']['seconds']}s, peak {res['validation']['peak_gib']} GiB", file=sys.stderr)
     optimizer, scheduler = fst.make_optimizer(model, fst.TrainConfig(lr=1e-5))
     guard = infra.UpdateGuard()  # its gradient-flow check runs on the warm-up step
     rl_step(model, tok, optimizer, scheduler, guard, make_prompts(2, 2), 2, 16, a.micro_batch)  # warm-up: kernels, Adam
@@ -284,11 +289,6 @@ def check_model(name: str, a, root: Path, device: str, quant: str) -> dict:
     if res["step"]["peak_gib"] is not None:
         res["step"]["within_budget"] = res["step"]["peak_gib"] <= a.budget_gib
     print(f"[gpu_check] {name}: step {res['step']['seconds_step']}s, peak {res['step']['peak_gib']} GiB", file=sys.stderr)
-    if a.val_problems:
-        res["validation"] = validation_call(model, tok, prompts_for(a, a.val_problems, 4), a.val_k, a.new_tokens,
-                                            a.max_rows, device)
-        print(f"[gpu_check] {name}: validation {res['validation']['rows']} rows in {res['validation']['waves']} "
-              f"waves, {res['validation']['seconds']}s, peak {res['validation']['peak_gib']} GiB", file=sys.stderr)
     del model, optimizer, scheduler
     if device == "cuda":
         torch.cuda.empty_cache()
