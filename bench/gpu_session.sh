@@ -36,6 +36,7 @@ if [ -z "$OUTDIR" ]; then
 fi
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
+rm -f "$OUTDIR"/{versions,probe,e2e,summary}.json "$OUTDIR"/gpu_check-*.json  # no stale result reads as this run's
 # on the card the four must end inside the device tool's 600 s; a CPU smoke run has no such bound
 if [ "$SMOKE" = 1 ]; then DEFAULT_TIMEOUTS="300 300 300 300"; else DEFAULT_TIMEOUTS="60 60 270 180"; fi
 read -r -a TIMEOUTS <<< "${GPU_SESSION_TIMEOUTS:-$DEFAULT_TIMEOUTS}"
@@ -45,7 +46,7 @@ SMOKE_FLAG=()
 PY=${PYTHON:-python3}
 LOG=$OUTDIR/session.log
 : > "$LOG"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True LC_ALL=C
 cd "$ROOT" || exit 1
 
 install_wheels() {
@@ -54,7 +55,7 @@ install_wheels() {
   local site=${GPU_SESSION_SITE:-${TMPDIR:-/tmp}/fst-site}
   if [ "$SMOKE" = 1 ]; then echo "[session] wheels: not installed in smoke mode"; return 0; fi
   if ! ls .whl/*.whl >/dev/null 2>&1; then echo "[session] wheels: no .whl/ folder, nothing installed"; return 0; fi
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+  timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
     || { echo "[session] wheels: pip install failed"; return 1; }
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
   echo "[session] wheels: installed $(ls .whl/*.whl | wc -l) into $site"
