@@ -20,11 +20,14 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
@@ -87,6 +90,157 @@ def masked_max_diff(a, b, mask) -> float:
     return float(((a.float() - b.float()).abs() * mask).max())
 
 
+@dataclass
+class Setup:
+    """What every check reads: the loaded model and the experience built from make_rollouts."""
+    model: Any
+    tok: Any
+    mcfg: infra.ModelConfig
+    exp: fst.Experience
+    ro: rollout.Rollouts
+    device: torch.device
+    tol: float
+    root: Path                 # a temp folder (the saved model, the adapter)
+    max_new_tokens: int
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.exp.batch.completion_mask
+
+
+def set_up(a, device: torch.device, dtype: str, quant: str) -> Setup:
+    """The toy model loaded as the recipe loads it, and the experience fst.experience_from makes of
+    make_rollouts' rows (sampler log-probs: one plain no-grad pass in eval mode; the sampler's own: `sample`)."""
+    root = Path(tempfile.mkdtemp(prefix="gpu-probe-"))
+    folder = gpu_check.build_folder("smoke", root, "cpu")
+    mcfg = infra.ModelConfig(name=str(folder), dtype=dtype, quant=quant, lora_r=8, lora_alpha=16,
+                             lora_targets="all-linear", gradient_checkpointing=True)
+    model, tok = infra.load_model(mcfg, device)
+    ro, group, problems = make_rollouts()
+    plain = rollout.collate(ro.prompt_ids, ro.completion_ids, gpu_check.PAD_ID, device)
+    with torch.no_grad(), rollout.eval_mode(model):
+        single = rollout.sequence_logprobs(model, plain, share_prompts=False)
+    ro.logprobs = [single[r, :len(c)].tolist() for r, c in enumerate(ro.completion_ids)]
+    scored = [(float((r // GROUP) % 2), "") for r in range(len(group))]  # mixed rewards in every group
+    exp = fst.experience_from(problems, group, [0] * len(group), ro, scored, scale_by_std=True,
+                              pad_id=gpu_check.PAD_ID, device=device)
+    return Setup(model=model, tok=tok, mcfg=mcfg, exp=exp, ro=ro, device=device, tol=tolerance(getattr(torch, dtype)),
+                 root=root, max_new_tokens=a.max_new_tokens)
+
+
+def check_layout(s: Setup) -> dict:
+    """The prompts take the two-pass path, and its rows have padding before the prefix and the suffix."""
+    plan = rollout.plan_prefixes([list(u) for u in dict.fromkeys(map(tuple, s.ro.prompt_ids))])
+    assert plan.shares, "the prompts do not take the shared-prefix path"
+    lens = lambda rows: sorted({len(r) for r in rows})  # noqa: E731
+    assert len(lens(plan.prefixes)) > 1 and len(lens(plan.suffixes)) > 1, "no padding inside the rows"
+    return {"prefix_lengths": lens(plan.prefixes), "suffix_lengths": lens(plan.suffixes), "rows": len(s.exp.group),
+            "mask_device": str(s.mask.device), "group_device": str(s.exp.group.device)}
+
+
+def check_normalisers(s: Setup) -> dict:
+    """Every loss's weights with the mask on the device: the group as experience_from builds it, then
+    moved to the device; on the mask's device and equal to the all-CPU weights."""
+    sums = {}
+    for name in fst.LOSSES:
+        want = fst.token_weights(name, s.mask.cpu(), s.exp.group.cpu(), s.max_new_tokens)
+        for label, group in (("group_as_built", s.exp.group), ("group_on_device", s.exp.group.to(s.device))):
+            w = fst.token_weights(name, s.mask, group, s.max_new_tokens)
+            assert w.device == s.mask.device, f"{name} ({label}): weights on {w.device}, mask on {s.mask.device}"
+            assert torch.isfinite(w).all() and torch.allclose(w.cpu(), want, atol=1e-6), f"{name} ({label})"
+        sums[name] = round(float(want.sum()), 6)
+    return {"weight_sums": sums}
+
+
+def check_sharing_guard(s: Setup) -> dict:
+    """rollout._can_share_prompts: off in train mode (checkpointing drops the cache), on in eval mode."""
+    body, modes = s.model.get_decoder(), {}
+    for mode in ("train", "eval"):
+        getattr(s.model, mode)()
+        modes[mode] = rollout._can_share_prompts(body)
+    s.model.eval()
+    assert modes == {"train": False, "eval": True}, f"sharing guard {modes}: want train False, eval True"
+    flags = {k: getattr(s.model, k, None) for k in ("is_activation_checkpointing", "is_gradient_checkpointing")}
+    return {"can_share": modes, **{k: v for k, v in flags.items() if isinstance(v, bool)}}
+
+
+def check_shared_vs_single(s: Setup) -> dict:
+    """Log-probs of the two-pass path = the single pass, and in train mode (the guard's single pass) too."""
+    with torch.no_grad(), rollout.eval_mode(s.model):
+        shared = rollout.sequence_logprobs(s.model, s.exp.batch, share_prompts=True)
+        unshared = rollout.sequence_logprobs(s.model, s.exp.batch, share_prompts=False)
+    s.model.train()
+    with torch.no_grad():
+        in_train = rollout.sequence_logprobs(s.model, s.exp.batch, share_prompts=True)
+    s.model.eval()
+    diffs = {"shared_vs_single": masked_max_diff(shared, unshared, s.mask),
+             "train_mode_vs_single": masked_max_diff(in_train, unshared, s.mask)}
+    assert all(d <= s.tol for d in diffs.values()), f"log-probs differ beyond {s.tol}: {diffs}"
+    return {"max_abs_diff": diffs}
+
+
+def check_finite_at_pads(s: Setup) -> dict:
+    """No NaN/inf anywhere, pad positions included: hidden states, logits at pads, the two-pass outputs."""
+    batch, body = s.exp.batch, s.model.get_decoder()
+    with torch.no_grad(), rollout.eval_mode(s.model):
+        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      use_cache=False).last_hidden_state                                       # [R, P+T, H]
+        pads = batch.attention_mask == 0
+        pad_logits = s.model.get_output_embeddings()(hidden[pads][:64]).float()                 # [<=64, V]
+        shared_h = rollout.completion_hidden_states(s.model, batch, share_prompts=True)         # [R, T, H]
+        logp = rollout.sequence_logprobs(s.model, batch, share_prompts=True)                    # [R, T]
+    bad = {name: int((~torch.isfinite(x)).sum()) for name, x in
+           (("hidden", hidden), ("pad_logits", pad_logits), ("two_pass_hidden", shared_h), ("logprobs", logp))}
+    assert not any(bad.values()), f"non-finite values: {bad}"
+    return {"pad_positions": int(pads.sum())}
+
+
+def check_sample(s: Setup) -> dict:
+    """rollout.sample on the shared-prefix prompts in waves of 4 rows: every row, finite log-probs <= 0."""
+    prompts = [list(p) for p in dict.fromkeys(map(tuple, s.ro.prompt_ids))]
+    out = rollout.sample(s.model, s.tok, prompts, [GROUP] * len(prompts), max_new_tokens=8, max_rows=4,
+                         generator=torch.Generator(device=s.device).manual_seed(0))
+    assert len(out.texts) == GROUP * len(prompts), f"{len(out.texts)} rows"
+    assert all(len(lp) == len(c) and all(x == x and x <= 0 for x in lp)
+               for lp, c in zip(out.logprobs, out.completion_ids)), "sampler log-probs not finite / not <= 0"
+    return {"rows": len(out.texts), "prefill_tokens": out.prefill_tokens, "decode_tokens": out.decode_tokens}
+
+
+def check_update(s: Setup) -> dict:
+    """Steps 5-6 as fst.train runs them: base log-probs, KL, one guarded update that moves the LoRA weights."""
+    tc = fst.TrainConfig(loss="cispo", micro_batch=4, logprob_chunk=16, lr=1e-3)
+    optimizer, scheduler = fst.make_optimizer(s.model, tc)
+    trainable = [p for p in s.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    base_logp = fst.base_logprobs(s.model, s.exp.batch, tc.micro_batch, tc.logprob_chunk)
+    kl = fst.mean_kl(s.exp, base_logp)
+    upd = fst.update(s.model, optimizer, scheduler, s.exp, base_logp, tc, s.max_new_tokens, infra.UpdateGuard(), step=0)
+    s.model.eval()
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(trainable, before))
+    assert upd.skipped is None and upd.rows == len(s.exp.group), f"update skipped: {upd.skipped}, rows {upd.rows}"
+    assert torch.isfinite(torch.tensor([upd.loss, kl])).all() and moved > 0, f"loss {upd.loss}, moved {moved}"
+    return {"loss": upd.loss, "kl": kl, "ratio_dev": upd.ratio_dev, "max_weight_change": moved}
+
+
+def check_save_and_reload(s: Setup) -> dict:
+    """The adapter saved and loaded by infra.load_model (as --resume does) gives the same log-probs."""
+    adapter = s.root / "adapter"
+    s.model.save_pretrained(adapter)
+    again, _ = infra.load_model(s.mcfg, s.device, adapter_path=str(adapter))
+    with torch.no_grad(), rollout.eval_mode(s.model), rollout.eval_mode(again):
+        mine = rollout.sequence_logprobs(s.model, s.exp.batch)
+        theirs = rollout.sequence_logprobs(again, s.exp.batch)
+    diff = masked_max_diff(mine, theirs, s.mask)
+    del again
+    assert diff <= s.tol, f"the reloaded adapter's log-probs differ by {diff}"
+    return {"max_abs_diff": diff, "adapter_bytes": sum(f.stat().st_size for f in adapter.iterdir())}
+
+
+CHECKS = {"layout": check_layout, "normalisers": check_normalisers, "sharing_guard": check_sharing_guard,
+          "shared_vs_single_pass": check_shared_vs_single, "finite_at_pads": check_finite_at_pads,
+          "sample": check_sample, "update": check_update, "save_and_reload": check_save_and_reload}
+
+
 def probe(a) -> dict:
     device = torch.device("cuda" if not a.smoke else "cpu")
     dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -95,124 +249,16 @@ def probe(a) -> dict:
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": dtype,
               "quant": quant, "quant_note": "" if quant == "4bit" else
               ("bitsandbytes is not installed: 4-bit skipped" if not bnb else "4-bit off (--quant none)")}
-    checks = Checks()
-    root = Path(tempfile.mkdtemp(prefix="gpu-probe-"))
-    folder = gpu_check.build_folder("smoke", root, "cpu")
-    mcfg = infra.ModelConfig(name=str(folder), dtype=dtype, quant=quant, lora_r=8, lora_alpha=16,
-                             lora_targets="all-linear", gradient_checkpointing=True)
-    model, tok = infra.load_model(mcfg, device)
-    tol = tolerance(getattr(torch, dtype))
-    report["model"] = {"vocab": model.config.vocab_size, "attn": model.config._attn_implementation,
-                       "tolerance": tol}
-    ro, group, problems = make_rollouts()
-    body = model.get_decoder()
-
-    # the sampler's log-probs stand-in: one plain pass, eval mode, no grad (the sampler itself: check "sample")
-    plain = rollout.collate(ro.prompt_ids, ro.completion_ids, gpu_check.PAD_ID, device)
-    with torch.no_grad(), rollout.eval_mode(model):
-        single = rollout.sequence_logprobs(model, plain, share_prompts=False)
-    ro.logprobs = [single[r, :len(c)].tolist() for r, c in enumerate(ro.completion_ids)]
-    scored = [(float((r // GROUP) % 2), "") for r in range(len(group))]  # mixed rewards in every group
-    exp = fst.experience_from(problems, group, [0] * len(group), ro, scored, scale_by_std=True,
-                              pad_id=gpu_check.PAD_ID, device=device)
-    mask = exp.batch.completion_mask
-
-    def layout():
-        uniq = list(dict.fromkeys(map(tuple, ro.prompt_ids)))
-        plan = rollout.plan_prefixes([list(u) for u in uniq])
-        assert plan.shares, "the prompts do not take the shared-prefix path"
-        lens = lambda rows: sorted({len(r) for r in rows})  # noqa: E731
-        assert len(lens(plan.prefixes)) > 1 and len(lens(plan.suffixes)) > 1, "no padding inside the rows"
-        return {"prefix_lengths": lens(plan.prefixes), "suffix_lengths": lens(plan.suffixes), "rows": len(group),
-                "mask_device": str(mask.device), "group_device": str(exp.group.device)}
-
-    def normalisers():
-        out = {}
-        for name in fst.LOSSES:
-            want = fst.token_weights(name, mask.cpu(), exp.group.cpu(), a.max_new_tokens)
-            for label, grp in (("group_as_built", exp.group), ("group_on_device", exp.group.to(device))):
-                w = fst.token_weights(name, mask, grp, a.max_new_tokens)
-                assert w.device == mask.device, f"{name} ({label}): weights on {w.device}, mask on {mask.device}"
-                assert torch.isfinite(w).all() and torch.allclose(w.cpu(), want, atol=1e-6), f"{name} ({label})"
-            out[name] = round(float(want.sum()), 6)
-        return {"weight_sums": out}
-
-    def guard():
-        modes = {}
-        for mode in ("train", "eval"):
-            getattr(model, mode)()
-            modes[mode] = rollout._can_share_prompts(body)
-        model.eval()
-        assert modes == {"train": False, "eval": True}, f"sharing guard {modes}: want train False, eval True"
-        flags = {k: getattr(model, k, None) for k in ("is_activation_checkpointing", "is_gradient_checkpointing")}
-        return {"can_share": modes, **{k: v for k, v in flags.items() if isinstance(v, bool)}}
-
-    def shared_vs_single():
-        with torch.no_grad(), rollout.eval_mode(model):
-            shared = rollout.sequence_logprobs(model, exp.batch, share_prompts=True)
-            unshared = rollout.sequence_logprobs(model, exp.batch, share_prompts=False)
-        model.train()  # checkpointing on: the guard must send this through the single pass
-        with torch.no_grad():
-            in_train = rollout.sequence_logprobs(model, exp.batch, share_prompts=True)
-        model.eval()
-        diffs = {"shared_vs_single": masked_max_diff(shared, unshared, mask),
-                 "train_mode_vs_single": masked_max_diff(in_train, unshared, mask)}
-        assert all(d <= tol for d in diffs.values()), f"log-probs differ beyond {tol}: {diffs}"
-        return {"max_abs_diff": diffs}
-
-    def finite_at_pads():
-        with torch.no_grad(), rollout.eval_mode(model):
-            hidden = body(input_ids=exp.batch.input_ids, attention_mask=exp.batch.attention_mask,
-                          use_cache=False).last_hidden_state                                   # [R, P+T, H]
-            pads = exp.batch.attention_mask == 0
-            pad_logits = model.get_output_embeddings()(hidden[pads][:64]).float()               # [<=64, V]
-            shared_h = rollout.completion_hidden_states(model, exp.batch, share_prompts=True)   # [R, T, H]
-            logp = rollout.sequence_logprobs(model, exp.batch, share_prompts=True)              # [R, T]
-        bad = {"hidden": int((~torch.isfinite(hidden)).sum()), "pad_logits": int((~torch.isfinite(pad_logits)).sum()),
-               "two_pass_hidden": int((~torch.isfinite(shared_h)).sum()), "logprobs": int((~torch.isfinite(logp)).sum())}
-        assert not any(bad.values()), f"non-finite values: {bad}"
-        return {"pad_positions": int(pads.sum())}
-
-    def update():
-        tc = fst.TrainConfig(loss="cispo", micro_batch=4, logprob_chunk=16, lr=1e-3)
-        optimizer, scheduler = fst.make_optimizer(model, tc)
-        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-        base_logp = fst.base_logprobs(model, exp.batch, tc.micro_batch, tc.logprob_chunk)
-        kl = fst.mean_kl(exp, base_logp)
-        upd = fst.update(model, optimizer, scheduler, exp, base_logp, tc, a.max_new_tokens, infra.UpdateGuard(), step=0)
-        model.eval()
-        moved = max(float((p.detach() - b).abs().max()) for p, b in
-                    zip((p for p in model.parameters() if p.requires_grad), before))
-        assert upd.skipped is None and upd.rows == len(group), f"update skipped: {upd.skipped}, rows {upd.rows}"
-        assert torch.isfinite(torch.tensor([upd.loss, kl])).all() and moved > 0, f"loss {upd.loss}, moved {moved}"
-        return {"loss": upd.loss, "kl": kl, "ratio_dev": upd.ratio_dev, "max_weight_change": moved}
-
-    def save_and_reload():
-        adapter = root / "adapter"
-        model.save_pretrained(adapter)
-        again, _ = infra.load_model(mcfg, device, adapter_path=str(adapter))
-        with torch.no_grad(), rollout.eval_mode(model), rollout.eval_mode(again):
-            mine = rollout.sequence_logprobs(model, exp.batch)
-            theirs = rollout.sequence_logprobs(again, exp.batch)
-        diff = masked_max_diff(mine, theirs, mask)
-        del again
-        assert diff <= tol, f"the reloaded adapter's log-probs differ by {diff}"
-        return {"max_abs_diff": diff, "adapter_bytes": sum(f.stat().st_size for f in adapter.iterdir())}
-
-    def sample():
-        prompts = list(dict.fromkeys(map(tuple, ro.prompt_ids)))
-        out = rollout.sample(model, tok, [list(p) for p in prompts], [GROUP] * len(prompts), max_new_tokens=8,
-                             max_rows=4, generator=torch.Generator(device=device).manual_seed(0))
-        assert len(out.texts) == GROUP * len(prompts), f"{len(out.texts)} rows"
-        assert all(len(lp) == len(c) and all(map(lambda x: x == x and x <= 0, lp))
-                   for lp, c in zip(out.logprobs, out.completion_ids)), "sampler log-probs not finite / not <= 0"
-        return {"rows": len(out.texts), "prefill_tokens": out.prefill_tokens, "decode_tokens": out.decode_tokens}
-
-    for name, fn in (("layout", layout), ("normalisers", normalisers), ("sharing_guard", guard),
-                     ("shared_vs_single_pass", shared_vs_single), ("finite_at_pads", finite_at_pads),
-                     ("sample", sample), ("update", update), ("save_and_reload", save_and_reload)):
-        checks.run(name, fn)
-    report["checks"] = checks.results
+    s = set_up(a, device, dtype, quant)
+    try:
+        report["model"] = {"vocab": s.model.config.vocab_size, "attn": s.model.config._attn_implementation,
+                           "tolerance": s.tol}
+        checks = Checks()
+        for name, fn in CHECKS.items():
+            checks.run(name, lambda: fn(s))
+        report["checks"] = checks.results
+    finally:
+        shutil.rmtree(s.root, ignore_errors=True)
     if device.type == "cuda":
         report["peak_gib"], report["peak_reserved_gib"] = gpu_check.peak_gib()
     return report
