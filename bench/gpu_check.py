@@ -32,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -250,15 +251,16 @@ def rl_step(model, tok, optimizer, scheduler, guard, prompts, G, new_tokens, mb,
             "peak_reserved_gib": max(v for v in reserved.values()) if reserved["sampling"] is not None else None}
 
 
-def check_model(name: str, a, root: Path, device: str, quant: str) -> dict:
+def check_model(name: str, a, root: Path, device: str, quant: str, res: dict) -> dict:
+    """Measure model `name` into `res` part by part, so what was measured survives a later failure."""
     t0 = time.perf_counter()
     folder = build_folder(name, root, device)
     mcfg = infra.ModelConfig(name=str(folder), dtype="bfloat16" if device == "cuda" else "float32", quant=quant,
                            lora_r=16, lora_alpha=32, lora_targets="all-linear", gradient_checkpointing=True)
     model, tok = infra.load_model(mcfg, torch.device(device))
     shutil.rmtree(folder, ignore_errors=True)
-    res = {"model": name, "quant": quant, "attn": model.config._attn_implementation,
-           "seconds_build_and_load": round(time.perf_counter() - t0, 1)}
+    res |= {"model": name, "quant": quant, "attn": model.config._attn_implementation,
+            "seconds_build_and_load": round(time.perf_counter() - t0, 1)}
     print(f"[gpu_check] {name}: built and loaded in {res['seconds_build_and_load']}s ({quant}, {res['attn']})", file=sys.stderr)
     rows = a.batch * a.group
     wbytes = decode_bytes(model)
@@ -336,6 +338,9 @@ def main():
     start, failed = time.perf_counter(), False
     summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "settings": {k: v for k, v in vars(a).items() if k not in ("out", "models")}, "results": []}
+    def stopped(signum, frame):  # `timeout` (bench/gpu_session.sh) sends SIGTERM: keep what was measured
+        raise TimeoutError("stopped by SIGTERM (a timeout) before this model's check ended")
+    signal.signal(signal.SIGTERM, stopped)
     shm = Path("/dev/shm")
     in_ram = shm.is_dir() and shutil.disk_usage(shm).free > 20 * GIB  # the 8B bf16 folder is ~16 GB
     root = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=shm if in_ram else None))
@@ -348,10 +353,12 @@ def main():
             if name == "qwen3-8b" and spent > a.time_budget_s / 3:  # the 8B part costs ~2-3x the 1.5B one
                 summary["results"].append({"model": name, "skipped": f"{spent:.0f}s spent of {a.time_budget_s}s"})
                 continue
+            res = {"model": name}
+            summary["results"].append(res)
             try:
-                summary["results"].append(check_model(name, a, root, device, quant))
+                check_model(name, a, root, device, quant, res)
             except Exception as e:  # report what was measured so far, then fail
-                summary["results"].append({"model": name, "error": f"{type(e).__name__}: {e}"})
+                res["error"] = f"{type(e).__name__}: {e}"
                 failed = True
                 if device == "cuda":
                     torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -145,6 +146,10 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": "smoke" if a.smoke else "qwen2.5-1.5b"}
+
+    def stopped(signum, frame):  # `timeout` (bench/gpu_session.sh) sends SIGTERM
+        raise TimeoutError("stopped by SIGTERM (a timeout)")
+    signal.signal(signal.SIGTERM, stopped)
     try:
         rows = {"train": synthetic_gsm8k(16, 0), "test": synthetic_gsm8k(8, 1)}
         data = {split: write_jsonl(root / f"{split}.jsonl", r) for split, r in rows.items()}
@@ -158,6 +163,10 @@ def main():
         report["runs"], problems = check_runs(root / "runs" / "e2e")
         problems = [f"{k} run exited {report[k]['rc']} (its log: above)" for k in ("first", "resumed")
                     if report[k]["rc"]] + problems
+    except Exception as e:  # a timeout (SIGTERM, below) too: e2e.json keeps what the runs got to
+        problems = [f"{type(e).__name__}: {e}"]
+        if (root / "runs" / "e2e").is_dir():
+            report["runs"] = check_runs(root / "runs" / "e2e")[0]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report["problems"], report["seconds"] = problems, round(time.perf_counter() - t0, 1)

@@ -1,5 +1,6 @@
 """bench/: scripts that only a lent GPU or a long quiet run would use for real run their code paths here at
-toy shapes (gpu_check.py --cpu-smoke, prefix_sharing.py --tiny), so they cannot rot in between."""
+toy shapes (gpu_check.py --cpu-smoke, prefix_sharing.py --tiny, the whole gpu_session.sh --smoke), so they
+cannot rot in between."""
 import json
 import math
 import os
