@@ -2,6 +2,8 @@
 
     python bench/gpu_check.py                        # Qwen2.5-1.5B shapes, + Qwen3-8B shapes if bitsandbytes
     python bench/gpu_check.py --cpu-smoke            # the same code path at toy shapes on a CPU (a self-test)
+    python bench/gpu_check.py --models qwen2.5-1.5b --prompt-mode contexts --val-problems 200
+                                                     # bench/gpu_session.sh's stage 3
 
 Models are random-init from config objects with the real shapes, saved to a temp folder with a tokenizer
 built in code (a `tokenizers` WordLevel vocabulary "t0".."t151935" whose ids 151643/151645 are Qwen's
@@ -15,7 +17,12 @@ rollout runs to max_new_tokens: the worst case for time and memory. Reported, as
   step: one fst RL step (sample B*G=64 x 512 tokens, rewards drawn at random with both outcomes in every
       group, base no-grad pass for KL, CISPO update in micro-batches of 8) run by the phase functions
       fst.train calls (rollout.sample, fst.experience_from, fst.base_logprobs, fst.mean_kl, fst.update),
-      seconds per phase and peak allocated GPU memory per phase vs the 22 GiB budget.
+      seconds per phase and peak allocated (and reserved) GPU memory per phase vs the 22 GiB budget;
+  validation (--val-problems N > 0): one sampler call of N problems x --val-k samples in waves of
+      --max-rows rows, as fst.validate makes it: seconds, waves, peak allocated and reserved memory.
+--prompt-mode contexts: the step's and validation's prompts are one of --contexts shared contexts
+(--context-tokens each, 100+) and then a problem of their own, as FST's rollouts are, so the sampler
+and the training passes run the shared-prefix path (rollout.plan_prefixes).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -61,17 +69,26 @@ def clock() -> float:
     return time.perf_counter()
 
 
-def peak_gib(reset: bool = False):
+def peak_gib(reset: bool = False) -> tuple[float | None, float | None]:
+    """(peak allocated, peak reserved) GiB since the last reset; (None, None) without CUDA."""
     if not torch.cuda.is_available():
-        return None
-    value = torch.cuda.max_memory_allocated() / GIB
+        return None, None
+    allocated, reserved = torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
     if reset:
         torch.cuda.reset_peak_memory_stats()
-    return round(value, 3)
+    return round(allocated, 3), round(reserved, 3)
 
 
-def build_folder(name: str, root: Path, device: str) -> Path:
-    """Random-init model of `name`'s shapes (bf16, built on `device`) + an in-code tokenizer, saved."""
+# A Qwen-style chat template for the in-code tokenizer, so fst.py can run on the folder (its special tokens
+# are Qwen's ids; the words between them are whitespace-split).
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+def build_folder(name: str, root: Path, device: str, words: list[str] = ()) -> Path:
+    """Random-init model of `name`'s shapes (bf16, built on `device`) + an in-code tokenizer with a chat
+    template, saved. `words` take the ids after t0 (else every id i is the word "t<i>"), so text made of
+    them encodes to distinct tokens (bench/gpu_session_e2e.py's synthetic GSM8K)."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -85,11 +102,15 @@ def build_folder(name: str, root: Path, device: str) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
     del model
-    special = {PAD_ID: "<|endoftext|>", EOS_ID: "<|im_end|>"}
-    vocab = {special.get(i, f"t{i}"): i for i in range(config.vocab_size)}
+    special = {PAD_ID: "<|endoftext|>", EOS_ID - 1: "<|im_start|>", EOS_ID: "<|im_end|>"}
+    named = dict(enumerate(dict.fromkeys(w for w in words if w not in special.values()), start=1))
+    vocab = {special.get(i) or named.get(i) or f"t{i}": i for i in range(config.vocab_size)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=special[EOS_ID], pad_token=special[PAD_ID]).save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=special[EOS_ID], pad_token=special[PAD_ID],
+                                   additional_special_tokens=[special[EOS_ID - 1]])
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return folder
@@ -128,9 +149,35 @@ def copy_bandwidth(device, nbytes: int) -> float:
     return 2 * nbytes / best
 
 
-def make_prompts(n: int, seed: int, lo: int = 120, hi: int = 200) -> list[list[int]]:
+def make_prompts(n: int, seed: int, lo: int = 120, hi: int = 200, contexts: int = 0,
+                 context_tokens: int = 0) -> list[list[int]]:
+    """n random token-id prompts of lo..hi tokens; with contexts > 0, prompt i is context i % contexts
+    (context_tokens random tokens, the same for every prompt that uses it) and then lo..hi tokens of its own."""
     rng = random.Random(seed)
-    return [[rng.randrange(0, PAD_ID) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+    shared = [[rng.randrange(0, PAD_ID) for _ in range(context_tokens)] for _ in range(contexts)]
+    return [(shared[i % contexts] if contexts else []) + [rng.randrange(0, PAD_ID) for _ in range(rng.randint(lo, hi))]
+            for i in range(n)]
+
+
+def prompts_for(a, n: int, seed: int) -> list[list[int]]:
+    """The step's and validation's prompts as --prompt-mode says: random, or shared contexts + problems."""
+    if a.prompt_mode == "contexts":
+        return make_prompts(n, seed, 20, 60, a.contexts, a.context_tokens)
+    return make_prompts(n, seed)
+
+
+def validation_call(model, tok, prompts, k: int, new_tokens: int, max_rows: int, device) -> dict:
+    """One sampler call as fst.validate makes it: every problem x k samples, in waves of max_rows rows."""
+    peak_gib(reset=True)
+    t0 = clock()
+    ro = rollout.sample(model, tok, prompts, [k] * len(prompts), max_new_tokens=new_tokens, temperature=1.0,
+                        max_rows=max_rows, generator=torch.Generator(device=device).manual_seed(7))
+    seconds = clock() - t0
+    allocated, reserved = peak_gib(reset=True)
+    return {"rows": len(ro.texts), "waves": len(rollout.sampling_waves(prompts, [k] * len(prompts), None, max_rows)),
+            "max_rows": max_rows, "new_tokens": new_tokens, "prompt_tokens_max": max(map(len, prompts)),
+            "prefill_tokens": ro.prefill_tokens, "decode_tokens": ro.decode_tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(ro.decode_tokens / seconds, 1), "peak_gib": allocated, "peak_reserved_gib": reserved}
 
 
 def sampler_vs_generate(model, tok, prompts, G, new_tokens, repeats, device) -> dict:
@@ -175,12 +222,12 @@ def rl_step(model, tok, optimizer, scheduler, guard, prompts, G, new_tokens, mb,
     and memory-measured. Rewards are drawn at random with both outcomes in every group (a random model
     solves nothing), so every rollout is trained on."""
     device = model.get_input_embeddings().weight.device
-    B, t, peaks = len(prompts), {}, {}
+    B, t, peaks, reserved = len(prompts), {}, {}, {}
     peak_gib(reset=True)
     t0 = t_step = clock()
     ro = rollout.sample(model, tok, prompts, [G] * B, max_new_tokens=new_tokens, temperature=1.0,
                         generator=torch.Generator(device=device).manual_seed(seed))
-    t["seconds_sampling"], peaks["sampling"] = clock() - t0, peak_gib(reset=True)
+    t["seconds_sampling"], (peaks["sampling"], reserved["sampling"]) = clock() - t0, peak_gib(reset=True)
     reward = (torch.rand(B, G, generator=torch.Generator().manual_seed(seed)) < 0.5).float()
     reward[:, 0], reward[:, 1] = 1.0, 0.0
     exp = fst.experience_from([{"id": i} for i in range(B)], [g for g in range(B) for _ in range(G)], [0] * B * G,
@@ -189,28 +236,31 @@ def rl_step(model, tok, optimizer, scheduler, guard, prompts, G, new_tokens, mb,
     t0 = clock()
     base_logp = fst.base_logprobs(model, exp.batch, mb, chunk)
     kl = fst.mean_kl(exp, base_logp)
-    t["seconds_base_kl"], peaks["base_kl"] = clock() - t0, peak_gib(reset=True)
+    t["seconds_base_kl"], (peaks["base_kl"], reserved["base_kl"]) = clock() - t0, peak_gib(reset=True)
     t0 = clock()
     tc = fst.TrainConfig(loss="cispo", micro_batch=mb, logprob_chunk=chunk, kl_coef=kl_coef)
     upd = fst.update(model, optimizer, scheduler, exp, base_logp, tc, new_tokens, guard, step=0)
-    t["seconds_training"], peaks["training"] = clock() - t0, peak_gib(reset=True)
+    t["seconds_training"], (peaks["training"], reserved["training"]) = clock() - t0, peak_gib(reset=True)
     t["seconds_step"] = clock() - t_step
     return {**{k: round(v, 3) for k, v in t.items()}, "tokens_per_s": round(ro.decode_tokens / t["seconds_sampling"], 1),
             "rollouts": len(ro.texts), "trained_rollouts": upd.rows, "update_skipped": upd.skipped,
             "mean_completion": sum(map(len, ro.completion_ids)) / len(ro.texts),
             "max_seq": int(exp.batch.input_ids.shape[1]), "kl": kl, "loss": upd.loss, "peak_gib_by_phase": peaks,
-            "peak_gib": max(v for v in peaks.values()) if peaks["sampling"] is not None else None}
+            "peak_gib": max(v for v in peaks.values()) if peaks["sampling"] is not None else None,
+            "peak_reserved_gib_by_phase": reserved,
+            "peak_reserved_gib": max(v for v in reserved.values()) if reserved["sampling"] is not None else None}
 
 
-def check_model(name: str, a, root: Path, device: str, quant: str) -> dict:
+def check_model(name: str, a, root: Path, device: str, quant: str, res: dict) -> dict:
+    """Measure model `name` into `res` part by part, so what was measured survives a later failure."""
     t0 = time.perf_counter()
     folder = build_folder(name, root, device)
     mcfg = infra.ModelConfig(name=str(folder), dtype="bfloat16" if device == "cuda" else "float32", quant=quant,
                            lora_r=16, lora_alpha=32, lora_targets="all-linear", gradient_checkpointing=True)
     model, tok = infra.load_model(mcfg, torch.device(device))
     shutil.rmtree(folder, ignore_errors=True)
-    res = {"model": name, "quant": quant, "attn": model.config._attn_implementation,
-           "seconds_build_and_load": round(time.perf_counter() - t0, 1)}
+    res |= {"model": name, "quant": quant, "attn": model.config._attn_implementation,
+            "seconds_build_and_load": round(time.perf_counter() - t0, 1)}
     print(f"[gpu_check] {name}: built and loaded in {res['seconds_build_and_load']}s ({quant}, {res['attn']})", file=sys.stderr)
     rows = a.batch * a.group
     wbytes = decode_bytes(model)
@@ -226,10 +276,15 @@ def check_model(name: str, a, root: Path, device: str, quant: str) -> dict:
         "bound_tokens_per_s_weights_kv": round(rows * bw / (wbytes + rows * mean_ctx * kv_per_token), 1)}
     res["sampler"] = sampler_vs_generate(model, tok, make_prompts(a.gen_prompts, 1), a.group, a.gen_tokens,
                                          a.repeats if name != "qwen3-8b" else a.repeats_8b, device)
+    if a.val_problems:  # before the step, as fst validates at step 0 (and a failing step cannot hide it)
+        res["validation"] = validation_call(model, tok, prompts_for(a, a.val_problems, 4), a.val_k, a.new_tokens,
+                                            a.max_rows, device)
+        print(f"[gpu_check] {name}: validation {res['validation']['rows']} rows in {res['validation']['waves']} "
+              f"waves, {res['validation']['seconds']}s, peak {res['validation']['peak_gib']} GiB", file=sys.stderr)
     optimizer, scheduler = fst.make_optimizer(model, fst.TrainConfig(lr=1e-5))
     guard = infra.UpdateGuard()  # its gradient-flow check runs on the warm-up step
     rl_step(model, tok, optimizer, scheduler, guard, make_prompts(2, 2), 2, 16, a.micro_batch)  # warm-up: kernels, Adam
-    res["step"] = rl_step(model, tok, optimizer, scheduler, guard, make_prompts(a.batch, 3), a.group, a.new_tokens,
+    res["step"] = rl_step(model, tok, optimizer, scheduler, guard, prompts_for(a, a.batch, 3), a.group, a.new_tokens,
                           a.micro_batch)
     res["step"]["fraction_of_decode_bound"] = round(
         res["step"]["tokens_per_s"] / res["decode_bound"]["bound_tokens_per_s_weights_kv"], 3)
@@ -254,6 +309,13 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3, help="alternating sampler/generate repeats (median)")
     ap.add_argument("--repeats-8b", type=int, default=1)
+    ap.add_argument("--prompt-mode", choices=["random", "contexts"], default="random",
+                    help="contexts: the step's and validation's prompts share one of --contexts prefixes")
+    ap.add_argument("--contexts", type=int, default=4, help="shared contexts in --prompt-mode contexts")
+    ap.add_argument("--context-tokens", type=int, default=160, help="tokens per shared context (100+)")
+    ap.add_argument("--val-problems", type=int, default=0, help="a validation call of N problems (gsm8k.yaml: 200)")
+    ap.add_argument("--val-k", type=int, default=4, help="samples per validation problem (gsm8k.yaml: 4)")
+    ap.add_argument("--max-rows", type=int, default=256, help="rows per sampler wave (sampling.max_rows)")
     ap.add_argument("--copy-gib", type=int, default=4)
     ap.add_argument("--budget-gib", type=float, default=22.0)
     ap.add_argument("--time-budget-s", type=float, default=450,
@@ -264,6 +326,8 @@ def main():
     if a.cpu_smoke:
         device, models = "cpu", ["smoke"]
         a.batch, a.group, a.new_tokens, a.micro_batch, a.gen_prompts, a.gen_tokens, a.repeats = 2, 2, 8, 2, 2, 8, 1
+        # 70 context tokens still pass rollout.MIN_SHARED_PREFIX; 3 x 2 validation rows in waves of 4
+        a.context_tokens, a.max_rows, a.val_problems, a.val_k = 70, 4, min(a.val_problems, 3), 2
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench/gpu_check.py needs a CUDA GPU and none is visible here "
@@ -274,6 +338,9 @@ def main():
     start, failed = time.perf_counter(), False
     summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "settings": {k: v for k, v in vars(a).items() if k not in ("out", "models")}, "results": []}
+    def stopped(signum, frame):  # `timeout` (bench/gpu_session.sh) sends SIGTERM: keep what was measured
+        raise TimeoutError("stopped by SIGTERM (a timeout) before this model's check ended")
+    signal.signal(signal.SIGTERM, stopped)
     shm = Path("/dev/shm")
     in_ram = shm.is_dir() and shutil.disk_usage(shm).free > 20 * GIB  # the 8B bf16 folder is ~16 GB
     root = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=shm if in_ram else None))
@@ -286,10 +353,12 @@ def main():
             if name == "qwen3-8b" and spent > a.time_budget_s / 3:  # the 8B part costs ~2-3x the 1.5B one
                 summary["results"].append({"model": name, "skipped": f"{spent:.0f}s spent of {a.time_budget_s}s"})
                 continue
+            res = {"model": name}
+            summary["results"].append(res)
             try:
-                summary["results"].append(check_model(name, a, root, device, quant))
+                check_model(name, a, root, device, quant, res)
             except Exception as e:  # report what was measured so far, then fail
-                summary["results"].append({"model": name, "error": f"{type(e).__name__}: {e}"})
+                res["error"] = f"{type(e).__name__}: {e}"
                 failed = True
                 if device == "cuda":
                     torch.cuda.empty_cache()
