@@ -23,7 +23,7 @@ import infra
 
 PERFECT = 1.0        # rewards live in [0, 1]; a prompt at 1.0 on a problem has nothing to learn there
 REJECT_REASONS = ("empty", "no_fence", "too_long", "thinking", "same_as_parent", "duplicate", "copies_anchor",
-                  "copies_example", "not_better")
+                  "copies_question", "copies_example", "not_better")
 DemoFormat = Literal["turns", "system"]   # worked examples as user/assistant turns, or inside the system text
 # the reflector's reply: starts inside the block (paragraph: and ends at its first blank line), or free-form
 ReplyFormat = Literal["fenced", "paragraph", "free"]
@@ -287,11 +287,16 @@ def check_proposal(text: str, parent_text: str, anchor_questions: Sequence[str],
         return "thinking"
     if _normalised(text) == _normalised(parent_text):
         return "same_as_parent"
-    # Only a copy the child INTRODUCES counts: problems recur across epochs, and a parent that already
-    # holds one (an old demo) must not make every child of its lineage unacceptable.
-    if any(copies_text(text, q) and not copies_text(parent_text, q) for q in anchor_questions):
+    if introduces_copy(text, parent_text, anchor_questions):
         return "copies_anchor"
     return None
+
+
+def introduces_copy(text: str, parent_text: str, questions: Sequence[str]) -> bool:
+    """Does `text` hold a near copy of one of `questions` that its parent does not? Only a copy the child
+    INTRODUCES counts: problems recur across epochs, and a parent that already holds one (an old demo)
+    must not make every child of its lineage unacceptable."""
+    return any(copies_text(text, q) and not copies_text(parent_text, q) for q in questions)
 
 
 def copies_example(text: str, parent_text: str, example_text: str, n: int = 4) -> bool:
@@ -308,14 +313,19 @@ def copies_example(text: str, parent_text: str, example_text: str, n: int = 4) -
 
 
 def vet_reflection(reflector_output: str, parent_text: str, anchor_questions: Sequence[str],
-                   max_chars: int) -> tuple[str | None, str | None]:
-    """Raw reflector text -> (candidate instruction, None) or (None, rejection reason)."""
+                   max_chars: int, seen_questions: Sequence[str] = ()) -> tuple[str | None, str | None]:
+    """Raw reflector text -> (candidate instruction, None) or (None, rejection reason). `seen_questions`:
+    the task's other questions the round knows (its demo buffer's problems, the task's own worked
+    example); an instruction that pastes one is rejected as copies_question (the anchors': copies_anchor).
+    Reflection is the only operator that writes an instruction; the demo operators' questions are demos."""
     if not reflector_output.strip():
         return None, "empty"
     text = extract_prompt(reflector_output)
     if text is None:
         return None, "no_fence"
     reason = check_proposal(text, parent_text, anchor_questions, max_chars)
+    if reason is None and introduces_copy(text, parent_text, seen_questions):
+        reason = "copies_question"  # a training question in the instruction teaches one answer, not the task
     if reason is None and (copies_example(text, parent_text, " ".join(WORKED_REFLECTION))
                            or _normalised(text).lower() in {_normalised(t).lower() for t in (WORKED_START, WORKED_REVISED)}):
         reason = "copies_example"  # parrots the worked reflection (also a reply equal to one of its instructions)
@@ -545,6 +555,8 @@ class _Round:
     # (prompt id, problem id) -> (completion, reward, feedback) of its latest rollout
     outputs: dict[tuple[int, str], tuple[str, float, str]] = field(default_factory=dict)
     on_rollouts: OnRollouts | None = None  # fast_round's caller sees every scored rollout (fst.py: reuse)
+    seen_questions: list[str] = field(default_factory=list)  # the task's other known questions: no instruction
+                                        # may paste one (the demo buffer's, the task's worked examples')
     scoring_calls: int = 0              # metric calls scoring the live pool: not charged to the budget
     turn: int = 0                       # draws so far: picks the next operator
     idle: int = 0                       # consecutive draws that spent nothing
@@ -692,7 +704,7 @@ def _reflect_and_vet(r: _Round, proposals: list[Proposal]) -> None:
         reply = reply if isinstance(reply, Reflection) else Reflection(reply)
         r.stats["reflector_tokens"] += reply.tokens
         proposal.text, reason = vet_reflection(reply.text, proposal.parent.text, r.questions,
-                                               r.cfg.max_prompt_chars)
+                                               r.cfg.max_prompt_chars, r.seen_questions)
         reason = reason or _vet(r, proposal)     # a reply that passed: its whole context, as a demo child's
         if reason:
             r.reject(proposal, reason)
@@ -762,16 +774,30 @@ def _finish(r: _Round, started: float) -> dict:
     return r.stats
 
 
+def _check_round_settings(cfg: FastConfig, anchor_problems: Sequence[dict]) -> None:
+    """Settings no round can run with fail before it spends anything, naming the setting."""
+    if unknown := set(cfg.operators) - set(OPERATORS):
+        raise ValueError(f"unknown operators {sorted(unknown)}; known: {list(OPERATORS)}")
+    if not anchor_problems:
+        raise ValueError("fast_round needs at least one anchor problem")
+    if cfg.wave < 1:
+        raise ValueError(f"wave must be >= 1, got {cfg.wave}")
+    if cfg.max_proposals < 0:
+        raise ValueError(f"max_proposals must be >= 0 (0 = no cap), got {cfg.max_proposals}")
+
+
 def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfig, *, evaluate: Evaluate,
                reflect: Reflect, step: int, rng, demo_buffer: Sequence = (), progress=None,
-               on_rollouts: OnRollouts | None = None) -> dict:
+               on_rollouts: OnRollouts | None = None, task_questions: Sequence[str] = ()) -> dict:
     """Improve the pool in place on this round's anchor set, as `cfg` (the config's `fast` section)
     says; return stats.
 
     evaluate(prompt_texts, problems) scores aligned (prompt, problem) pairs, one rollout each, in one
     batched call -> [(completion, reward, feedback)]. reflect(prompts) -> one reply per reflection
     prompt (a Reflection or a str), all generated in one batched call. Problems are dicts with an
-    "id" and a "question"; demo_buffer holds (problem, completion, reward) of earlier RL rollouts.
+    "id" and a "question"; demo_buffer holds (problem, completion, reward) of earlier RL rollouts;
+    task_questions are the task's own worked examples' (Task.example_questions). No reflected instruction
+    may paste an anchor's question, a demo buffer problem's or one of task_questions (vet_reflection).
 
     The round proposes in waves of cfg.wave children: it draws that many parents (and their
     minibatches of cfg.minibatch) from the pool as it stands, each child from the next of
@@ -801,22 +827,16 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
     on_rollouts(phase, contexts, problems, results) sees every scored rollout, by ROUND_PHASES (fst.py
     keeps them as RL data: fast.reuse).
     """
-    if unknown := set(cfg.operators) - set(OPERATORS):
-        raise ValueError(f"unknown operators {sorted(unknown)}; known: {list(OPERATORS)}")
-    if not anchor_problems:
-        raise ValueError("fast_round needs at least one anchor problem")
-    if cfg.wave < 1:
-        raise ValueError(f"wave must be >= 1, got {cfg.wave}")
-    if cfg.max_proposals < 0:
-        raise ValueError(f"max_proposals must be >= 0 (0 = no cap), got {cfg.max_proposals}")
+    _check_round_settings(cfg, anchor_problems)
     t0 = time.perf_counter()
     anchors = list(anchor_problems)
     budget = int(cfg.budget * len(anchors))
     size = min(cfg.minibatch, len(anchors))
+    seen = dict.fromkeys([*task_questions, *(problem["question"] for problem, _, _ in demo_buffer)])
     r = _Round(cfg=cfg, pool=pool, anchors=anchors, ids=[str(p["id"]) for p in anchors],
-               questions=[p["question"] for p in anchors], stats=_new_stats(step, len(anchors), budget, cfg),
-               evaluate=evaluate, reflect=reflect, rng=rng, step=step, on_rollouts=on_rollouts, budget=budget,
-               demo_buffer=demo_buffer,
+               questions=[p["question"] for p in anchors], seen_questions=list(seen),
+               stats=_new_stats(step, len(anchors), budget, cfg), evaluate=evaluate, reflect=reflect, rng=rng,
+               step=step, on_rollouts=on_rollouts, budget=budget, demo_buffer=demo_buffer,
                size=size, most=size * (2 if cfg.rescore_parent else 1))
     _score_live_pool(r)
     show = progress or (lambda **numbers: None)    # a progress line: proposals, budget spent, accepted, best

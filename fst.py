@@ -569,7 +569,8 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
     with rollout.eval_mode(run.model), infra.RoundProgress(step, run.dist.is_main) as progress:
         stats = context_opt.fast_round(run.pool, anchors, cfg.fast, evaluate=evaluate, reflect=reflect, step=step,
                                        rng=random.Random(infra.seed_for("fast_choices", cfg.train.seed, step)),
-                                       demo_buffer=run.demo_buffer, progress=progress, on_rollouts=keep)
+                                       demo_buffer=run.demo_buffer, progress=progress, on_rollouts=keep,
+                                       task_questions=task.example_questions())
     run.kept = keep_round_rollouts(scored, run.pool, step, cfg.fast.reuse_max_age)
     if run.dist.is_main:
         tqdm.write(f"[fst] {context_opt.round_report(stats)}", file=sys.stderr)

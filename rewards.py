@@ -133,6 +133,11 @@ class Task:
     def score(self, problem: dict, completion: str) -> tuple[float, str]:
         raise NotImplementedError
 
+    def example_questions(self) -> list[str]:
+        """The questions of the task's own worked examples, which every chat shows: an evolved instruction
+        must not paste one (context_opt's copies_question guard)."""
+        return []
+
 
 class GeneratedTask(Task):
     """A procedural task: write `generate(rng) -> {"question", "answer", ...}` and `score`.
@@ -670,6 +675,9 @@ class ExampleTask(GeneratedTask):
         prompt = self.default_system_prompt if system_prompt is None else system_prompt
         return [{"role": "system", "content": prompt}, {"role": "user", "content": question},
                 {"role": "assistant", "content": solution}, {"role": "user", "content": problem["question"]}]
+
+    def example_questions(self) -> list[str]:
+        return [self.example[0]]
 
     def score(self, problem: dict, completion: str) -> tuple[float, str]:
         gold, given = problem["answer"], final_answer(completion)
