@@ -9,6 +9,8 @@ ProblemStream feeds batches in a deterministic, resumable order.
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import inspect
 import json
 import operator
@@ -17,6 +19,7 @@ import re
 import threading
 from collections import Counter
 from fractions import Fraction
+from pathlib import Path
 from string import Template
 
 from math_verify import parse, verify
@@ -317,17 +320,49 @@ def load_hub_dataset(name: str, config: str, split: str, required: tuple[str, ..
     except ImportError as e:
         raise ImportError(f"loading {name!r} needs the `datasets` package (pip install -r requirements.txt); "
                           "or pass local JSONL paths (task.train_path / task.test_path)") from e
+    # An unreachable hub: read the local cache only, so that a dataset not in it fails at once instead
+    # of after the hub client's retries (half a minute per split).
+    unreachable = not Path(name).exists() and not hub_reachable()
     try:
-        data = load_dataset(name, config, split=split)
+        with hub_offline() if unreachable else contextlib.nullcontext():
+            data = load_dataset(name, config, split=split)
     except Exception as e:  # no network, unknown id, missing split: say what was asked and the way out
-        reason = (str(e).strip().splitlines() or [""])[0]
+        reason = "the hub is unreachable and it is not in the local cache" if unreachable else \
+            f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0]
         raise RuntimeError(f"could not load {name!r} (config {config!r}, split {split!r}) with `datasets`: "
-                           f"{type(e).__name__}: {reason}. Offline? Pass local JSONL paths "
-                           "(task.train_path / task.test_path)") from e
+                           f"{reason}. Offline? Pass local JSONL paths (task.train_path / task.test_path)") from e
     missing = [c for c in required if c not in data.column_names]
     if missing:
         raise ValueError(f"{name} ({config}, {split}): missing column(s) {', '.join(missing)}")
     return [dict(row) for row in data]
+
+
+@functools.cache
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Does one request reach the Hugging Face hub (its endpoint, through the hub client's own session and
+    proxies)? Asked once per process; True in offline mode too (`datasets` then reads the cache itself)."""
+    import huggingface_hub
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=timeout)
+    except Exception:  # no DNS, no route, a timeout: whatever the client raises, the hub is not there
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """`datasets` and the hub client in offline mode (cache only) for the block, as HF_HUB_OFFLINE=1 would
+    have set them at import."""
+    import datasets.config
+    import huggingface_hub
+    before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = before
 
 
 # ---------------------------------------------------------------- safe arithmetic on expressions
