@@ -6,7 +6,8 @@ child only if it strictly beats its parent, re-run beside it, on a minibatch. Th
 operators, functions registered with @operator (GEPA-style reflective mutation, a bootstrapped worked
 example): a new operator is one more such function.
 The core is model-free: it calls two plain callables, `evaluate` and `reflect`. The thin adapters at
-the bottom (make_evaluate, make_reflector) bind them to a model through rollout.py and rewards.py.
+the bottom (make_evaluate, make_reflector) bind them to a model through rollout.py and rewards.py;
+measure_accuracy there is the held-out measurement training's validation and eval.py share.
 """
 from __future__ import annotations
 
@@ -243,6 +244,30 @@ def best_context(ckpt: str | Path) -> Context | None:
         return None
     pool = PromptPool.load(path)
     return pool.context(pool.best())
+
+
+def lineage(run: Path, prompt_id: int) -> list[str]:
+    """The operators that made a pool member, oldest first (seed, demo, reflect, ...), from every pool
+    file the run saved (ancestors a later round pruned are in the earlier files)."""
+    seen = {}
+    for path in sorted((Path(run) / "pool").glob("step_*.json")):
+        seen |= {p["id"]: p for p in json.loads(path.read_text())["prompts"]}
+    chain, at = [], seen.get(prompt_id)
+    while at is not None:
+        chain.insert(0, at["operator"])
+        at = seen.get(at["parent_id"])
+    return chain or ["seed"]
+
+
+def best_of_run(run: str | Path) -> dict | None:
+    """The best context of a run's last saved pool, for its end-of-run summary: instruction, demo count,
+    born step and lineage; None when the run saved no pool (rl)."""
+    pool_files = sorted((Path(run) / "pool").glob("step_*.json"))
+    if not pool_files:
+        return None
+    top = PromptPool.load(pool_files[-1]).best()
+    return {"instruction": top.text, "demos": len(top.demos), "born_step": top.born_step,
+            "lineage": lineage(run, top.id)}
 
 
 # ---------------------------------------------------------------- proposal guards
@@ -867,6 +892,38 @@ def round_report(stats: dict) -> str:
 
 
 # ---------------------------------------------------------------- model-backed adapters
+def measure_accuracy(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, temperature,
+                     top_p=1.0, generator=None, use_adapter=True, stop=(), batch_size=None, max_rows=None,
+                     dist=None) -> dict:
+    """k samples per problem in one rollout.sample call (in waves of max_rows samples). mean@k = mean reward over all
+    n*k samples; accuracy = fraction of those samples with reward >= 1 (differs from mean@k when a
+    task gives partial credit, e.g. arithmetic's format_reward); pass@k = fraction of problems with
+    at least one sample of reward >= 1. Under torchrun (dist, an infra.Dist) each rank samples its
+    slice of the problems and every rank returns the numbers over all of them. Training's validation and
+    eval.py (as eval.evaluate) both measure with it."""
+    import rewards
+    import rollout                                   # lazy: the core above needs no model stack
+    dist = dist or infra.Dist()
+    if not problems:
+        return {"mean_at_k": float("nan"), "accuracy": float("nan"), "pass_at_k": float("nan"), "n": 0, "k": k}
+    mine = dist.shard(list(range(len(problems))))
+    scored = []  # (problem index, reward) of every sample this rank drew
+    if mine:
+        context = as_context(system_prompt)  # a plain prompt, or instruction + worked examples
+        prompts = [rollout.encode_chat(tok, context.messages(task, problems[i])) for i in mine]
+        with rollout.weights(model, use_adapter):  # rollout.sample runs in eval mode and restores the model's mode
+            ro = rollout.sample(model, tok, prompts, [k] * len(prompts), max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, stop=list(stop),
+                                generator=generator, batch_size=batch_size, max_rows=max_rows)
+        scored = [(mine[j], rewards.score_completion(task, problems[mine[j]], text)[0])
+                  for j, text in zip(ro.prompt_index, ro.texts)]
+    scored = dist.gather(scored)
+    reward = [r for _, r in scored]
+    solved = {i for i, r in scored if r >= 1.0}
+    return {"mean_at_k": sum(reward) / len(reward), "accuracy": sum(r >= 1.0 for r in reward) / len(reward),
+            "pass_at_k": len(solved) / len(problems), "n": len(problems), "k": k}
+
+
 def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: float = 1.0,
                   top_p: float = 1.0, stop=(), generator=None, max_rows: int | None = None) -> Evaluate:
     """evaluate() for fast_round: all pairs in ONE rollout.sample call, graded by the task. Sample as

@@ -46,33 +46,8 @@ FORGETTING_TASKS = ("gsm8k", "arithmetic", "compare")
 
 
 # ---------------------------------------------------------------------------------- accuracy
-def evaluate(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, temperature,
-             top_p=1.0, generator=None, use_adapter=True, stop=(), batch_size=None, max_rows=None,
-             dist=None) -> dict:
-    """k samples per problem in one rollout.sample call (in waves of max_rows samples). mean@k = mean reward over all
-    n*k samples; accuracy = fraction of those samples with reward >= 1 (differs from mean@k when a
-    task gives partial credit, e.g. arithmetic's format_reward); pass@k = fraction of problems with
-    at least one sample of reward >= 1. Under torchrun (dist, an infra.Dist) each rank samples its
-    slice of the problems and every rank returns the numbers over all of them."""
-    dist = dist or infra.Dist()
-    if not problems:
-        return {"mean_at_k": float("nan"), "accuracy": float("nan"), "pass_at_k": float("nan"), "n": 0, "k": k}
-    mine = dist.shard(list(range(len(problems))))
-    scored = []  # (problem index, reward) of every sample this rank drew
-    if mine:
-        context = context_opt.as_context(system_prompt)  # a plain prompt, or instruction + worked examples
-        prompts = [rollout.encode_chat(tok, context.messages(task, problems[i])) for i in mine]
-        with rollout.weights(model, use_adapter):  # rollout.sample runs in eval mode and restores the model's mode
-            ro = rollout.sample(model, tok, prompts, [k] * len(prompts), max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, stop=list(stop),
-                                generator=generator, batch_size=batch_size, max_rows=max_rows)
-        scored = [(mine[j], rewards.score_completion(task, problems[mine[j]], text)[0])
-                  for j, text in zip(ro.prompt_index, ro.texts)]
-    scored = dist.gather(scored)
-    reward = [r for _, r in scored]
-    solved = {i for i, r in scored if r >= 1.0}
-    return {"mean_at_k": sum(reward) / len(reward), "accuracy": sum(r >= 1.0 for r in reward) / len(reward),
-            "pass_at_k": len(solved) / len(problems), "n": len(problems), "k": k}
+# The measurement training's validation shares: it lives in context_opt.py, which both import.
+evaluate = context_opt.measure_accuracy
 
 
 def two_by_two(accuracy) -> dict:
@@ -253,16 +228,7 @@ def markdown(out: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------- across runs
-def read_metrics(run: Path) -> list[dict]:
-    """metrics.jsonl rows; rows without "kind" are train rows; a half-written last line is skipped."""
-    path = Path(run) / "metrics.jsonl"
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+read_metrics = infra.read_metrics  # metrics.jsonl rows (the name users of eval.py call)
 
 
 def val_curve(rows, task=None) -> list[dict]:
@@ -450,82 +416,9 @@ def with_default_system_prompt(chat_template: str, prompt: str, turns: list[dict
 
 
 # ---------------------------------------------------------------------------------- end of a run
-def lineage(run: Path, prompt_id: int) -> list[str]:
-    """The operators that made a pool member, oldest first (seed, demo, reflect, ...), from every pool
-    file the run saved (ancestors a later round pruned are in the earlier files)."""
-    seen = {}
-    for path in sorted((Path(run) / "pool").glob("step_*.json")):
-        seen |= {p["id"]: p for p in json.loads(path.read_text())["prompts"]}
-    chain, at = [], seen.get(prompt_id)
-    while at is not None:
-        chain.insert(0, at["operator"])
-        at = seen.get(at["parent_id"])
-    return chain or ["seed"]
-
-
 def summarize(run: Path) -> str:
-    """What a run did, for the end of every run (an interrupted one too): held-out accuracy before ->
-    after (seed prompt and best context), KL to base, the best context and its lineage, where the wall
-    time went, and the commands to go on with. Written as RUN/summary.json; returns the text."""
-    run, rows = Path(run), read_metrics(run)
-    train = [r for r in rows if r.get("kind", "train") == "train"]
-    if not train:
-        return f"[fst] {run}: no step finished, nothing to summarise"
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    held_out = {}
-    for r in evals:
-        cell = held_out.setdefault(r["task"], {}).setdefault(r["prompt"], {"before": r["accuracy"]})
-        cell |= {"after": r["accuracy"], "steps": [cell.get("steps", [r["step"]])[0], r["step"]],
-                 "n": r["n"], "k": r["k"]}
-    # {task: "seed" / "best" / "tie"}: which prompt did better at the last validation (the same problems
-    # and sampling draws for both); rl validates the seed prompt alone
-    better = {task: "best" if c["best"]["after"] > c["seed"]["after"] else
-              "seed" if c["seed"]["after"] > c["best"]["after"] else "tie"
-              for task, c in held_out.items() if {"seed", "best"} <= set(c)}
-    pool_files = sorted((run / "pool").glob("step_*.json"))
-    best = None
-    if pool_files:
-        pool = context_opt.PromptPool.load(pool_files[-1])
-        top = pool.best()
-        best = {"instruction": top.text, "demos": len(top.demos), "born_step": top.born_step,
-                "lineage": lineage(run, top.id)}
-    fast = sum(r.get("seconds_fast", 0.0) for r in train)
-    out = {"run": str(run), "steps_done": train[-1]["step"] + 1, "mode": train[-1]["mode"],
-           "held_out_accuracy": held_out, "better_at_end": better, "kl_to_base": train[-1]["kl_to_base"],
-           "best_context": best,
-           "seconds": {"rl_steps": round(sum(r["seconds_step"] for r in train) - fast, 1),
-                       "fast_rounds": round(fast, 1), "fast_round_count": sum(r.get("kind") == "fast" for r in rows)},
-           "next": [f"python eval.py {run}", f"python eval.py compare {run} OTHER_RUN --out plots/",
-                    f"python eval.py export {run} --out DIR"]}
-    (run / "summary.json").write_text(json.dumps(out, indent=1))
-    return summary_text(out)
-
-
-PROMPT_NAMES = {"seed": "seed prompt", "best": "best context"}  # validation rows' "prompt" field, in words
-
-
-def summary_text(out: dict) -> str:
-    lines = [f"[fst] summary of {out['run']} ({out['mode']}, {out['steps_done']} steps):"]
-    for task, cells in out["held_out_accuracy"].items():
-        shown = ", ".join(f"{PROMPT_NAMES[which]} {c['before']:.2f} -> {c['after']:.2f}"
-                          for which, c in cells.items())
-        c = next(iter(cells.values()))
-        better = out.get("better_at_end", {}).get(task)
-        verdict = "" if better is None else "; at the end: a tie" if better == "tie" else \
-            f"; at the end the {PROMPT_NAMES[better]} did better"
-        lines.append(f"  held-out accuracy on {task} ({c['n']} problems x {c['k']}, steps {c['steps'][0]} -> "
-                     f"{c['steps'][1]}): {shown}{verdict}")
-    lines.append(f"  KL to base at the end: {out['kl_to_base']:.4f}")
-    if out["best_context"]:
-        b = out["best_context"]
-        first = " / ".join(b["instruction"].strip().splitlines()[:2])
-        lines.append(f"  best context: \"{first[:100]}\" + {b['demos']} worked example(s); lineage "
-                     f"{' -> '.join(b['lineage'])} (born at step {b['born_step']})")
-    t = out["seconds"]
-    lines.append(f"  wall time: {t['rl_steps'] / 60:.1f} min RL steps, {t['fast_rounds'] / 60:.1f} min in "
-                 f"{t['fast_round_count']} fast round(s) (validation not counted)")
-    lines += ["  next:"] + [f"    {cmd}" for cmd in out["next"]] + [f"  (also written to {out['run']}/summary.json)"]
-    return "\n".join(lines)
+    """The end-of-run summary of a run folder (infra.summarize, with its pool's best context)."""
+    return infra.summarize(run, context_opt.best_of_run(run))
 
 
 def final_validation(run: Path, upto_step: int) -> list[dict]:

@@ -589,13 +589,12 @@ def validate(cfg: Config, run: Run, step: int, log) -> dict:
     `step` here counts the updates done so far: 0 is the model before training. Under torchrun the
     problems are split over ranks (eval.evaluate gathers the results). Returns the last accuracy
     measured, for the progress bar: {"val_acc": "0.42"}."""
-    import eval as evaluation  # eval.py imports this file: at the top this import would be circular
     prompts = {"seed": run.seed_prompt} | ({"best": run.pool.context(run.pool.best())} if cfg.mode != "rl" else {})
     for name, (task, problems) in run.val_sets.items():
         for which, text in prompts.items():
             gen = run.dist.generator(run.device, infra.seed_for("validation", cfg.train.seed))
-            acc = evaluation.evaluate(run.model, run.tok, task, problems, text, k=cfg.eval.k,
-                                      **cfg.sampling.generation(), generator=gen, dist=run.dist)
+            acc = context_opt.measure_accuracy(run.model, run.tok, task, problems, text, k=cfg.eval.k,
+                                               **cfg.sampling.generation(), generator=gen, dist=run.dist)
             log({"kind": "eval", "step": step, "task": name, "prompt": which, **acc, **run.totals})
     return {"val_acc": f"{acc['accuracy']:.2f}"} if run.val_sets else {}
 
@@ -779,9 +778,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
 
 
 def say_summary(run_dir: Path) -> None:
-    """The end of every run, an interrupted one too: eval.py's summary, printed and saved (summary.json)."""
-    import eval as evaluation  # eval.py imports this file: at the top this import would be circular
-    print(evaluation.summarize(run_dir), file=sys.stderr)
+    """The end of every run, an interrupted one too: the run's summary, printed and saved (summary.json)."""
+    print(infra.summarize(run_dir, context_opt.best_of_run(run_dir)), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ rollout.py, rewards.py and eval.py read like the method. It imports none of them
   bitsandbytes), with the workarounds GGUF and bitsandbytes need.
 - torchrun: `Dist`, the few collectives the loop needs.
 - Update guards, checkpoints and resume, trackers (live curves), the run's log files, Ctrl-C.
+- The end-of-run summary, read from the run folder's files (metrics.jsonl; the best context comes in).
 - Start-up checks of paths and tasks.
 """
 from __future__ import annotations
@@ -1156,6 +1157,77 @@ class RunLog:
         self.trackers.close()
         if self.main and self.on_close is not None:
             self.on_close()
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """metrics.jsonl rows; rows without "kind" are train rows; a half-written last line is skipped."""
+    path = Path(run) / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def summarize(run: Path, best_context: dict | None = None) -> str:
+    """What a run did, for the end of every run (an interrupted one too): held-out accuracy before ->
+    after (seed prompt and best context), KL to base, the best context and its lineage, where the wall
+    time went, and the commands to go on with. Written as RUN/summary.json; returns the text.
+    `best_context`: the pool's best (context_opt.best_of_run), None for a run without a pool."""
+    run, rows = Path(run), read_metrics(run)
+    train = [r for r in rows if r.get("kind", "train") == "train"]
+    if not train:
+        return f"[fst] {run}: no step finished, nothing to summarise"
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    held_out = {}
+    for r in evals:
+        cell = held_out.setdefault(r["task"], {}).setdefault(r["prompt"], {"before": r["accuracy"]})
+        cell |= {"after": r["accuracy"], "steps": [cell.get("steps", [r["step"]])[0], r["step"]],
+                 "n": r["n"], "k": r["k"]}
+    # {task: "seed" / "best" / "tie"}: which prompt did better at the last validation (the same problems
+    # and sampling draws for both); rl validates the seed prompt alone
+    better = {task: "best" if c["best"]["after"] > c["seed"]["after"] else
+              "seed" if c["seed"]["after"] > c["best"]["after"] else "tie"
+              for task, c in held_out.items() if {"seed", "best"} <= set(c)}
+    fast = sum(r.get("seconds_fast", 0.0) for r in train)
+    out = {"run": str(run), "steps_done": train[-1]["step"] + 1, "mode": train[-1]["mode"],
+           "held_out_accuracy": held_out, "better_at_end": better, "kl_to_base": train[-1]["kl_to_base"],
+           "best_context": best_context,
+           "seconds": {"rl_steps": round(sum(r["seconds_step"] for r in train) - fast, 1),
+                       "fast_rounds": round(fast, 1), "fast_round_count": sum(r.get("kind") == "fast" for r in rows)},
+           "next": [f"python eval.py {run}", f"python eval.py compare {run} OTHER_RUN --out plots/",
+                    f"python eval.py export {run} --out DIR"]}
+    (run / "summary.json").write_text(json.dumps(out, indent=1))
+    return summary_text(out)
+
+
+PROMPT_NAMES = {"seed": "seed prompt", "best": "best context"}  # validation rows' "prompt" field, in words
+
+
+def summary_text(out: dict) -> str:
+    lines = [f"[fst] summary of {out['run']} ({out['mode']}, {out['steps_done']} steps):"]
+    for task, cells in out["held_out_accuracy"].items():
+        shown = ", ".join(f"{PROMPT_NAMES[which]} {c['before']:.2f} -> {c['after']:.2f}"
+                          for which, c in cells.items())
+        c = next(iter(cells.values()))
+        better = out.get("better_at_end", {}).get(task)
+        verdict = "" if better is None else "; at the end: a tie" if better == "tie" else \
+            f"; at the end the {PROMPT_NAMES[better]} did better"
+        lines.append(f"  held-out accuracy on {task} ({c['n']} problems x {c['k']}, steps {c['steps'][0]} -> "
+                     f"{c['steps'][1]}): {shown}{verdict}")
+    lines.append(f"  KL to base at the end: {out['kl_to_base']:.4f}")
+    if out["best_context"]:
+        b = out["best_context"]
+        first = " / ".join(b["instruction"].strip().splitlines()[:2])
+        lines.append(f"  best context: \"{first[:100]}\" + {b['demos']} worked example(s); lineage "
+                     f"{' -> '.join(b['lineage'])} (born at step {b['born_step']})")
+    t = out["seconds"]
+    lines.append(f"  wall time: {t['rl_steps'] / 60:.1f} min RL steps, {t['fast_rounds'] / 60:.1f} min in "
+                 f"{t['fast_round_count']} fast round(s) (validation not counted)")
+    lines += ["  next:"] + [f"    {cmd}" for cmd in out["next"]] + [f"  (also written to {out['run']}/summary.json)"]
+    return "\n".join(lines)
 
 
 class RoundProgress:
