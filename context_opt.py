@@ -891,6 +891,57 @@ def round_report(stats: dict) -> str:
             f"{stats['best_score_after']:.2f}, {stats['seconds']:.0f} s")
 
 
+# ---------------------------------------------------------------- the round's rollouts as RL data
+# fast.reuse: fst.py trains the next steps on the rollouts a round scored (they are the current policy's).
+# The round makes them, so their record and schedule live here; fst.with_reused turns them into groups.
+
+@dataclass(kw_only=True)
+class KeptRollout:
+    """A fast-round rollout kept as RL data (fast.reuse): plain lists, so it lives on the CPU and in the
+    checkpoint's JSON, never as model tensors."""
+    problem: dict
+    prompt_id: int              # the pool prompt it was sampled under; -1: a child that never joined the pool
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]       # the sampler's (the behaviour policy's): the loss's old_logp
+    finish_reason: str
+    text: str
+    reward: float
+    feedback: str
+    sampled_at: int             # the step whose weights sampled it (a round after step t: t + 1)
+    due: int                    # the step that trains it
+
+
+REUSED_PHASES = {"none": (), "pool": ("pool",), "all": ROUND_PHASES}
+
+
+def keep_round_rollouts(scored: list, pool: PromptPool, step: int, max_age: int) -> list[KeptRollout]:
+    """The rollouts a fast round after `step` scored, [(context, problem, result)], as RL data for the
+    next max_age + 1 steps: one group per problem (every context that answered it), the groups dealt
+    round-robin over those steps so that each trains once and none is older than max_age updates."""
+    prompt_of = {pool.context(p): p.id for p in pool}
+    by_problem: dict[str, list] = {}
+    for context, problem, result in scored:
+        if len(result) > 3 and result[3] is not None:   # a scripted evaluate has no tokens to train on
+            by_problem.setdefault(str(problem["id"]), []).append((context, problem, result))
+    kept = []
+    for n, rows in enumerate(by_problem.values()):
+        for context, problem, (text, reward, feedback, sampled) in rows:
+            kept.append(KeptRollout(problem=problem, prompt_id=prompt_of.get(context, -1),
+                                    prompt_ids=list(sampled.prompt_ids), completion_ids=list(sampled.completion_ids),
+                                    logprobs=list(sampled.logprobs), finish_reason=sampled.finish_reason, text=text,
+                                    reward=float(reward), feedback=feedback, sampled_at=step + 1,
+                                    due=step + 1 + n % (max_age + 1)))
+    return kept
+
+
+def due_rollouts(kept: list[KeptRollout], step: int, max_age: int) -> tuple[list[KeptRollout], list[KeptRollout]]:
+    """(the kept rollouts to train at `step`, the ones left for later). One past its due step or older
+    than max_age updates is dropped: a reused rollout trains at most once, and never stale."""
+    now = [k for k in kept if k.due == step and step - k.sampled_at <= max_age]
+    return now, [k for k in kept if k.due > step]
+
+
 # ---------------------------------------------------------------- model-backed adapters
 def measure_accuracy(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, temperature,
                      top_p=1.0, generator=None, use_adapter=True, stop=(), batch_size=None, max_rows=None,

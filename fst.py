@@ -44,11 +44,8 @@ import context_opt
 import infra
 import rewards
 import rollout
-from context_opt import FastConfig
-from infra import ConfigError, Dist, LogConfig, ModelConfig
-
-load_model = infra.load_model  # kept here for one release: it moved to infra.py (README: Layout)
-
+from context_opt import REUSED_PHASES, FastConfig, KeptRollout, due_rollouts, keep_round_rollouts
+from infra import ConfigError, Dist, LogConfig, ModelConfig, train_row
 
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass tree from YAML, checked at start-up (infra.load_config). Defaults follow the paper
@@ -365,53 +362,6 @@ def collate_rollouts(ro: rollout.Rollouts, pad_id: int, device) -> tuple[rollout
     return batch, sampler_logp
 
 
-@dataclass(kw_only=True)
-class KeptRollout:
-    """A fast-round rollout kept as RL data (fast.reuse): plain lists, so it lives on the CPU and in the
-    checkpoint's JSON, never as model tensors."""
-    problem: dict
-    prompt_id: int              # the pool prompt it was sampled under; -1: a child that never joined the pool
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    logprobs: list[float]       # the sampler's (the behaviour policy's): the loss's old_logp
-    finish_reason: str
-    text: str
-    reward: float
-    feedback: str
-    sampled_at: int             # the step whose weights sampled it (a round after step t: t + 1)
-    due: int                    # the step that trains it
-
-
-REUSED_PHASES = {"none": (), "pool": ("pool",), "all": context_opt.ROUND_PHASES}
-
-
-def keep_round_rollouts(scored: list, pool: context_opt.PromptPool, step: int, max_age: int) -> list[KeptRollout]:
-    """The rollouts a fast round after `step` scored, [(context, problem, result)], as RL data for the
-    next max_age + 1 steps: one group per problem (every context that answered it), the groups dealt
-    round-robin over those steps so that each trains once and none is older than max_age updates."""
-    prompt_of = {pool.context(p): p.id for p in pool}
-    by_problem: dict[str, list] = {}
-    for context, problem, result in scored:
-        if len(result) > 3 and result[3] is not None:   # a scripted evaluate has no tokens to train on
-            by_problem.setdefault(str(problem["id"]), []).append((context, problem, result))
-    kept = []
-    for n, rows in enumerate(by_problem.values()):
-        for context, problem, (text, reward, feedback, sampled) in rows:
-            kept.append(KeptRollout(problem=problem, prompt_id=prompt_of.get(context, -1),
-                                    prompt_ids=list(sampled.prompt_ids), completion_ids=list(sampled.completion_ids),
-                                    logprobs=list(sampled.logprobs), finish_reason=sampled.finish_reason, text=text,
-                                    reward=float(reward), feedback=feedback, sampled_at=step + 1,
-                                    due=step + 1 + n % (max_age + 1)))
-    return kept
-
-
-def due_rollouts(kept: list[KeptRollout], step: int, max_age: int) -> tuple[list[KeptRollout], list[KeptRollout]]:
-    """(the kept rollouts to train at `step`, the ones left for later). One past its due step or older
-    than max_age updates is dropped: a reused rollout trains at most once, and never stale."""
-    now = [k for k in kept if k.due == step and step - k.sampled_at <= max_age]
-    return now, [k for k in kept if k.due > step]
-
-
 def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool, pad_id: int, device,
                 dist: Dist = Dist()) -> Experience:
     """Step 4b (fast.reuse): the step's experience plus the fast round's rollouts due now, as extra groups:
@@ -514,36 +464,6 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
                          max_grad_norm=tc.max_grad_norm, dist=dist)
     return UpdateStats(loss=loss_value, entropy=entropy_sum / max(tokens, 1.0), skipped=skipped, rows=int(n_rows),
                        rows_reused=int(n_reused), ratio_dev=ratio_dev_sum / max(tokens, 1.0))
-
-
-def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: UpdateStats, lr: float,
-              seconds: dict, dist: Dist = Dist()) -> dict:
-    """Step 7: the step's metrics.jsonl row from what the phases returned (`seconds`: the base pass and
-    the update; the loop adds the counters and the fast round's time before writing it). Under torchrun
-    the per-rollout numbers of every rank are gathered first, so the row describes the whole batch."""
-    ranks = dist.gather([{"reward": exp.reward.tolist(), "length": exp.batch.completion_mask.sum(1).tolist(),
-                          "finish": exp.rollouts.finish_reasons, "keep": exp.keep.tolist(),
-                          "prompt_id": exp.prompt_id, "decode_tokens": exp.rollouts.decode_tokens,
-                          "seconds_sampling": exp.seconds_sampling}])
-    every = lambda key: [x for r in ranks for x in r[key]]  # noqa: E731
-    reward, lengths, finish = torch.tensor(every("reward")), torch.tensor(every("length")), every("finish")
-    keep, prompt_id = torch.tensor(every("keep")), every("prompt_id")
-    seconds_sampling = max(r["seconds_sampling"] for r in ranks)  # the slowest rank sets the pace
-    return {
-        "kind": "train", "step": step, "mode": cfg.mode, "task": task.name,
-        "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
-        "accuracy": (reward >= 1.0).float().mean().item(), "kl_to_base": kl, "loss": upd.loss, "entropy": upd.entropy,
-        "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
-        "truncation_rate": sum(f == "length" for f in finish) / len(finish),
-        "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr, "update_skipped": upd.skipped,
-        "ratio_dev": upd.ratio_dev, "rows_trained": upd.rows,
-        "reused_share": upd.rows_reused / upd.rows if upd.rows else 0.0,  # trained rows from the fast loop
-        "seconds_sampling": seconds_sampling, "seconds_base_kl": seconds["seconds_base_kl"],
-        "seconds_training": seconds["seconds_training"],
-        "tokens_per_s": sum(r["decode_tokens"] for r in ranks) / max(seconds_sampling, 1e-9),
-        "reward_by_prompt": {pid: reward[[i for i, p in enumerate(prompt_id) if p == pid]].mean().item()
-                             for pid in sorted(set(prompt_id))},
-    }
 
 
 def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> float:

@@ -1111,6 +1111,36 @@ class Trackers:
 
 
 
+def train_row(cfg, step: int, task, exp, kl: float, upd, lr: float, seconds: dict, dist: Dist = Dist()) -> dict:
+    """Step 7 of fst.py's loop: the step's metrics.jsonl row (RunLog.row writes it, the trackers plot it)
+    from what the phases returned: `exp` its Experience, `upd` its UpdateStats, `seconds` the base pass
+    and the update; the loop adds the counters and the fast round's time before writing it. Under
+    torchrun the per-rollout numbers of every rank are gathered first, so the row describes the batch."""
+    ranks = dist.gather([{"reward": exp.reward.tolist(), "length": exp.batch.completion_mask.sum(1).tolist(),
+                          "finish": exp.rollouts.finish_reasons, "keep": exp.keep.tolist(),
+                          "prompt_id": exp.prompt_id, "decode_tokens": exp.rollouts.decode_tokens,
+                          "seconds_sampling": exp.seconds_sampling}])
+    every = lambda key: [x for r in ranks for x in r[key]]  # noqa: E731
+    reward, lengths, finish = torch.tensor(every("reward")), torch.tensor(every("length")), every("finish")
+    keep, prompt_id = torch.tensor(every("keep")), every("prompt_id")
+    seconds_sampling = max(r["seconds_sampling"] for r in ranks)  # the slowest rank sets the pace
+    return {
+        "kind": "train", "step": step, "mode": cfg.mode, "task": task.name,
+        "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
+        "accuracy": (reward >= 1.0).float().mean().item(), "kl_to_base": kl, "loss": upd.loss, "entropy": upd.entropy,
+        "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
+        "truncation_rate": sum(f == "length" for f in finish) / len(finish),
+        "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr, "update_skipped": upd.skipped,
+        "ratio_dev": upd.ratio_dev, "rows_trained": upd.rows,
+        "reused_share": upd.rows_reused / upd.rows if upd.rows else 0.0,  # trained rows from the fast loop
+        "seconds_sampling": seconds_sampling, "seconds_base_kl": seconds["seconds_base_kl"],
+        "seconds_training": seconds["seconds_training"],
+        "tokens_per_s": sum(r["decode_tokens"] for r in ranks) / max(seconds_sampling, 1e-9),
+        "reward_by_prompt": {pid: reward[[i for i, p in enumerate(prompt_id) if p == pid]].mean().item()
+                             for pid in sorted(set(prompt_id))},
+    }
+
+
 class RunLog:
     """A run's record: metrics.jsonl (a row per step, fast round and validation), samples.jsonl, and the
     trackers of log.report_to. Rank 0 alone writes; on the other ranks every call does nothing. A
