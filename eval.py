@@ -110,7 +110,7 @@ def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_ne
 def make_task(name: str, cfg):
     """The run's own task with its config section (paths, seed, options); another task with its
     defaults and the run's task seed (rewards.task_from_config gives each only what it takes)."""
-    return fst.make_task(cfg.task if name == cfg.task.name else fst.TaskConfig(name=name, seed=cfg.task.seed))
+    return rewards.make_task(cfg.task if name == cfg.task.name else rewards.TaskConfig(name=name, seed=cfg.task.seed))
 
 
 def run_tasks(run: Path, cfg) -> list[str]:

@@ -46,51 +46,15 @@ import rewards
 import rollout
 from context_opt import REUSED_PHASES, FastConfig, KeptRollout, due_rollouts, keep_round_rollouts
 from infra import ConfigError, Dist, LogConfig, ModelConfig, train_row
+from rewards import StageConfig, TaskConfig, make_task
+from rollout import SamplingConfig
 
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass tree from YAML, checked at start-up (infra.load_config). Defaults follow the paper
 # (fst-method.md) unless a comment says why not. `ranges` gives every number its allowed values (">= 1",
 # "(0, 1]", "any"); a new numeric key needs its line there (tests/test_config.py checks none is missing).
-
-@dataclass
-class TaskConfig:
-    name: str = "gsm8k"  # a name registered in rewards.py
-    system_prompt: str = ""  # the seed prompt; "" = the task's own default
-    train_path: str | None = None  # gsm8k: local JSONL; null = hub openai/gsm8k
-    test_path: str | None = None
-    seed: int = 0  # procedural tasks: which problems get generated
-    options: dict = field(default_factory=dict)  # any other keyword of the task's constructor (gsm8k: dataset)
-
-    ranges = {"seed": "any"}
-
-
-@dataclass
-class StageConfig(TaskConfig):
-    steps: int = 100  # continual learning: steps on this stage; a stage takes the task.* keys too
-
-    ranges = TaskConfig.ranges | {"steps": ">= 1"}
-
-
-@dataclass
-class SamplingConfig:
-    group_size: int = 8  # G rollouts per problem
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)  # extra stop strings besides EOS
-    # (ours) rows one sampler call decodes at once; a call with more (validation: n x k) runs in waves.
-    # The memory knob of sampling: its KV cache is rows x (prompt + new tokens) (`fst.py --plan`).
-    max_rows: int = 256
-
-    ranges = {"group_size": ">= 2",  # a group of one has no variance: every group would be dropped
-              "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]",  # temperature 0 = greedy
-              "max_rows": ">= 1"}
-
-    def generation(self) -> dict:
-        """The keywords rollout.sample takes, as every rollout of the run is sampled."""
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "stop": list(self.stop), "max_rows": self.max_rows}
-
+# A section lives beside the code it configures: task (rewards.TaskConfig), sampling (rollout.SamplingConfig),
+# fast (context_opt.FastConfig), model and log (infra); the training loop's own sections are here.
 
 @dataclass
 class TrainConfig:
@@ -595,11 +559,6 @@ def make_optimizer(model, tc: TrainConfig):
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     warmup = max(1, tc.warmup_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-
-
-def make_task(tc: TaskConfig):
-    """The task of a config's task section (or a schedule stage)."""
-    return rewards.task_from_config(tc.name, tc.seed, tc.train_path, tc.test_path, tc.options)
 
 
 def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config",

@@ -18,6 +18,7 @@ import random
 import re
 import threading
 from collections import Counter
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from string import Template
@@ -66,6 +67,31 @@ def get_task(name: str, **options):
             raise TaskConfigError(f"options.{option}", f"task {name!r} takes no option {option!r}; "
                                   f"its options are: {', '.join(accepted) or 'none'}")
     return TASKS[name](**options)
+
+
+# The config's `task` section (fst.Config.task), and a stage of its continual `schedule`.
+@dataclass
+class TaskConfig:
+    name: str = "gsm8k"  # a name registered in rewards.py
+    system_prompt: str = ""  # the seed prompt; "" = the task's own default
+    train_path: str | None = None  # gsm8k: local JSONL; null = hub openai/gsm8k
+    test_path: str | None = None
+    seed: int = 0  # procedural tasks: which problems get generated
+    options: dict = field(default_factory=dict)  # any other keyword of the task's constructor (gsm8k: dataset)
+
+    ranges = {"seed": "any"}
+
+
+@dataclass
+class StageConfig(TaskConfig):
+    steps: int = 100  # continual learning: steps on this stage; a stage takes the task.* keys too
+
+    ranges = TaskConfig.ranges | {"steps": ">= 1"}
+
+
+def make_task(tc: TaskConfig):
+    """The task of a config's task section (or a schedule stage)."""
+    return task_from_config(tc.name, tc.seed, tc.train_path, tc.test_path, tc.options)
 
 
 def task_from_config(name: str, seed: int = 0, train_path: str | None = None, test_path: str | None = None,

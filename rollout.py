@@ -27,6 +27,28 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
+# The config's `sampling` section (fst.Config.sampling): how every rollout of a run is sampled.
+@dataclass
+class SamplingConfig:
+    group_size: int = 8  # G rollouts per problem
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)  # extra stop strings besides EOS
+    # (ours) rows one sampler call decodes at once; a call with more (validation: n x k) runs in waves.
+    # The memory knob of sampling: its KV cache is rows x (prompt + new tokens) (`fst.py --plan`).
+    max_rows: int = 256
+
+    ranges = {"group_size": ">= 2",  # a group of one has no variance: every group would be dropped
+              "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]",  # temperature 0 = greedy
+              "max_rows": ">= 1"}
+
+    def generation(self) -> dict:
+        """The keywords rollout.sample takes, as every rollout of the run is sampled."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop": list(self.stop), "max_rows": self.max_rows}
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     """model.eval() inside the block; the model's own train/eval mode again after it (also on errors).
