@@ -1,5 +1,4 @@
-"""eval.py -- one job: measurements on run folders (and the validation helper fst.py calls in training),
-and the export of a run's result for deployment.
+"""eval.py -- one job: measurements on run folders, and the export of a run's result for deployment.
 
     python eval.py RUN_DIR [--step N] [--tasks t1 t2] [--problems 200] [--k 4] [--max-new-tokens M]
     python eval.py compare RUN_A RUN_B ... --out plots/
@@ -7,7 +6,8 @@ and the export of a run's result for deployment.
 
 What the paper measures (docs: fst-method.md), one function each:
 - evaluate():     mean@k (mean reward over k samples per problem), accuracy (share of samples
-                  fully right, reward >= 1: partial credit never counts as skill) and pass@k.
+                  fully right, reward >= 1: partial credit never counts as skill) and pass@k
+                  (context_opt.measure_accuracy: training's validation measures with it too).
 - two_by_two():   {base, trained weights} x {seed, evolved prompt}: how much each kind of weight adds.
 - kl_to_base():   drift KL(pi_trained || pi_base), exact per token from both full next-token
                   distributions, in chunks over time (never a full float32 [R, T, V] tensor).
