@@ -6,7 +6,8 @@ child only if it strictly beats its parent, re-run beside it, on a minibatch. Th
 operators, functions registered with @operator (GEPA-style reflective mutation, a bootstrapped worked
 example): a new operator is one more such function.
 The core is model-free: it calls two plain callables, `evaluate` and `reflect`. The thin adapters at
-the bottom (make_evaluate, make_reflector) bind them to a model through rollout.py and rewards.py.
+the bottom (make_evaluate, make_reflector) bind them to a model through rollout.py and rewards.py;
+measure_accuracy there is the held-out measurement training's validation and eval.py share.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import infra
 
 PERFECT = 1.0        # rewards live in [0, 1]; a prompt at 1.0 on a problem has nothing to learn there
 REJECT_REASONS = ("empty", "no_fence", "too_long", "thinking", "same_as_parent", "duplicate", "copies_anchor",
-                  "copies_example", "not_better")
+                  "copies_question", "copies_example", "not_better")
 DemoFormat = Literal["turns", "system"]   # worked examples as user/assistant turns, or inside the system text
 # the reflector's reply: starts inside the block (paragraph: and ends at its first blank line), or free-form
 ReplyFormat = Literal["fenced", "paragraph", "free"]
@@ -259,6 +260,30 @@ def best_context(ckpt: str | Path) -> Context | None:
     return pool.context(pool.best())
 
 
+def lineage(run: Path, prompt_id: int) -> list[str]:
+    """The operators that made a pool member, oldest first (seed, demo, reflect, ...), from every pool
+    file the run saved (ancestors a later round pruned are in the earlier files)."""
+    seen = {}
+    for path in sorted((Path(run) / "pool").glob("step_*.json")):
+        seen |= {p["id"]: p for p in json.loads(path.read_text())["prompts"]}
+    chain, at = [], seen.get(prompt_id)
+    while at is not None:
+        chain.insert(0, at["operator"])
+        at = seen.get(at["parent_id"])
+    return chain or ["seed"]
+
+
+def best_of_run(run: str | Path) -> dict | None:
+    """The best context of a run's last saved pool, for its end-of-run summary: instruction, demo count,
+    born step and lineage; None when the run saved no pool (rl)."""
+    pool_files = sorted((Path(run) / "pool").glob("step_*.json"))
+    if not pool_files:
+        return None
+    top = PromptPool.load(pool_files[-1]).best()
+    return {"instruction": top.text, "demos": len(top.demos), "born_step": top.born_step,
+            "lineage": lineage(run, top.id)}
+
+
 # ---------------------------------------------------------------- proposal guards
 _FENCE = re.compile(r"(`{3,})[^\n`]*\n(.*?)\n?\1(?!`)", re.DOTALL)   # opening run, optional tag, body
 _THINKING = re.compile(r"</?\s*(think|thinking|reasoning)\s*>", re.IGNORECASE)
@@ -301,11 +326,16 @@ def check_proposal(text: str, parent_text: str, anchor_questions: Sequence[str],
         return "thinking"
     if _normalised(text) == _normalised(parent_text):
         return "same_as_parent"
-    # Only a copy the child INTRODUCES counts: problems recur across epochs, and a parent that already
-    # holds one (an old demo) must not make every child of its lineage unacceptable.
-    if any(copies_text(text, q) and not copies_text(parent_text, q) for q in anchor_questions):
+    if introduces_copy(text, parent_text, anchor_questions):
         return "copies_anchor"
     return None
+
+
+def introduces_copy(text: str, parent_text: str, questions: Sequence[str]) -> bool:
+    """Does `text` hold a near copy of one of `questions` that its parent does not? Only a copy the child
+    INTRODUCES counts: problems recur across epochs, and a parent that already holds one (an old demo)
+    must not make every child of its lineage unacceptable."""
+    return any(copies_text(text, q) and not copies_text(parent_text, q) for q in questions)
 
 
 def copies_example(text: str, parent_text: str, example_text: str, n: int = 4) -> bool:
@@ -322,14 +352,19 @@ def copies_example(text: str, parent_text: str, example_text: str, n: int = 4) -
 
 
 def vet_reflection(reflector_output: str, parent_text: str, anchor_questions: Sequence[str],
-                   max_chars: int) -> tuple[str | None, str | None]:
-    """Raw reflector text -> (candidate instruction, None) or (None, rejection reason)."""
+                   max_chars: int, seen_questions: Sequence[str] = ()) -> tuple[str | None, str | None]:
+    """Raw reflector text -> (candidate instruction, None) or (None, rejection reason). `seen_questions`:
+    the task's other questions the round knows (its demo buffer's problems, the task's own worked
+    example); an instruction that pastes one is rejected as copies_question (the anchors': copies_anchor).
+    Reflection is the only operator that writes an instruction; the demo operators' questions are demos."""
     if not reflector_output.strip():
         return None, "empty"
     text = extract_prompt(reflector_output)
     if text is None:
         return None, "no_fence"
     reason = check_proposal(text, parent_text, anchor_questions, max_chars)
+    if reason is None and introduces_copy(text, parent_text, seen_questions):
+        reason = "copies_question"  # a training question in the instruction teaches one answer, not the task
     if reason is None and (copies_example(text, parent_text, " ".join(WORKED_REFLECTION))
                            or _normalised(text).lower() in {_normalised(t).lower() for t in (WORKED_START, WORKED_REVISED)}):
         reason = "copies_example"  # parrots the worked reflection (also a reply equal to one of its instructions)
@@ -564,6 +599,8 @@ class _Round:
     # (prompt id, problem id) -> (completion, reward, feedback) of its latest rollout
     outputs: dict[tuple[int, str], tuple[str, float, str]] = field(default_factory=dict)
     on_rollouts: OnRollouts | None = None  # fast_round's caller sees every scored rollout (fst.py: reuse)
+    seen_questions: list[str] = field(default_factory=list)  # the task's other known questions: no instruction
+                                        # may paste one (the demo buffer's, the task's worked examples')
     scoring_calls: int = 0              # metric calls scoring the live pool: not charged to the budget
     turn: int = 0                       # draws so far: picks the next operator
     idle: int = 0                       # consecutive draws that spent nothing
@@ -720,7 +757,7 @@ def _reflect_and_vet(r: _Round, proposals: list[Proposal]) -> None:
             _skip_failed_call(r, proposal, reply.error)
             continue
         proposal.text, reason = vet_reflection(reply.text, proposal.parent.text, r.questions,
-                                               r.cfg.max_prompt_chars)
+                                               r.cfg.max_prompt_chars, r.seen_questions)
         reason = reason or _vet(r, proposal)     # a reply that passed: its whole context, as a demo child's
         if reason:
             r.reject(proposal, reason)
@@ -800,16 +837,30 @@ def _finish(r: _Round, started: float) -> dict:
     return r.stats
 
 
+def _check_round_settings(cfg: FastConfig, anchor_problems: Sequence[dict]) -> None:
+    """Settings no round can run with fail before it spends anything, naming the setting."""
+    if unknown := set(cfg.operators) - set(OPERATORS):
+        raise ValueError(f"unknown operators {sorted(unknown)}; known: {list(OPERATORS)}")
+    if not anchor_problems:
+        raise ValueError("fast_round needs at least one anchor problem")
+    if cfg.wave < 1:
+        raise ValueError(f"wave must be >= 1, got {cfg.wave}")
+    if cfg.max_proposals < 0:
+        raise ValueError(f"max_proposals must be >= 0 (0 = no cap), got {cfg.max_proposals}")
+
+
 def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfig, *, evaluate: Evaluate,
                reflect: Reflect, step: int, rng, demo_buffer: Sequence = (), progress=None,
-               on_rollouts: OnRollouts | None = None) -> dict:
+               on_rollouts: OnRollouts | None = None, task_questions: Sequence[str] = ()) -> dict:
     """Improve the pool in place on this round's anchor set, as `cfg` (the config's `fast` section)
     says; return stats.
 
     evaluate(prompt_texts, problems) scores aligned (prompt, problem) pairs, one rollout each, in one
     batched call -> [(completion, reward, feedback)]. reflect(prompts) -> one reply per reflection
     prompt (a Reflection or a str), all generated in one batched call. Problems are dicts with an
-    "id" and a "question"; demo_buffer holds (problem, completion, reward) of earlier RL rollouts.
+    "id" and a "question"; demo_buffer holds (problem, completion, reward) of earlier RL rollouts;
+    task_questions are the task's own worked examples' (Task.example_questions). No reflected instruction
+    may paste an anchor's question, a demo buffer problem's or one of task_questions (vet_reflection).
 
     The round proposes in waves of cfg.wave children: it draws that many parents (and their
     minibatches of cfg.minibatch) from the pool as it stands, each child from the next of
@@ -839,22 +890,16 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
     on_rollouts(phase, contexts, problems, results) sees every scored rollout, by ROUND_PHASES (fst.py
     keeps them as RL data: fast.reuse).
     """
-    if unknown := set(cfg.operators) - set(OPERATORS):
-        raise ValueError(f"unknown operators {sorted(unknown)}; known: {list(OPERATORS)}")
-    if not anchor_problems:
-        raise ValueError("fast_round needs at least one anchor problem")
-    if cfg.wave < 1:
-        raise ValueError(f"wave must be >= 1, got {cfg.wave}")
-    if cfg.max_proposals < 0:
-        raise ValueError(f"max_proposals must be >= 0 (0 = no cap), got {cfg.max_proposals}")
+    _check_round_settings(cfg, anchor_problems)
     t0 = time.perf_counter()
     anchors = list(anchor_problems)
     budget = int(cfg.budget * len(anchors))
     size = min(cfg.minibatch, len(anchors))
+    seen = dict.fromkeys([*task_questions, *(problem["question"] for problem, _, _ in demo_buffer)])
     r = _Round(cfg=cfg, pool=pool, anchors=anchors, ids=[str(p["id"]) for p in anchors],
-               questions=[p["question"] for p in anchors], stats=_new_stats(step, len(anchors), budget, cfg),
-               evaluate=evaluate, reflect=reflect, rng=rng, step=step, on_rollouts=on_rollouts, budget=budget,
-               demo_buffer=demo_buffer,
+               questions=[p["question"] for p in anchors], seen_questions=list(seen),
+               stats=_new_stats(step, len(anchors), budget, cfg), evaluate=evaluate, reflect=reflect, rng=rng,
+               step=step, on_rollouts=on_rollouts, budget=budget, demo_buffer=demo_buffer,
                size=size, most=size * (2 if cfg.rescore_parent else 1))
     _score_live_pool(r)
     show = progress or (lambda **numbers: None)    # a progress line: proposals, budget spent, accepted, best
@@ -884,7 +929,106 @@ def round_report(stats: dict) -> str:
             f"{stats['best_score_after']:.2f}, {stats['seconds']:.0f} s")
 
 
+# ---------------------------------------------------------------- the round's rollouts as RL data
+# fast.reuse: fst.py trains the next steps on the rollouts a round scored (they are the current policy's).
+# The round makes them, so their record and schedule live here; fst.with_reused turns them into groups.
+
+@dataclass(kw_only=True)
+class KeptRollout:
+    """A fast-round rollout kept as RL data (fast.reuse): plain lists, so it lives on the CPU and in the
+    checkpoint's JSON, never as model tensors."""
+    problem: dict
+    prompt_id: int              # the pool prompt it was sampled under; -1: a child that never joined the pool
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]       # the sampler's (the behaviour policy's): the loss's old_logp
+    finish_reason: str
+    text: str
+    reward: float
+    feedback: str
+    sampled_at: int             # the step whose weights sampled it (a round after step t: t + 1)
+    due: int                    # the step that trains it
+
+
+REUSED_PHASES = {"none": (), "pool": ("pool",), "all": ROUND_PHASES}
+
+
+def keep_round_rollouts(scored: list, pool: PromptPool, step: int, max_age: int) -> list[KeptRollout]:
+    """The rollouts a fast round after `step` scored, [(context, problem, result)], as RL data for the
+    next max_age + 1 steps: one group per problem (every context that answered it), the groups dealt
+    round-robin over those steps so that each trains once and none is older than max_age updates."""
+    prompt_of = {pool.context(p): p.id for p in pool}
+    by_problem: dict[str, list] = {}
+    for context, problem, result in scored:
+        if len(result) > 3 and result[3] is not None:   # a scripted evaluate has no tokens to train on
+            by_problem.setdefault(str(problem["id"]), []).append((context, problem, result))
+    kept = []
+    for n, rows in enumerate(by_problem.values()):
+        for context, problem, (text, reward, feedback, sampled) in rows:
+            kept.append(KeptRollout(problem=problem, prompt_id=prompt_of.get(context, -1),
+                                    prompt_ids=list(sampled.prompt_ids), completion_ids=list(sampled.completion_ids),
+                                    logprobs=list(sampled.logprobs), finish_reason=sampled.finish_reason, text=text,
+                                    reward=float(reward), feedback=feedback, sampled_at=step + 1,
+                                    due=step + 1 + n % (max_age + 1)))
+    return kept
+
+
+def due_rollouts(kept: list[KeptRollout], step: int, max_age: int) -> tuple[list[KeptRollout], list[KeptRollout]]:
+    """(the kept rollouts to train at `step`, the ones left for later). One past its due step or older
+    than max_age updates is dropped: a reused rollout trains at most once, and never stale."""
+    now = [k for k in kept if k.due == step and step - k.sampled_at <= max_age]
+    return now, [k for k in kept if k.due > step]
+
+
+def kept_groups(kept: list[KeptRollout]) -> list[list[KeptRollout]]:
+    """The kept rollouts by problem, in order: the groups of two or more (one alone has no advantage)."""
+    groups: dict[str, list[KeptRollout]] = {}
+    for k in kept:
+        groups.setdefault(str(k.problem["id"]), []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def kept_as_rollouts(rows: list[KeptRollout]):
+    """The rows as rollout.Rollouts, to join a step's own (sampled earlier: no tokens run now)."""
+    import rollout
+    return rollout.Rollouts(prompt_index=[-1] * len(rows), prompt_ids=[k.prompt_ids for k in rows],
+                            completion_ids=[k.completion_ids for k in rows], logprobs=[k.logprobs for k in rows],
+                            finish_reasons=[k.finish_reason for k in rows], texts=[k.text for k in rows])
+
+
 # ---------------------------------------------------------------- model-backed adapters
+def measure_accuracy(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, temperature,
+                     top_p=1.0, generator=None, use_adapter=True, stop=(), batch_size=None, max_rows=None,
+                     dist=None) -> dict:
+    """k samples per problem in one rollout.sample call (in waves of max_rows samples). mean@k = mean reward over all
+    n*k samples; accuracy = fraction of those samples with reward >= 1 (differs from mean@k when a
+    task gives partial credit, e.g. arithmetic's format_reward); pass@k = fraction of problems with
+    at least one sample of reward >= 1. Under torchrun (dist, an infra.Dist) each rank samples its
+    slice of the problems and every rank returns the numbers over all of them. Training's validation and
+    eval.py (as eval.evaluate) both measure with it."""
+    import rewards
+    import rollout                                   # lazy: the core above needs no model stack
+    dist = dist or infra.Dist()
+    if not problems:
+        return {"mean_at_k": float("nan"), "accuracy": float("nan"), "pass_at_k": float("nan"), "n": 0, "k": k}
+    mine = dist.shard(list(range(len(problems))))
+    scored = []  # (problem index, reward) of every sample this rank drew
+    if mine:
+        context = as_context(system_prompt)  # a plain prompt, or instruction + worked examples
+        prompts = [rollout.encode_chat(tok, context.messages(task, problems[i])) for i in mine]
+        with rollout.weights(model, use_adapter):  # rollout.sample runs in eval mode and restores the model's mode
+            ro = rollout.sample(model, tok, prompts, [k] * len(prompts), max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, stop=list(stop),
+                                generator=generator, batch_size=batch_size, max_rows=max_rows)
+        scored = [(mine[j], rewards.score_completion(task, problems[mine[j]], text)[0])
+                  for j, text in zip(ro.prompt_index, ro.texts)]
+    scored = dist.gather(scored)
+    reward = [r for _, r in scored]
+    solved = {i for i, r in scored if r >= 1.0}
+    return {"mean_at_k": sum(reward) / len(reward), "accuracy": sum(r >= 1.0 for r in reward) / len(reward),
+            "pass_at_k": len(solved) / len(problems), "n": len(problems), "k": k}
+
+
 def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: float = 1.0,
                   top_p: float = 1.0, stop=(), generator=None, max_rows: int | None = None) -> Evaluate:
     """evaluate() for fast_round: all pairs in ONE rollout.sample call, graded by the task. Sample as

@@ -11,10 +11,10 @@ reflective mutation, with the same model in the same process as critic (adapter 
 `mode: rl | fst | gepa` picks the paper's arms: slow only, both, fast only.
 
 What this file is, and what was simplified on purpose:
-- One optimiser step per batch; the "old" log-probs are the sampler's own (the policy that generated
-  each token, recorded while sampling: no extra forward pass). On a fresh batch the ratio is 1 up to
-  the two passes' rounding; on the fast round's rollouts trained later (fast.reuse) it corrects their
-  lag, truncated by CISPO's tau or clipped by PPO's eps. Multi-epoch PPO reuse is left out.
+- One optimiser step per batch; the "old" log-probs are the sampler's own (recorded while sampling: no
+  extra pass). On a fresh batch the ratio is 1 up to the two passes' rounding (train.tis_cap corrects
+  that gap in bf16); on the fast round's rollouts trained later (fast.reuse) it corrects their lag,
+  truncated by CISPO's tau or clipped by PPO's eps. Multi-epoch PPO reuse is left out.
 - The reference model for KL is the same weights with the adapter disabled; never a second copy.
   KL to base is always measured (k3 estimator on the sampled tokens, using the sampler's own
   log-probs, so it costs one no-grad base forward), and added to the loss when kl_coef > 0.
@@ -25,7 +25,6 @@ Layout: config -> the RL math (a loss is one registered function) -> the step's 
 """
 from __future__ import annotations
 
-import argparse
 import bisect
 import dataclasses
 import functools
@@ -44,56 +43,16 @@ import context_opt
 import infra
 import rewards
 import rollout
-from context_opt import FastConfig
-from infra import ConfigError, Dist, LogConfig, ModelConfig
-
-load_model = infra.load_model  # kept here for one release: it moved to infra.py (README: Layout)
-
+from context_opt import REUSED_PHASES, FastConfig, KeptRollout, due_rollouts, keep_round_rollouts
+from infra import ConfigError, Dist, LogConfig, ModelConfig, train_row
+from rewards import StageConfig, TaskConfig, make_task
+from rollout import SamplingConfig
 
 # ----------------------------------------------------------------------------------------------
 # Config: one dataclass tree from YAML, checked at start-up (infra.load_config). Defaults follow the paper
-# (fst-method.md) unless a comment says why not. `ranges` gives every number its allowed values (">= 1",
-# "(0, 1]", "any"); a new numeric key needs its line there (tests/test_config.py checks none is missing).
-
-@dataclass
-class TaskConfig:
-    name: str = "gsm8k"  # a name registered in rewards.py
-    system_prompt: str = ""  # the seed prompt; "" = the task's own default
-    train_path: str | None = None  # gsm8k: local JSONL; null = hub openai/gsm8k
-    test_path: str | None = None
-    seed: int = 0  # procedural tasks: which problems get generated
-    options: dict = field(default_factory=dict)  # any other keyword of the task's constructor (gsm8k: dataset)
-
-    ranges = {"seed": "any"}
-
-
-@dataclass
-class StageConfig(TaskConfig):
-    steps: int = 100  # continual learning: steps on this stage; a stage takes the task.* keys too
-
-    ranges = TaskConfig.ranges | {"steps": ">= 1"}
-
-
-@dataclass
-class SamplingConfig:
-    group_size: int = 8  # G rollouts per problem
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)  # extra stop strings besides EOS
-    # (ours) rows one sampler call decodes at once; a call with more (validation: n x k) runs in waves.
-    # The memory knob of sampling: its KV cache is rows x (prompt + new tokens) (`fst.py --plan`).
-    max_rows: int = 256
-
-    ranges = {"group_size": ">= 2",  # a group of one has no variance: every group would be dropped
-              "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]",  # temperature 0 = greedy
-              "max_rows": ">= 1"}
-
-    def generation(self) -> dict:
-        """The keywords rollout.sample takes, as every rollout of the run is sampled."""
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "stop": list(self.stop), "max_rows": self.max_rows}
-
+# (fst-method.md) unless a comment says why not. `ranges` gives every number its allowed values; a new
+# numeric key needs its line there (tests/test_config.py checks). A section lives beside the code it
+# configures: task (rewards), sampling (rollout), fast (context_opt), model and log (infra); train, eval here.
 
 @dataclass
 class TrainConfig:
@@ -109,9 +68,7 @@ class TrainConfig:
     clip_eps: float = 0.2  # grpo / dr_grpo ratio clip, and dapo's lower clip
     dapo_clip_high: float = 0.28  # dapo's "clip-higher"
     kl_coef: float = 0.001  # KL(pi || base) penalty; KL is measured whatever this is
-    # (ours) truncated importance sampling for the sampler-trainer gap (bf16): > 0 takes a fresh row's
-    # ratio against the trainer's own log-probs and weights each token by min(pi_train / pi_sampler, this);
-    # 0 = off, the ratio against the sampler's. Reused rows always use the sampler's (see truncated_is)
+    # (ours) truncated importance sampling for the bf16 sampler-trainer gap (truncated_is); 0 = off
     tis_cap: float = 0.0
     micro_batch: int = 16  # rollouts per forward/backward (memory knob; the math is unchanged)
     logprob_chunk: int = 64  # completion positions per lm_head chunk
@@ -123,8 +80,8 @@ class TrainConfig:
     ranges = {"steps": ">= 1", "batch_size": ">= 1", "lr": "> 0", "warmup_steps": ">= 0", "betas": "[0, 1)",
               "weight_decay": ">= 0", "max_grad_norm": ">= 0", "cispo_tau": "> 0",
               "clip_eps": "(0, 1)",  # the ratio is clipped to [1 - eps, 1 + eps]: 1 - eps must stay > 0
-              "dapo_clip_high": "> 0", "kl_coef": ">= 0", "tis_cap": ">= 0", "micro_batch": ">= 1", "logprob_chunk": ">= 1",
-              "seed": "any", "save_every": ">= 1", "log_samples": ">= 0"}
+              "dapo_clip_high": "> 0", "kl_coef": ">= 0", "tis_cap": ">= 0", "micro_batch": ">= 1",
+              "logprob_chunk": ">= 1", "seed": "any", "save_every": ">= 1", "log_samples": ">= 0"}
 
     def check(self, prefix: str) -> None:
         """What `ranges` cannot say: the loss is registered, betas is a pair."""
@@ -187,17 +144,12 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: floa
 # normaliser: (mask [R, T] float, group [R], max_new_tokens, total) -> weights [R, T], loss = sum(weights
 # * per_token), precomputed over the whole batch so micro-batches add up to exactly the full-batch loss.
 # Under torchrun each rank holds whole groups; `total` (Dist.total) sums a count over ranks, so the
-# normalisers are the one-process ones.
-
-def count(n) -> torch.Tensor:
-    """A count for Dist.total, as a CPU scalar (bookkeeping; a 0-dim CPU tensor divides a GPU one)."""
-    return torch.tensor(float(n), device="cpu")
-
+# normalisers are the one-process ones. `group` and the counts are CPU bookkeeping (a 0-dim CPU tensor
+# divides a GPU one); sums over the mask stay on its device.
 
 def per_group_token_mean(mask, group, max_new_tokens, total):
-    """Token mean within each group, then mean over groups (CISPO, the paper). `group` is bookkeeping on
-    the CPU; the per-group token counts are summed on the mask's device."""
-    n_groups = total(count(group.unique().numel()))
+    """Token mean within each group, then mean over groups (CISPO, the paper)."""
+    n_groups = total(torch.tensor(float(group.unique().numel()), device="cpu"))
     index = group.to(mask.device)
     tokens_per_group = mask.new_zeros(int(group.max()) + 1 if len(group) else 0).index_add_(0, index, mask.sum(1))
     return mask / tokens_per_group[index][:, None].clamp(min=1) / n_groups
@@ -205,12 +157,12 @@ def per_group_token_mean(mask, group, max_new_tokens, total):
 
 def per_sequence_mean(mask, group, max_new_tokens, total):
     """Mean over each sequence's tokens, then over sequences (GRPO)."""
-    return mask / mask.sum(1, keepdim=True).clamp(min=1) / total(count(mask.shape[0]))
+    return mask / mask.sum(1, keepdim=True).clamp(min=1) / total(torch.tensor(float(mask.shape[0]), device="cpu"))
 
 
 def constant_normaliser(mask, group, max_new_tokens, total):
     """A constant: max_new_tokens x rows, so no length bias (Dr. GRPO)."""
-    return mask / (max_new_tokens * total(count(mask.shape[0])))
+    return mask / (max_new_tokens * total(torch.tensor(float(mask.shape[0]), device="cpu")))
 
 
 def per_token_mean(mask, group, max_new_tokens, total):
@@ -334,8 +286,7 @@ def plan_rollouts(tok, task, problems: list[dict], pool: context_opt.PromptPool,
 
 @dataclass(kw_only=True)
 class Experience:
-    """One step's rollouts, everything row-aligned: row r is rollout r (R = B * G rows, the G rows of
-    each problem together)."""
+    """One step's rollouts, row-aligned: row r is rollout r (R = B * G rows, each problem's G together)."""
     problems: list[dict]              # the B problems
     group: torch.Tensor               # [R] long: the problem row r answers
     prompt_id: list[int]              # [R] the pool prompt row r was sampled under
@@ -389,74 +340,18 @@ def collate_rollouts(ro: rollout.Rollouts, pad_id: int, device) -> tuple[rollout
     return batch, sampler_logp
 
 
-@dataclass(kw_only=True)
-class KeptRollout:
-    """A fast-round rollout kept as RL data (fast.reuse): plain lists, so it lives on the CPU and in the
-    checkpoint's JSON, never as model tensors."""
-    problem: dict
-    prompt_id: int              # the pool prompt it was sampled under; -1: a child that never joined the pool
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    logprobs: list[float]       # the sampler's (the behaviour policy's): the loss's old_logp
-    finish_reason: str
-    text: str
-    reward: float
-    feedback: str
-    sampled_at: int             # the step whose weights sampled it (a round after step t: t + 1)
-    due: int                    # the step that trains it
-
-
-REUSED_PHASES = {"none": (), "pool": ("pool",), "all": context_opt.ROUND_PHASES}
-
-
-def keep_round_rollouts(scored: list, pool: context_opt.PromptPool, step: int, max_age: int) -> list[KeptRollout]:
-    """The rollouts a fast round after `step` scored, [(context, problem, result)], as RL data for the
-    next max_age + 1 steps: one group per problem (every context that answered it), the groups dealt
-    round-robin over those steps so that each trains once and none is older than max_age updates."""
-    prompt_of = {pool.context(p): p.id for p in pool}
-    by_problem: dict[str, list] = {}
-    for context, problem, result in scored:
-        if len(result) > 3 and result[3] is not None:   # a scripted evaluate has no tokens to train on
-            by_problem.setdefault(str(problem["id"]), []).append((context, problem, result))
-    kept = []
-    for n, rows in enumerate(by_problem.values()):
-        for context, problem, (text, reward, feedback, sampled) in rows:
-            kept.append(KeptRollout(problem=problem, prompt_id=prompt_of.get(context, -1),
-                                    prompt_ids=list(sampled.prompt_ids), completion_ids=list(sampled.completion_ids),
-                                    logprobs=list(sampled.logprobs), finish_reason=sampled.finish_reason, text=text,
-                                    reward=float(reward), feedback=feedback, sampled_at=step + 1,
-                                    due=step + 1 + n % (max_age + 1)))
-    return kept
-
-
-def due_rollouts(kept: list[KeptRollout], step: int, max_age: int) -> tuple[list[KeptRollout], list[KeptRollout]]:
-    """(the kept rollouts to train at `step`, the ones left for later). One past its due step or older
-    than max_age updates is dropped: a reused rollout trains at most once, and never stale."""
-    now = [k for k in kept if k.due == step and step - k.sampled_at <= max_age]
-    return now, [k for k in kept if k.due > step]
-
-
 def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool, pad_id: int, device,
                 dist: Dist = Dist()) -> Experience:
     """Step 4b (fast.reuse): the step's experience plus the fast round's rollouts due now, as extra groups:
     per problem the rollouts of every context, advantages once per problem across them (group_advantages),
     as FST mixes contexts within a group. Under torchrun each rank takes its share of the groups."""
-    groups: dict[str, list[KeptRollout]] = {}
-    for k in kept:
-        groups.setdefault(str(k.problem["id"]), []).append(k)
-    mine = dist.shard([g for g in groups.values() if len(g) > 1])  # one rollout alone has no advantage
+    mine = dist.shard(context_opt.kept_groups(kept))  # whole groups, by problem
     if not mine:
         return exp
     advantages, keeps = zip(*(group_advantages(torch.tensor([[k.reward for k in g]], device="cpu"), scale_by_std)
                               for g in mine))
     rows = [k for g in mine for k in g]
-    ro = exp.rollouts
-    joined = rollout.Rollouts(
-        prompt_index=ro.prompt_index + [-1] * len(rows), prompt_ids=ro.prompt_ids + [k.prompt_ids for k in rows],
-        completion_ids=ro.completion_ids + [k.completion_ids for k in rows],
-        logprobs=ro.logprobs + [k.logprobs for k in rows], finish_reasons=ro.finish_reasons + [k.finish_reason for k in rows],
-        texts=ro.texts + [k.text for k in rows], prefill_tokens=ro.prefill_tokens, decode_tokens=ro.decode_tokens,
-        seconds=ro.seconds)
+    joined = exp.rollouts + context_opt.kept_as_rollouts(rows)  # the kept rows after the step's own
     batch, sampler_logp = collate_rollouts(joined, pad_id, device)
     first = len(exp.problems)
     return Experience(
@@ -507,12 +402,12 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
     """Step 6: one optimiser step on the rows of the kept groups (all rows with tc.keep_equal_groups),
     in micro-batches whose losses add up to the full-batch loss (token_weights over the whole batch);
     a micro-batch holds rows that share prompts and context prefixes (rollout.micro_batches).
-    The guard may skip it (non-finite) or stop the run (no gradient flow; three bad in a row).
-    Under torchrun every rank backpropagates its own rows, the gradients are summed over ranks, and
-    every rank takes the same step (a rank with no rows to train still joins the sums)."""
+    The guard may skip it (non-finite) or stop the run (no gradient flow; three bad in a row). Under
+    torchrun each rank backpropagates its own rows, gradients are summed, every rank takes the same step
+    (a rank with no rows to train joins the sums without a forward pass)."""
     group, mask = exp.group, exp.batch.completion_mask
     train_rows = torch.arange(len(group), device="cpu") if tc.keep_equal_groups else exp.keep[group].nonzero().view(-1)
-    if not dist.total(count(len(train_rows))):  # no rank has a row to train: no step at all
+    if not dist.total(torch.tensor(float(len(train_rows)), device="cpu")):  # no rank has a row to train: no step
         return UpdateStats()
     model.train()
     weights = token_weights(tc.loss, mask[train_rows], group[train_rows], max_new_tokens, batch_total=dist.total)
@@ -552,37 +447,6 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
                        tis_capped=tis_capped / tis_tokens if tis_tokens else None)
 
 
-def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: UpdateStats, lr: float,
-              seconds: dict, dist: Dist = Dist()) -> dict:
-    """Step 7: the step's metrics.jsonl row from what the phases returned (`seconds`: the base pass and
-    the update; the loop adds the counters and the fast round's time before writing it). Under torchrun
-    the per-rollout numbers of every rank are gathered first, so the row describes the whole batch."""
-    ranks = dist.gather([{"reward": exp.reward.tolist(), "length": exp.batch.completion_mask.sum(1).tolist(),
-                          "finish": exp.rollouts.finish_reasons, "keep": exp.keep.tolist(),
-                          "prompt_id": exp.prompt_id, "decode_tokens": exp.rollouts.decode_tokens,
-                          "seconds_sampling": exp.seconds_sampling}])
-    every = lambda key: [x for r in ranks for x in r[key]]  # noqa: E731
-    reward, lengths, finish = torch.tensor(every("reward")), torch.tensor(every("length")), every("finish")
-    keep, prompt_id = torch.tensor(every("keep")), every("prompt_id")
-    seconds_sampling = max(r["seconds_sampling"] for r in ranks)  # the slowest rank sets the pace
-    return {
-        "kind": "train", "step": step, "mode": cfg.mode, "task": task.name,
-        "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
-        "accuracy": (reward >= 1.0).float().mean().item(), "kl_to_base": kl, "loss": upd.loss, "entropy": upd.entropy,
-        "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
-        "truncation_rate": sum(f == "length" for f in finish) / len(finish),
-        "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr, "update_skipped": upd.skipped,
-        "ratio_dev": upd.ratio_dev, "tis_weight": upd.tis_weight, "tis_capped": upd.tis_capped,
-        "rows_trained": upd.rows,
-        "reused_share": upd.rows_reused / upd.rows if upd.rows else 0.0,  # trained rows from the fast loop
-        "seconds_sampling": seconds_sampling, "seconds_base_kl": seconds["seconds_base_kl"],
-        "seconds_training": seconds["seconds_training"],
-        "tokens_per_s": sum(r["decode_tokens"] for r in ranks) / max(seconds_sampling, 1e-9),
-        "reward_by_prompt": {pid: reward[[i for i, p in enumerate(prompt_id) if p == pid]].mean().item()
-                             for pid in sorted(set(prompt_id))},
-    }
-
-
 def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> float:
     """Step 8 (fst, gepa; every T steps): evolve the pool on the problems of the next T batches (the
     anchor set), the same model as critic; logs the round's "fast" row and returns its seconds. Under
@@ -603,7 +467,8 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
     with rollout.eval_mode(run.model), infra.RoundProgress(step, run.dist.is_main) as progress:
         stats = context_opt.fast_round(run.pool, anchors, cfg.fast, evaluate=evaluate, reflect=reflect, step=step,
                                        rng=random.Random(infra.seed_for("fast_choices", cfg.train.seed, step)),
-                                       demo_buffer=run.demo_buffer, progress=progress, on_rollouts=keep)
+                                       demo_buffer=run.demo_buffer, progress=progress, on_rollouts=keep,
+                                       task_questions=task.example_questions())
     run.kept = keep_round_rollouts(scored, run.pool, step, cfg.fast.reuse_max_age)
     if run.dist.is_main:
         tqdm.write(f"[fst] {context_opt.round_report(stats)}", file=sys.stderr)
@@ -612,9 +477,8 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
         run.pool = context_opt.PromptPool.from_json(run.dist.from_main(run.pool.to_json()))
     if run.dist.is_main:
         run.pool.save(run.run_dir / "pool" / f"step_{step:06d}.json")
-    seconds = time.perf_counter() - t0
     log({"kind": "fast", **stats, **run.totals})
-    return seconds
+    return time.perf_counter() - t0
 
 
 def validate(cfg: Config, run: Run, step: int, log) -> dict:
@@ -622,7 +486,6 @@ def validate(cfg: Config, run: Run, step: int, log) -> dict:
     `step` here counts the updates done so far: 0 is the model before training. Under torchrun the
     problems are split over ranks (eval.evaluate gathers the results). Returns the last accuracy
     measured, for the progress bar: {"val_acc": "0.42"}."""
-    import eval as evaluation  # eval.py imports this file: at the top this import would be circular
     contexts = {"seed": context_opt.as_context(run.seed_prompt)}
     if cfg.mode != "rl":
         contexts["best"] = run.pool.context(run.pool.best())
@@ -632,8 +495,8 @@ def validate(cfg: Config, run: Run, step: int, log) -> dict:
             key = repr(context.messages(task, problems[0]))
             if key not in measured:
                 gen = run.dist.generator(run.device, infra.seed_for("validation", cfg.train.seed))
-                measured[key] = evaluation.evaluate(run.model, run.tok, task, problems, context, k=cfg.eval.k,
-                                                    **cfg.sampling.generation(), generator=gen, dist=run.dist)
+                measured[key] = context_opt.measure_accuracy(run.model, run.tok, task, problems, context, k=cfg.eval.k,
+                                                             **cfg.sampling.generation(), generator=gen, dist=run.dist)
             acc = measured[key]
             log({"kind": "eval", "step": step, "task": name, "prompt": which, **acc, **run.totals})
     return {"val_acc": f"{acc['accuracy']:.2f}"} if run.val_sets else {}
@@ -701,12 +564,7 @@ class Run:
     def restore(self, ckpt: Path):
         """Continue from `ckpt`: optimiser, scheduler, data positions, RNG, pool and counters as saved
         (train's RunLog then drops the log lines written after it)."""
-        state = infra.load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for stream, s in zip(self.streams, state["streams"]):
-            stream.load_state_dict(s)
-        infra.set_rng_state(state["rng"])
+        state = infra.restore_trainer_state(ckpt, self.optimizer, self.scheduler, self.streams)
         self.pool = context_opt.PromptPool.load(ckpt / "pool.json")
         self.totals, self.demo_buffer, self.start = state["totals"], state["demo_buffer"], state["step"] + 1
         self.totals.setdefault("rollouts_reused", 0)                       # a checkpoint from before fast.reuse
@@ -720,11 +578,6 @@ def make_optimizer(model, tc: TrainConfig):
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     warmup = max(1, tc.warmup_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-
-
-def make_task(tc: TaskConfig):
-    """The task of a config's task section (or a schedule stage)."""
-    return rewards.task_from_config(tc.name, tc.seed, tc.train_path, tc.test_path, tc.options)
 
 
 def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config",
@@ -764,7 +617,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
     torchrun every rank runs it on its slice of each batch, sums where numbers are made; rank 0 writes."""
     run, val = start_run(cfg, run_dir, resume, config_name, dist), {}
     with infra.RunLog(run_dir, cfg.log, infra.config_to_dict(cfg), run.start, dist.is_main,
-                      on_close=functools.partial(say_summary, run_dir)) as log, \
+                      on_close=functools.partial(infra.print_summary, run_dir, context_opt.best_of_run)) as log, \
             infra.checkpoint_on_interrupt(run.checkpoint, run_dir) as progress:
         # Before the first step; on resume, the validation a crash cut off after its step's checkpoint.
         if validation_due(cfg, run.start, run.total_steps) and not infra.logged(run_dir, "eval", run.start):
@@ -822,33 +675,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
     return run_dir
 
 
-def say_summary(run_dir: Path) -> None:
-    """The end of every run, an interrupted one too: eval.py's summary, printed and saved (summary.json)."""
-    import eval as evaluation  # eval.py imports this file: at the top this import would be circular
-    print(evaluation.summarize(run_dir), file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config (a name like gsm8k.yaml also finds configs/gsm8k.yaml)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set train.steps=20 (repeatable)")
-    ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    ap.add_argument("--trust-old-checkpoint", action="store_true", help="also read pre-2026-12 checkpoints (README)")
-    ap.add_argument("--help-config", action="store_true",
-                    help="print every config key with its default and meaning (the README's table) and exit")
-    ap.add_argument("--plan", action="store_true", help="print the memory plan (peak GPU memory of each phase) and exit")
-    ap.add_argument("--gpu-gib", type=float, metavar="N", help="--plan for a card of N GiB (default: this one's, or 24)")
-    args = ap.parse_args(argv)
+    args = infra.command_line(argv, description=__doc__)  # --config/--resume, --set, --plan, --help-config
     if args.help_config:
         print(infra.config_table(Config))
         return
-    if not args.config and not args.resume:
-        ap.error("give --config (a new run) or --resume RUN_DIR")
     if args.plan:
         return infra.print_memory_plan(args, load_config)
     dist = infra.init_distributed()  # torchrun: join the other ranks (every rank runs all of main)

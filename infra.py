@@ -9,6 +9,7 @@ rollout.py, rewards.py and eval.py read like the method. It imports none of them
   bitsandbytes), with the workarounds GGUF and bitsandbytes need.
 - torchrun: `Dist`, the few collectives the loop needs.
 - Update guards, checkpoints and resume, trackers (live curves), the run's log files, Ctrl-C.
+- The end-of-run summary, read from the run folder's files (metrics.jsonl; the best context comes in).
 - The memory plan (`fst.py --plan`): each phase's peak GPU memory from the config and the model's shapes.
 - A chat model behind an OpenAI-compatible endpoint (fast.reflector: openai:<model>).
 - Start-up checks of paths, tasks, the memory plan and a reflector endpoint.
@@ -886,6 +887,18 @@ def load_trainer_state(ckpt: Path) -> dict:
                     "demo_buffer": [tuple(d) for d in state["demo_buffer"]]}
 
 
+def restore_trainer_state(ckpt: Path, optimizer, scheduler, streams) -> dict:
+    """Load `ckpt`'s trainer state into the optimiser, the scheduler and the data streams, and set the
+    RNGs as saved; returns the state for the rest (step, counters, demo buffer, kept rollouts)."""
+    state = load_trainer_state(ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    for stream, saved in zip(streams, state["streams"]):
+        stream.load_state_dict(saved)
+    set_rng_state(state["rng"])
+    return state
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why a checkpoint folder cannot be resumed from (a file missing, unreadable or not plain data), or
     None. An old-format trainer state is not a problem here: whoever loads it says what to do."""
@@ -1175,6 +1188,37 @@ class Trackers:
 
 
 
+def train_row(cfg, step: int, task, exp, kl: float, upd, lr: float, seconds: dict, dist: Dist = Dist()) -> dict:
+    """Step 7 of fst.py's loop: the step's metrics.jsonl row (RunLog.row writes it, the trackers plot it)
+    from what the phases returned: `exp` its Experience, `upd` its UpdateStats, `seconds` the base pass
+    and the update; the loop adds the counters and the fast round's time before writing it. Under
+    torchrun the per-rollout numbers of every rank are gathered first, so the row describes the batch."""
+    ranks = dist.gather([{"reward": exp.reward.tolist(), "length": exp.batch.completion_mask.sum(1).tolist(),
+                          "finish": exp.rollouts.finish_reasons, "keep": exp.keep.tolist(),
+                          "prompt_id": exp.prompt_id, "decode_tokens": exp.rollouts.decode_tokens,
+                          "seconds_sampling": exp.seconds_sampling}])
+    every = lambda key: [x for r in ranks for x in r[key]]  # noqa: E731
+    reward, lengths, finish = torch.tensor(every("reward")), torch.tensor(every("length")), every("finish")
+    keep, prompt_id = torch.tensor(every("keep")), every("prompt_id")
+    seconds_sampling = max(r["seconds_sampling"] for r in ranks)  # the slowest rank sets the pace
+    return {
+        "kind": "train", "step": step, "mode": cfg.mode, "task": task.name,
+        "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
+        "accuracy": (reward >= 1.0).float().mean().item(), "kl_to_base": kl, "loss": upd.loss, "entropy": upd.entropy,
+        "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
+        "truncation_rate": sum(f == "length" for f in finish) / len(finish),
+        "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr, "update_skipped": upd.skipped,
+        "ratio_dev": upd.ratio_dev, "tis_weight": upd.tis_weight, "tis_capped": upd.tis_capped,
+        "rows_trained": upd.rows,
+        "reused_share": upd.rows_reused / upd.rows if upd.rows else 0.0,  # trained rows from the fast loop
+        "seconds_sampling": seconds_sampling, "seconds_base_kl": seconds["seconds_base_kl"],
+        "seconds_training": seconds["seconds_training"],
+        "tokens_per_s": sum(r["decode_tokens"] for r in ranks) / max(seconds_sampling, 1e-9),
+        "reward_by_prompt": {pid: reward[[i for i, p in enumerate(prompt_id) if p == pid]].mean().item()
+                             for pid in sorted(set(prompt_id))},
+    }
+
+
 class RunLog:
     """A run's record: metrics.jsonl (a row per step, fast round and validation), samples.jsonl, and the
     trackers of log.report_to. Rank 0 alone writes; on the other ranks every call does nothing. A
@@ -1221,6 +1265,108 @@ class RunLog:
         self.trackers.close()
         if self.main and self.on_close is not None:
             self.on_close()
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """metrics.jsonl rows; rows without "kind" are train rows; a half-written last line is skipped."""
+    path = Path(run) / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def reflector_used(run: Path) -> dict | None:
+    """Which reflector wrote the run's proposals (fast.reflector, from its fast rows) and what it cost:
+    calls, tokens, seconds; an endpoint's also the model ids that answered and its failed calls (their
+    proposals skipped, reflector_error). None for a run without fast rounds (rl)."""
+    fast = [r for r in read_metrics(run) if r.get("kind") == "fast"]
+    if not fast:
+        return None
+    itemised = [c for r in fast for c in r.get("reflector_replies", [])]
+    return {"reflector": fast[-1].get("reflector", "unrecorded"), "calls": fast[-1].get("reflector_calls", 0),
+            "tokens": sum(r.get("reflector_tokens", 0) for r in fast),
+            "seconds": round(sum(r.get("seconds_reflecting", 0.0) for r in fast), 1),
+            "models": sorted({c["model"] for c in itemised}), "failed_calls": sum(bool(c["error"]) for c in itemised)}
+
+
+def reflector_line(used: dict) -> str:
+    """reflector_used() in words: openai:qwen (answered as qwen2.5-7b): 24 calls, 3100 tokens, 41 s, 1 failed
+    (reflector_error)."""
+    models = f" (answered as {', '.join(used['models'])})" if used["models"] else ""
+    failed = f", {used['failed_calls']} failed (reflector_error)" if used["failed_calls"] else ""
+    return (f"{used['reflector']}{models}: {used['calls']} calls, {used['tokens']} tokens, "
+            f"{used['seconds']:.0f} s{failed}")
+
+
+def summarize(run: Path, best_context: dict | None = None) -> str:
+    """What a run did, for the end of every run (an interrupted one too): held-out accuracy before ->
+    after (seed prompt and best context), KL to base, the best context and its lineage, where the wall
+    time went, and the commands to go on with. Written as RUN/summary.json; returns the text.
+    `best_context`: the pool's best (context_opt.best_of_run), None for a run without a pool."""
+    run, rows = Path(run), read_metrics(run)
+    train = [r for r in rows if r.get("kind", "train") == "train"]
+    if not train:
+        return f"[fst] {run}: no step finished, nothing to summarise"
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    held_out = {}
+    for r in evals:
+        cell = held_out.setdefault(r["task"], {}).setdefault(r["prompt"], {"before": r["accuracy"]})
+        cell |= {"after": r["accuracy"], "steps": [cell.get("steps", [r["step"]])[0], r["step"]],
+                 "n": r["n"], "k": r["k"]}
+    # {task: "seed" / "best" / "tie"}: which prompt did better at the last validation (the same problems
+    # and sampling draws for both); rl validates the seed prompt alone
+    better = {task: "best" if c["best"]["after"] > c["seed"]["after"] else
+              "seed" if c["seed"]["after"] > c["best"]["after"] else "tie"
+              for task, c in held_out.items() if {"seed", "best"} <= set(c)}
+    fast = sum(r.get("seconds_fast", 0.0) for r in train)
+    out = {"run": str(run), "steps_done": train[-1]["step"] + 1, "mode": train[-1]["mode"],
+           "held_out_accuracy": held_out, "better_at_end": better, "kl_to_base": train[-1]["kl_to_base"],
+           "best_context": best_context, "reflector": reflector_used(run),
+           "seconds": {"rl_steps": round(sum(r["seconds_step"] for r in train) - fast, 1),
+                       "fast_rounds": round(fast, 1), "fast_round_count": sum(r.get("kind") == "fast" for r in rows)},
+           "next": [f"python eval.py {run}", f"python eval.py compare {run} OTHER_RUN --out plots/",
+                    f"python eval.py export {run} --out DIR"]}
+    (run / "summary.json").write_text(json.dumps(out, indent=1))
+    return summary_text(out)
+
+
+def print_summary(run: Path, best_of_run) -> None:
+    """The end of every run, an interrupted one too: its summary, printed and saved (summary.json);
+    best_of_run(run) gives the pool's best context (context_opt.best_of_run)."""
+    print(summarize(run, best_of_run(run)), file=sys.stderr)
+
+
+PROMPT_NAMES = {"seed": "seed prompt", "best": "best context"}  # validation rows' "prompt" field, in words
+
+
+def summary_text(out: dict) -> str:
+    lines = [f"[fst] summary of {out['run']} ({out['mode']}, {out['steps_done']} steps):"]
+    for task, cells in out["held_out_accuracy"].items():
+        shown = ", ".join(f"{PROMPT_NAMES[which]} {c['before']:.2f} -> {c['after']:.2f}"
+                          for which, c in cells.items())
+        c = next(iter(cells.values()))
+        better = out.get("better_at_end", {}).get(task)
+        verdict = "" if better is None else "; at the end: a tie" if better == "tie" else \
+            f"; at the end the {PROMPT_NAMES[better]} did better"
+        lines.append(f"  held-out accuracy on {task} ({c['n']} problems x {c['k']}, steps {c['steps'][0]} -> "
+                     f"{c['steps'][1]}): {shown}{verdict}")
+    lines.append(f"  KL to base at the end: {out['kl_to_base']:.4f}")
+    if out["best_context"]:
+        b = out["best_context"]
+        first = " / ".join(b["instruction"].strip().splitlines()[:2])
+        lines.append(f"  best context: \"{first[:100]}\" + {b['demos']} worked example(s); lineage "
+                     f"{' -> '.join(b['lineage'])} (born at step {b['born_step']})")
+    if out.get("reflector"):
+        lines.append(f"  reflector: {reflector_line(out['reflector'])}")
+    t = out["seconds"]
+    lines.append(f"  wall time: {t['rl_steps'] / 60:.1f} min RL steps, {t['fast_rounds'] / 60:.1f} min in "
+                 f"{t['fast_round_count']} fast round(s) (validation not counted)")
+    lines += ["  next:"] + [f"    {cmd}" for cmd in out["next"]] + [f"  (also written to {out['run']}/summary.json)"]
+    return "\n".join(lines)
 
 
 class RoundProgress:
@@ -1803,6 +1949,26 @@ def check_paths_and_tasks(cfg, make_task) -> None:
                               f"config key '{key}.options': task {tc.name!r} refused them: {e}") from None
     if cfg.init_from:
         find_checkpoint(cfg.init_from, what="init_from: ")
+
+
+def command_line(argv=None, description: str = ""):
+    """fst.py's arguments: a new run (--config, --set) or a resumed one (--resume), or a look at the config
+    (--help-config, --plan [--gpu-gib N]); one of --config and --resume is needed for all but --help-config."""
+    import argparse
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML config (a name like gsm8k.yaml also finds configs/gsm8k.yaml)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set train.steps=20 (repeatable)")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    ap.add_argument("--trust-old-checkpoint", action="store_true", help="also read pre-2026-12 checkpoints (README)")
+    ap.add_argument("--help-config", action="store_true",
+                    help="print every config key with its default and meaning (the README's table) and exit")
+    ap.add_argument("--plan", action="store_true", help="print the memory plan (peak GPU memory of each phase) and exit")
+    ap.add_argument("--gpu-gib", type=float, metavar="N", help="--plan for a card of N GiB (default: this one's, or 24)")
+    args = ap.parse_args(argv)
+    if not args.help_config and not args.config and not args.resume:
+        ap.error("give --config (a new run) or --resume RUN_DIR")
+    return args
 
 
 def start_up(args, dist: Dist, load_config, make_task):

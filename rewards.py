@@ -9,6 +9,8 @@ ProblemStream feeds batches in a deterministic, resumable order.
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import inspect
 import json
 import operator
@@ -16,7 +18,9 @@ import random
 import re
 import threading
 from collections import Counter
+from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from string import Template
 
 from math_verify import parse, verify
@@ -63,6 +67,31 @@ def get_task(name: str, **options):
             raise TaskConfigError(f"options.{option}", f"task {name!r} takes no option {option!r}; "
                                   f"its options are: {', '.join(accepted) or 'none'}")
     return TASKS[name](**options)
+
+
+# The config's `task` section (fst.Config.task), and a stage of its continual `schedule`.
+@dataclass
+class TaskConfig:
+    name: str = "gsm8k"  # a name registered in rewards.py
+    system_prompt: str = ""  # the seed prompt; "" = the task's own default
+    train_path: str | None = None  # gsm8k: local JSONL; null = hub openai/gsm8k
+    test_path: str | None = None
+    seed: int = 0  # procedural tasks: which problems get generated
+    options: dict = field(default_factory=dict)  # any other keyword of the task's constructor (gsm8k: dataset)
+
+    ranges = {"seed": "any"}
+
+
+@dataclass
+class StageConfig(TaskConfig):
+    steps: int = 100  # continual learning: steps on this stage; a stage takes the task.* keys too
+
+    ranges = TaskConfig.ranges | {"steps": ">= 1"}
+
+
+def make_task(tc: TaskConfig):
+    """The task of a config's task section (or a schedule stage)."""
+    return task_from_config(tc.name, tc.seed, tc.train_path, tc.test_path, tc.options)
 
 
 def task_from_config(name: str, seed: int = 0, train_path: str | None = None, test_path: str | None = None,
@@ -132,6 +161,11 @@ class Task:
 
     def score(self, problem: dict, completion: str) -> tuple[float, str]:
         raise NotImplementedError
+
+    def example_questions(self) -> list[str]:
+        """The questions of the task's own worked examples, which every chat shows: an evolved instruction
+        must not paste one (context_opt's copies_question guard)."""
+        return []
 
 
 class GeneratedTask(Task):
@@ -312,17 +346,49 @@ def load_hub_dataset(name: str, config: str, split: str, required: tuple[str, ..
     except ImportError as e:
         raise ImportError(f"loading {name!r} needs the `datasets` package (pip install -r requirements.txt); "
                           "or pass local JSONL paths (task.train_path / task.test_path)") from e
+    # An unreachable hub: read the local cache only, so that a dataset not in it fails at once instead
+    # of after the hub client's retries (half a minute per split).
+    unreachable = not Path(name).exists() and not hub_reachable()
     try:
-        data = load_dataset(name, config, split=split)
+        with hub_offline() if unreachable else contextlib.nullcontext():
+            data = load_dataset(name, config, split=split)
     except Exception as e:  # no network, unknown id, missing split: say what was asked and the way out
-        reason = (str(e).strip().splitlines() or [""])[0]
+        reason = "the hub is unreachable and it is not in the local cache" if unreachable else \
+            f"{type(e).__name__}: " + (str(e).strip().splitlines() or [""])[0]
         raise RuntimeError(f"could not load {name!r} (config {config!r}, split {split!r}) with `datasets`: "
-                           f"{type(e).__name__}: {reason}. Offline? Pass local JSONL paths "
-                           "(task.train_path / task.test_path)") from e
+                           f"{reason}. Offline? Pass local JSONL paths (task.train_path / task.test_path)") from e
     missing = [c for c in required if c not in data.column_names]
     if missing:
         raise ValueError(f"{name} ({config}, {split}): missing column(s) {', '.join(missing)}")
     return [dict(row) for row in data]
+
+
+@functools.cache
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Does one request reach the Hugging Face hub (its endpoint, through the hub client's own session and
+    proxies)? Asked once per process; True in offline mode too (`datasets` then reads the cache itself)."""
+    import huggingface_hub
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        huggingface_hub.get_session().head(huggingface_hub.constants.ENDPOINT, timeout=timeout)
+    except Exception:  # no DNS, no route, a timeout: whatever the client raises, the hub is not there
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """`datasets` and the hub client in offline mode (cache only) for the block, as HF_HUB_OFFLINE=1 would
+    have set them at import."""
+    import datasets.config
+    import huggingface_hub
+    before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = before
 
 
 # ---------------------------------------------------------------- safe arithmetic on expressions
@@ -670,6 +736,9 @@ class ExampleTask(GeneratedTask):
         prompt = self.default_system_prompt if system_prompt is None else system_prompt
         return [{"role": "system", "content": prompt}, {"role": "user", "content": question},
                 {"role": "assistant", "content": solution}, {"role": "user", "content": problem["question"]}]
+
+    def example_questions(self) -> list[str]:
+        return [self.example[0]]
 
     def score(self, problem: dict, completion: str) -> tuple[float, str]:
         gold, given = problem["answer"], final_answer(completion)

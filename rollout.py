@@ -16,6 +16,7 @@ only its own suffix on top of the prefix's cache rows (plan_prefixes, _prefill_p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 from collections.abc import Mapping
@@ -26,6 +27,28 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+
+# The config's `sampling` section (fst.Config.sampling): how every rollout of a run is sampled.
+@dataclass
+class SamplingConfig:
+    group_size: int = 8  # G rollouts per problem
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)  # extra stop strings besides EOS
+    # (ours) rows one sampler call decodes at once; a call with more (validation: n x k) runs in waves.
+    # The memory knob of sampling: its KV cache is rows x (prompt + new tokens) (`fst.py --plan`).
+    max_rows: int = 256
+
+    ranges = {"group_size": ">= 2",  # a group of one has no variance: every group would be dropped
+              "max_new_tokens": ">= 1", "temperature": ">= 0", "top_p": "(0, 1]",  # temperature 0 = greedy
+              "max_rows": ">= 1"}
+
+    def generation(self) -> dict:
+        """The keywords rollout.sample takes, as every rollout of the run is sampled."""
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop": list(self.stop), "max_rows": self.max_rows}
 
 
 @contextlib.contextmanager
@@ -210,6 +233,11 @@ class Rollouts:
     prefill_tokens: int = 0                                         # prompt tokens run (shared ones once)
     decode_tokens: int = 0
     seconds: float = 0.0
+
+    def __add__(self, other: Rollouts) -> Rollouts:
+        """The rows of both, self's first; the counters (tokens run, seconds) add up."""
+        rows = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
+        return Rollouts(**rows)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -98,13 +98,14 @@ def give_demos(fst, context_opt, run_dir: Path, n: int) -> None:
     """Every pool member in the prep run's last checkpoint gets n gold worked examples (distinct train
     problems, bench/prefix_sharing.gold_demo), which the resumed sides then load with the pool."""
     import infra
+    import rewards
     from prefix_sharing import gold_demo
     cfg = fst.load_config(str(run_dir / "config.yaml"))
     if n > cfg.fast.max_demos:
         raise SystemExit(f"--demos {n} exceeds fast.max_demos={cfg.fast.max_demos}")
     ckpt = infra.latest_checkpoint(run_dir)
     pool = context_opt.PromptPool.load(ckpt / "pool.json")
-    problems = iter(random.Random(0).sample(fst.make_task(cfg.task).load("train"), n * len(pool)))
+    problems = iter(random.Random(0).sample(rewards.make_task(cfg.task).load("train"), n * len(pool)))
     for prompt in pool:
         prompt.demos = [list(gold_demo(next(problems))) for _ in range(n)]
     pool.save(ckpt / "pool.json")

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 import context_opt  # noqa: E402
 import fst  # noqa: E402
 import infra  # noqa: E402
+import rewards  # noqa: E402
 import rollout  # noqa: E402
 
 PHASES = ("sample", "base", "train")
@@ -115,7 +116,7 @@ def gold_demo(problem: dict) -> tuple[str, str]:
 
 def build_prompts(tok, cfg, a, target: int) -> tuple[list[list[int]], list[int]]:
     """K contexts of about `target` tokens x B test problems, problem-major -> (prompts, context of each)."""
-    task = fst.make_task(cfg.task)
+    task = rewards.make_task(cfg.task)
     problems = task.load("test")[:a.problems]
     train = task.load("train")
     contexts = []

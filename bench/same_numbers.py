@@ -69,7 +69,20 @@ def rows_of(path: Path) -> list:
 
 
 def _common(row, other):
-    return {k: v for k, v in row.items() if k in other} if isinstance(row, dict) and isinstance(other, dict) else row
+    """`row` without the fields `other` lacks, at any depth."""
+    if isinstance(row, dict) and isinstance(other, dict):
+        return {k: _common(v, other[k]) for k, v in row.items() if k in other}
+    return row
+
+
+def _fields_in_one(old, new, prefix: str = "") -> set[str]:
+    """The fields, at any depth (dotted), that only one of two rows writes, each marked with its side."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return set()
+    out = {f"{prefix}{k} ({'new' if k in new else 'old'})" for k in set(old) ^ set(new)}
+    for k in set(old) & set(new):
+        out |= _fields_in_one(old[k], new[k], f"{prefix}{k}.")
+    return out
 
 
 def compare(old: Path, new: Path) -> list[str]:
@@ -83,10 +96,9 @@ def compare(old: Path, new: Path) -> list[str]:
             lines.append(f"DIFFERENT {name}: only in {'new' if b.exists() else 'old'}")
             continue
         ra, rb = rows_of(a), rows_of(b)
-        # A field only one version writes (a new metric) is listed, not compared: the question is whether
-        # the numbers both versions compute agree.
-        only = sorted({f"{k} ({'new' if k in y else 'old'})" for x, y in zip(ra, rb) if isinstance(x, dict)
-                       for k in set(x) ^ set(y)})
+        # A field only one version writes (a new metric, a new counter inside one) is listed, not compared:
+        # the question is whether the numbers both versions compute agree.
+        only = sorted(set().union(*(_fields_in_one(x, y) for x, y in zip(ra, rb))))
         if only:
             lines.append(f"fields    {name}: only in one version, not compared: {', '.join(only)}")
             ra, rb = [_common(x, y) for x, y in zip(ra, rb)] + ra[len(rb):], [_common(y, x) for x, y in zip(ra, rb)] + rb[len(ra):]

@@ -31,7 +31,7 @@ import rollout  # noqa: E402
 
 
 def prompts_for(cfg, tok, n: int) -> list[list[int]]:
-    task = fst.make_task(cfg.task)
+    task = rewards.make_task(cfg.task)
     problems = task.load("test")[:n]
     prompt = rewards.seed_prompt(task, cfg.task.system_prompt)   # "" = the task's own prompt, as fst.py does
     return [rollout.encode_chat(tok, task.messages(p, prompt)) for p in problems]

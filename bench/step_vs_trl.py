@@ -98,7 +98,7 @@ def trl_child(a):
 
     torch.set_num_threads(a.threads)
     cfg = fst.load_config("tiny.yaml")
-    task = fst.make_task(cfg.task)
+    task = rewards.make_task(cfg.task)
     stream = rewards.ProblemStream(task.load("train"), 1, infra.seed_for("stream", cfg.train.seed))  # fst's order
     rows = [dict(p, prompt=task.messages(p, rewards.seed_prompt(task, cfg.task.system_prompt)))
             for p in (stream.next_batch()[0] for _ in range(a.warmup + a.steps))]

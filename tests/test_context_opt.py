@@ -14,6 +14,7 @@ import pytest
 
 import context_opt as co
 import infra
+import rewards
 from conftest import GSM8K_TEST
 from context_opt import Prompt, PromptPool, fast_round
 
@@ -153,6 +154,31 @@ def test_guards_let_a_good_proposal_through():
     assert co.check_proposal(parent + "\nCheck units.", parent, [ANCHOR_Q], 5000) is None
 
 
+# The README's tiny run accepted this reflection: a training question pasted into the instruction.
+PASTED_REPLY = fenced("Answer the question.\nWhat is 24 + 7?")
+
+
+def test_an_instruction_carrying_a_question_the_round_has_seen_is_rejected():
+    seen = ["Which number is smaller, 83 or 38?", "What is 24 + 7?"]
+    assert co.vet_reflection(PASTED_REPLY, SEED, [ANCHOR_Q], 500, seen) == (None, "copies_question")
+    assert co.vet_reflection(PASTED_REPLY, SEED, [ANCHOR_Q], 500) == ("Answer the question.\nWhat is 24 + 7?", None)
+    # the task's own worked example counts too
+    add = rewards.get_task("add")
+    example = fenced(f"Answer the question. For instance: {add.example_questions()[0]}")
+    assert co.vet_reflection(example, SEED, [], 500, add.example_questions()) == (None, "copies_question")
+    assert rewards.get_task("gsm8k").example_questions() == []
+
+
+@pytest.mark.parametrize("where", ["demo_buffer", "task_questions"])
+def test_fast_round_rejects_a_reflection_pasting_a_demo_buffer_or_task_example_question(where):
+    seen = {"id": "old", "question": "What is 24 + 7?", "answer": "31"}
+    known = {"demo_buffer": [(seen, "24 + 7 = 31.\nAnswer: 31", 1.0)]} if where == "demo_buffer" else \
+        {"task_questions": [seen["question"]]}
+    stats = fast_round(PromptPool(SEED), problems(4), settings(4, 40, patience=3, wave=1), evaluate=scorer(magic),
+                       reflect=each(lambda _: PASTED_REPLY), step=6, rng=random.Random(0), **known)
+    assert stats["accepted"] == 0 and stats["rejected"]["copies_question"] == 3
+
+
 def test_extract_prompt_takes_the_last_closed_block():
     assert co.extract_prompt("```\ndraft\n```\nbetter:\n```markdown\nfinal\n```") == "final"
     assert co.extract_prompt("````\nouter\n```python\nx = 1\n```\n````") == "outer\n```python\nx = 1\n```"
@@ -226,7 +252,8 @@ def test_garbage_reflector_leaves_pool_unchanged_and_counts_reasons(wave):
     assert stats["proposals"] == 12 and stats["metric_calls"] == 4        # patience ends the round
     assert stats["waves"] == 12 // wave
     assert stats["rejected"] == {"empty": 2, "no_fence": 2, "too_long": 2, "thinking": 2, "same_as_parent": 2,
-                                 "duplicate": 0, "copies_anchor": 2, "copies_example": 0, "not_better": 0}
+                                 "duplicate": 0, "copies_anchor": 2, "copies_question": 0, "copies_example": 0,
+                                 "not_better": 0}
     assert stats["rejected_by_operator"] == {"reflect": stats["rejected"]}
 
 
@@ -395,6 +422,7 @@ SEQUENTIAL_POOL = [(3, 0, "demo", 5), (4, 3, "reflect", 5), (5, 3, "demo", 5), (
 SEQUENTIAL_DIGEST = "bfd0d89b5f6b49e9fbade02adb7b93265d3ff23c6797fafb777483d946fe6df8"
 NEW_STATS = {"wave", "waves", "rejected_by_operator", "seconds_reflecting", "seconds_scoring", "seconds_proposing",
              "reflector_tokens", "reflector", "reflector_replies"}
+NEW_REASONS = ("copies_question",)
 
 
 def test_wave_of_one_reproduces_the_sequential_loop():
@@ -403,6 +431,8 @@ def test_wave_of_one_reproduces_the_sequential_loop():
              r["top_k_ids"]) for r in rounds] == SEQUENTIAL_ROUNDS
     assert [(p["id"], p["parent_id"], p["operator"], p["born_step"]) for p in pool["prompts"]] == SEQUENTIAL_POOL
     old_fields = [{k: v for k, v in r.items() if k not in NEW_STATS and not k.startswith("seconds")} for r in rounds]
+    for r in old_fields:  # a reason added since (none of its rejections here) leaves the digest as it was
+        assert all(r["rejected"].pop(reason) == 0 for reason in NEW_REASONS)
     digest = hashlib.sha256(json.dumps({"stats": old_fields, "pool": pool}, sort_keys=True).encode()).hexdigest()
     assert digest == SEQUENTIAL_DIGEST
 

@@ -268,7 +268,7 @@ def test_cli_report_on_a_tiny_run(tmp_path, tiny_model_dir, monkeypatch, capsys)
         raise ConnectionError("no hub here")
     monkeypatch.setattr(rewards, "load_hub_dataset", offline)
     ev.main([str(run), "--forgetting", "countdown", "gsm8k"])
-    printed = capsys.readouterr().out
+    printed, said = capsys.readouterr()
     out = json.loads((run / "eval" / "step_3.json").read_text())
     assert out["step"] == 3 and out["n"] == 2 and out["k"] == 2 and out["evolved_prompt"] == "Evolved: answer fast."
     t = out["tasks"]["arithmetic"]
@@ -280,6 +280,40 @@ def test_cli_report_on_a_tiny_run(tmp_path, tiny_model_dir, monkeypatch, capsys)
     assert set(out["forgetting"]["countdown"]) == {"base", "trained", "delta_mean_at_k"}
     assert "no hub here" in out["forgetting"]["gsm8k"]["skipped"]
     assert "| trained |" in printed and "countdown" in printed and "skipped" in printed
+    assert "[eval] forgetting on gsm8k skipped: no hub here" in said
+
+
+def test_summary_says_which_prompt_did_better_on_each_task_at_the_end(tmp_path):
+    train = [{"step": s, "mode": "fst", "seconds_step": 1.0, "kl_to_base": 0.01} for s in range(4)]
+    acc = {("add", "seed"): (0.1, 0.6), ("add", "best"): (0.1, 0.4), ("compare", "seed"): (0.2, 0.3),
+           ("compare", "best"): (0.2, 0.5), ("word_count", "seed"): (0.3, 0.3), ("word_count", "best"): (0.3, 0.3)}
+    evals = [{"step": step, "task": task, "prompt": prompt, "accuracy": a[step > 0], "n": 8, "k": 2}
+             for step in (0, 4) for (task, prompt), a in acc.items()]
+    run = write_run(tmp_path, "run", train, evals)
+    text = ev.summarize(run)
+    assert json.loads((run / "summary.json").read_text())["better_at_end"] == {
+        "add": "seed", "compare": "best", "word_count": "tie"}
+    lines = {task: next(line for line in text.splitlines() if f"held-out accuracy on {task} " in line)
+             for task in ("add", "compare", "word_count")}
+    assert lines["add"].endswith("at the end the seed prompt did better")
+    assert lines["compare"].endswith("at the end the best context did better")
+    assert lines["word_count"].endswith("at the end: a tie")
+    rl = write_run(tmp_path, "rl", train, [e for e in evals if e["prompt"] == "seed"])  # one prompt: no verdict
+    assert "did better" not in ev.summarize(rl) and "tie" not in ev.summarize(rl)
+
+
+def test_forgetting_defaults_to_the_named_subset_and_skips_unreachable_data_at_once(monkeypatch, capsys):
+    cfg = fst.load_config(None, ["task.name=compare"])
+    measured = []
+    monkeypatch.setattr(rewards, "hub_reachable", lambda: False)  # the hub is not asked, nor retried
+    out = {name: ev.forgetting_on(name, cfg, 2, lambda task, problems, adapter: measured.append(task.name) or
+                                  {"mean_at_k": 0.5 if adapter else 0.25}, infra.Dist())
+           for name in ev.FORGETTING_TASKS if name != cfg.task.name}
+    assert list(out) == ["gsm8k", "arithmetic"] and set(ev.FORGETTING_TASKS) < set(rewards.TASKS)
+    assert "unreachable" in out["gsm8k"]["skipped"] and out["arithmetic"]["delta_mean_at_k"] == 0.25
+    assert measured == ["arithmetic", "arithmetic"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("[eval] forgetting on gsm8k skipped: ")
 
 
 def test_the_problem_count_has_a_name_torchrun_does_not_swallow(monkeypatch, tmp_path):

@@ -341,7 +341,7 @@ def test_one_step_through_the_phase_functions_is_the_loops_step(tmp_path, tiny_m
     upd = fst.update(run.model, run.optimizer, run.scheduler, exp, base_logp, cfg.train,
                      cfg.sampling.max_new_tokens, run.guard, 0)
     assert upd.rows > 0 and upd.skipped is None  # the step trained
-    row = json.loads(json.dumps(fst.train_row(cfg, 0, task, exp, kl, upd, lr, {"seconds_base_kl": 0.0,
+    row = json.loads(json.dumps(infra.train_row(cfg, 0, task, exp, kl, upd, lr, {"seconds_base_kl": 0.0,
                                                                               "seconds_training": 0.0})))
     assert {k: v for k, v in row.items() if k not in TIMING} == {k: logged[k] for k in row if k not in TIMING}
     saved = load_file(tmp_path / "loop" / "checkpoints" / "step_000000" / "adapter_model.safetensors")

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+import context_opt
 import fst
 import infra
 import rollout
@@ -67,7 +68,7 @@ def lora_model(tiny_model_dir):
 
 def kept_rollouts(ro: rollout.Rollouts, rewards: list[float]) -> list:
     """Two fast-round rollouts of one problem (a group of its own), as fast.reuse keeps them."""
-    return [fst.KeptRollout(problem={"id": "kept"}, prompt_id=0, prompt_ids=ro.prompt_ids[i],
+    return [context_opt.KeptRollout(problem={"id": "kept"}, prompt_id=0, prompt_ids=ro.prompt_ids[i],
                             completion_ids=ro.completion_ids[i], logprobs=ro.logprobs[i], finish_reason="length",
                             text=ro.texts[i], reward=r, feedback="", sampled_at=0, due=1)
             for i, r in zip(range(2), rewards)]
@@ -198,24 +199,23 @@ def test_out_of_memory_saves_the_last_whole_step_and_resume_goes_on(tmp_path, ti
     (the last whole one), exits with one line naming the keys to lower, and --resume redoes the cut-off
     validation and finishes as an uninterrupted run does. At step 0 seed and best are one text: one
     evaluation, two rows."""
-    import eval as evaluation
     reference = _run(tmp_path / "ref", tiny_model_dir, 4)
     evals = [r for r in reference if r.get("kind") == "eval"]
     assert [(r["step"], r["prompt"]) for r in evals][:2] == [(0, "seed"), (0, "best")]
-    real, calls = evaluation.evaluate, []
+    real, calls = context_opt.measure_accuracy, []
 
     def oom_on_second_validation(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(*args, **kwargs)
-    monkeypatch.setattr(evaluation, "evaluate", oom_on_second_validation)
+    monkeypatch.setattr(context_opt, "measure_accuracy", oom_on_second_validation)
     with pytest.raises(SystemExit) as stop:
         _run(tmp_path, tiny_model_dir, 4)
     line = str(stop.value)
     assert "out of memory" in line and "saved step 1" in line and "sampling.max_rows" in line
     assert "\n" not in line and len(calls) == 2  # step 0's seed == best: measured once
     assert (tmp_path / "oom" / "checkpoints" / "step_000001").is_dir()
-    monkeypatch.setattr(evaluation, "evaluate", real)
+    monkeypatch.setattr(context_opt, "measure_accuracy", real)
     resumed = _run(tmp_path, tiny_model_dir, 4, resume=True)
     assert strip(resumed) == strip(reference)

@@ -3,6 +3,7 @@ every run (no weights, no machine paths) and writes summary.json, the README and
 clone (no run folders) rebuilds the report from the records alone and runs only the seeds that have
 no record; an interrupted run resumes; the numbers read off the curves (KL at matched accuracy), the
 paired bootstrap and the verdicts that follow it; --dtype auto and the run names it gives."""
+import importlib
 import importlib.util
 import json
 import shutil
@@ -17,8 +18,23 @@ def mini():
     spec = importlib.util.spec_from_file_location("miniature", ROOT / "experiments" / "miniature.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["miniature"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    spec.loader.exec_module(module)  # puts experiments/ on sys.path: its study_* modules import by name
     return module
+
+
+@pytest.fixture(scope="module")
+def study_runs(mini):
+    return importlib.import_module("study_runs")
+
+
+@pytest.fixture(scope="module")
+def study_stats(mini):
+    return importlib.import_module("study_stats")
+
+
+@pytest.fixture(scope="module")
+def studies(mini):
+    return importlib.import_module("studies")
 
 
 def segments(run_dir):
@@ -31,7 +47,7 @@ def numbers(summary, study):
     return {k: v for k, v in s.items() if k not in ("report_command", "plots")}
 
 
-def test_quick_records_runs_and_a_fresh_clone_reports_from_them(mini, tmp_path, monkeypatch):
+def test_quick_records_runs_and_a_fresh_clone_reports_from_them(mini, study_runs, tmp_path, monkeypatch):
     out, runs = tmp_path / "out", tmp_path / "runs"
     argv = ["--quick", "--threads", "1", "--out", str(out), "--runs-dir", str(runs)]
     mini.main(argv)
@@ -41,7 +57,7 @@ def test_quick_records_runs_and_a_fresh_clone_reports_from_them(mini, tmp_path, 
     for study in summary["studies"].values():
         assert study["plots"] and all((out / png).stat().st_size > 1000 for png in study["plots"])
         assert study["wall_seconds"] > 0 and all("--quick" in c for c in study["commands"])
-        assert study["threads"] == [1] and study["machines"][0]["flags"].keys() == set(mini.CPU_FLAGS)
+        assert study["threads"] == [1] and study["machines"][0]["flags"].keys() == set(study_runs.CPU_FLAGS)
     readme = (out / "README.md").read_text()
     assert all(f"## Study {n}" in readme for n in (1, 2, 3)) and "no difference at this scale" in readme
 
@@ -59,7 +75,7 @@ def test_quick_records_runs_and_a_fresh_clone_reports_from_them(mini, tmp_path, 
             assert str(tmp_path) not in text and str(ROOT) not in text, (name, f)
         log = json.loads((record / "miniature_run.json").read_text())
         assert log["dtype"] == "float32" and log["name"] == name and "--quick" in log["recorded_by"]
-        assert set(log["recorded_on"]["cpu"]["flags"]) == set(mini.CPU_FLAGS)
+        assert set(log["recorded_on"]["cpu"]["flags"]) == set(study_runs.CPU_FLAGS)
     assert list((out / "runs" / "s1-fst-seed0" / "pool").glob("step_*.json"))  # the fast weights, as text
     assert str(tmp_path) not in (out / "summary.json").read_text() + readme
 
@@ -98,9 +114,9 @@ def test_quick_records_runs_and_a_fresh_clone_reports_from_them(mini, tmp_path, 
         cache = json.loads(cache_file.read_text())
         del cache["kl"]["0"]
         cache_file.write_text(json.dumps(cache))
-    monkeypatch.setattr(mini.evaluation, "kl_to_base", lambda *a, **kw: 0.123)
-    assert mini.measure_kl(runs / "s3-from-fst-seed1", ["alphabetical"], 2)[0] == {"alphabetical": 0.123}
-    assert mini.measure_kl(runs / "s3-from-base-seed1", ["alphabetical"], 2)[0] == {"alphabetical": 0.0}
+    monkeypatch.setattr(study_runs.evaluation, "kl_to_base", lambda *a, **kw: 0.123)
+    assert study_runs.measure_kl(runs / "s3-from-fst-seed1", ["alphabetical"], 2)[0] == {"alphabetical": 0.123}
+    assert study_runs.measure_kl(runs / "s3-from-base-seed1", ["alphabetical"], 2)[0] == {"alphabetical": 0.0}
     monkeypatch.undo()
 
     # Interrupt one run after its first checkpoint (and before its record): a second invocation
@@ -116,12 +132,12 @@ def test_quick_records_runs_and_a_fresh_clone_reports_from_them(mini, tmp_path, 
     assert set(again["studies"]) == {"1", "2", "3"}  # the other studies' entries are kept
 
     # A run folder or a record made with other settings is never reused silently.
-    spec = mini.study1_specs(mini.Sizes.quick(str(runs / "tiny-model")))[0]
+    spec = study_runs.study1_specs(study_runs.Sizes.quick(str(runs / "tiny-model")))[0]
     spec.overrides = spec.overrides + ["train.lr=0.5"]
     with pytest.raises(SystemExit, match="other settings"):
-        mini.ensure_run(spec, runs)
+        study_runs.ensure_run(spec, runs)
     with pytest.raises(SystemExit, match="other settings"):
-        mini.obtain(spec, mini.Sizes.quick(str(runs / "tiny-model")), mini.Places(runs, out, "test"))
+        study_runs.obtain(spec, study_runs.Sizes.quick(str(runs / "tiny-model")), study_runs.Places(runs, out, "test"))
 
     # A fresh clone: no run folders. --report-only rebuilds the same report from the records alone,
     # without training or loading a model.
@@ -130,8 +146,8 @@ def test_quick_records_runs_and_a_fresh_clone_reports_from_them(mini, tmp_path, 
 
     def no_model(*a, **kw):
         raise AssertionError("--report-only trained or loaded a model")
-    monkeypatch.setattr(mini.fst, "main", no_model)
-    monkeypatch.setattr(mini.infra, "load_model", no_model)
+    monkeypatch.setattr(study_runs.fst, "main", no_model)
+    monkeypatch.setattr(study_runs.infra, "load_model", no_model)
     mini.main(argv + ["--report-only"])
     rebuilt = json.loads((out / "summary.json").read_text())
     assert all(numbers(rebuilt, s) == numbers(before, s) for s in ("1", "2", "3"))
@@ -156,9 +172,9 @@ def test_quick_records_runs_and_a_fresh_clone_reports_from_them(mini, tmp_path, 
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     next(r for r in rows if r.get("kind") == "eval")["accuracy"] = 0.5
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec3 = next(s for s in mini.study3_specs(mini.Sizes.quick(str(runs / "tiny-model")), runs)
+    spec3 = next(s for s in study_runs.study3_specs(study_runs.Sizes.quick(str(runs / "tiny-model")), runs)
                  if s.name == "s3-from-rl-seed0")
-    note = mini.start_note(spec3, mini.Places(runs, out, "test"))
+    note = study_runs.start_note(spec3, study_runs.Places(runs, out, "test"))
     assert note == {"run": "s1-rl-seed0", "same_validation_as_its_record": False}
     # Without --seeds the report keeps every recorded seed; a missing record is named, not skipped.
     shutil.rmtree(out / "runs" / "s1-fst-seed2")
@@ -169,39 +185,39 @@ def test_quick_records_runs_and_a_fresh_clone_reports_from_them(mini, tmp_path, 
                               "--study1-arms", "rl", "fst-reuse"] + argv[1:])
 
 
-def test_kl_at_matched_accuracy_interpolates_at_the_first_crossing(mini):
+def test_kl_at_matched_accuracy_interpolates_at_the_first_crossing(study_stats):
     curve = [{"step": 0, "accuracy": 0.1, "kl": 0.0}, {"step": 6, "accuracy": 0.3, "kl": 0.02},
              {"step": 12, "accuracy": 0.2, "kl": 0.03}, {"step": 18, "accuracy": 0.5, "kl": 0.05}]
-    assert mini.kl_at_accuracy(curve, 0.2) == pytest.approx(0.01)   # halfway from step 0 to step 6
-    assert mini.kl_at_accuracy(curve, 0.4) == pytest.approx(0.03 + 0.02 * 2 / 3)  # 2/3 of the way from step 12
-    assert mini.kl_at_accuracy(curve, 0.05) == 0.0                  # already there at step 0
-    assert mini.kl_at_accuracy(curve, 0.6) is None
-    assert mini.first_reach(curve, 0.3) == 6 and mini.first_reach(curve, 0.9) is None
+    assert study_stats.kl_at_accuracy(curve, 0.2) == pytest.approx(0.01)   # halfway from step 0 to step 6
+    assert study_stats.kl_at_accuracy(curve, 0.4) == pytest.approx(0.03 + 0.02 * 2 / 3)  # 2/3 of the way from step 12
+    assert study_stats.kl_at_accuracy(curve, 0.05) == 0.0                  # already there at step 0
+    assert study_stats.kl_at_accuracy(curve, 0.6) is None
+    assert study_stats.first_reach(curve, 0.3) == 6 and study_stats.first_reach(curve, 0.9) is None
 
 
-def test_seed_matched_level_is_the_highest_accuracy_both_curves_of_the_seed_reach(mini):
+def test_seed_matched_level_is_the_highest_accuracy_both_curves_of_the_seed_reach(study_stats):
     curve = lambda *acc: [{"step": 6 * i, "accuracy": a, "kl": 0.01 * i} for i, a in enumerate(acc)]  # noqa: E731
     per_arm = {"rl": {"seeds": [0, 1]}, "fst": {"seeds": [1, 0, 2]}}
     curves = {"rl": [curve(0.1, 0.5, 0.4), curve(0.1, 0.3, 0.6)], "fst": [curve(0.2, 0.4, 0.7), curve(0.1, 0.6, 0.3), curve(0.9)]}
-    assert mini.seed_matched_levels(per_arm, curves, "fst") == {1: 0.6, 0: 0.5}  # seed 2: no rl run to pair with
+    assert study_stats.seed_matched_levels(per_arm, curves, "fst") == {1: 0.6, 0: 0.5}  # seed 2: no rl run to pair with
     # seed 0 at its level 0.5: fst (its second curve) gets there at step 6, rl at step 6 too
-    assert mini.first_reach(curves["fst"][1], 0.5) == 6 and mini.first_reach(curves["rl"][0], 0.5) == 6
+    assert study_stats.first_reach(curves["fst"][1], 0.5) == 6 and study_stats.first_reach(curves["rl"][0], 0.5) == 6
 
 
-def test_paired_bootstrap_on_differences_with_known_answers(mini):
-    assert mini.paired_bootstrap([0.1] * 4) == (0.1, 0.1)          # no spread: the interval is the value
-    assert mini.paired_bootstrap([0.0, 1.0]) == (0.0, 1.0)         # 2 seeds: a quarter of resamples at each end
-    lo, hi = mini.paired_bootstrap([-0.2, 0.1, 0.3, -0.1, 0.05])
+def test_paired_bootstrap_on_differences_with_known_answers(study_stats):
+    assert study_stats.paired_bootstrap([0.1] * 4) == (0.1, 0.1)          # no spread: the interval is the value
+    assert study_stats.paired_bootstrap([0.0, 1.0]) == (0.0, 1.0)         # 2 seeds: a quarter of resamples at each end
+    lo, hi = study_stats.paired_bootstrap([-0.2, 0.1, 0.3, -0.1, 0.05])
     assert lo < 0 < hi                                              # mixed signs: the interval holds 0
-    lo, hi = mini.paired_bootstrap([0.10, 0.20, 0.15, 0.12, 0.18, 0.11])
+    lo, hi = study_stats.paired_bootstrap([0.10, 0.20, 0.15, 0.12, 0.18, 0.11])
     assert 0.10 <= lo < 0.143 < hi <= 0.20                          # all above 0, around their mean
-    assert mini.paired_bootstrap([0.3, -0.1, 0.2]) == mini.paired_bootstrap([0.3, -0.1, 0.2])  # fixed generator
-    assert mini.paired_bootstrap([0.4]) is None and mini.paired_bootstrap([]) is None
+    assert study_stats.paired_bootstrap([0.3, -0.1, 0.2]) == study_stats.paired_bootstrap([0.3, -0.1, 0.2])  # fixed generator
+    assert study_stats.paired_bootstrap([0.4]) is None and study_stats.paired_bootstrap([]) is None
 
 
-def test_verdict_follows_the_interval_not_the_spread(mini):
+def test_verdict_follows_the_interval_not_the_spread(study_stats):
     def verdict(arm, ref, **kw):
-        return mini.compare("acc", "fst", dict(enumerate(arm)), "rl", dict(enumerate(ref)), **kw)
+        return study_stats.compare("acc", "fst", dict(enumerate(arm)), "rl", dict(enumerate(ref)), **kw)
 
     # differences +0.05 and -0.08: the interval holds 0
     assert verdict([0.30, 0.40], [0.25, 0.48])["verdict"] == "no difference at this scale"
@@ -214,40 +230,40 @@ def test_verdict_follows_the_interval_not_the_spread(mini):
     one = verdict([0.5], [0.2])
     assert one["verdict"] == "n/a (one seed)" and "95% interval n/a (one seed)" in one["text"]
     # a seed without a value (never got there) is not dropped: nothing is compared
-    never = mini.compare("steps", "fst", {0: 6, 1: None}, "rl", {0: 12, 1: 18}, better="lower")
+    never = study_stats.compare("steps", "fst", {0: 6, 1: None}, "rl", {0: 12, 1: 18}, better="lower")
     assert never["verdict"] == "not comparable" and "1 of 2 fst seeds never got there" in never["text"]
     # only the seeds both arms have are paired (gepa runs on the first seed)
-    assert mini.compare("acc", "gepa", {0: 0.2}, "rl", {0: 0.5, 1: 0.6})["seeds"] == [0]
+    assert study_stats.compare("acc", "gepa", {0: 0.2}, "rl", {0: 0.5, 1: 0.6})["seeds"] == [0]
 
 
-def test_dtype_auto_follows_the_cpu_flags_and_names_bf16_runs(mini):
+def test_dtype_auto_follows_the_cpu_flags_and_names_bf16_runs(study_runs):
     amx = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\n"
     plain = "processor\t: 0\nmodel name\t: AMD Ryzen\nflags\t\t: fpu avx2 avx512f\n"
-    info = mini.cpu_info(amx)
+    info = study_runs.cpu_info(amx)
     assert info["model"] == "Intel Xeon"
     assert info["flags"] == {"avx512_bf16": False, "amx_bf16": True, "amx_tile": True, "avx512f": True}
-    assert mini.resolve_dtype("auto", info) == "bfloat16"
-    assert mini.resolve_dtype("auto", mini.cpu_info("flags : avx512_bf16")) == "bfloat16"
-    assert mini.resolve_dtype("auto", mini.cpu_info(plain)) == "float32"
-    assert mini.resolve_dtype("auto", mini.cpu_info("")) == "float32"   # no /proc/cpuinfo: not Linux
-    assert mini.resolve_dtype("bfloat16", mini.cpu_info(plain)) == "bfloat16"
+    assert study_runs.resolve_dtype("auto", info) == "bfloat16"
+    assert study_runs.resolve_dtype("auto", study_runs.cpu_info("flags : avx512_bf16")) == "bfloat16"
+    assert study_runs.resolve_dtype("auto", study_runs.cpu_info(plain)) == "float32"
+    assert study_runs.resolve_dtype("auto", study_runs.cpu_info("")) == "float32"   # no /proc/cpuinfo: not Linux
+    assert study_runs.resolve_dtype("bfloat16", study_runs.cpu_info(plain)) == "bfloat16"
 
-    fp32 = mini.study1_specs(mini.Sizes())
-    bf16 = mini.study1_specs(mini.Sizes(dtype="bfloat16"))
+    fp32 = study_runs.study1_specs(study_runs.Sizes())
+    bf16 = study_runs.study1_specs(study_runs.Sizes(dtype="bfloat16"))
     assert fp32[0].name == "s1-rl-seed0" and not any("model.dtype" in o for o in fp32[0].overrides)
     assert bf16[0].name == "s1-rl-seed0-bf16" and "model.dtype=bfloat16" in bf16[0].overrides
-    s3 = mini.study3_specs(mini.Sizes(dtype="bfloat16"), ROOT / "runs")
+    s3 = study_runs.study3_specs(study_runs.Sizes(dtype="bfloat16"), ROOT / "runs")
     assert [s.start for s in s3 if s.arm == "from-fst"] == ["s1-fst-seed0-bf16", "s1-fst-seed1-bf16"]
-    assert mini.NAME.match("s1-fst-reuse-seed3-bf16").group("arm", "seed", "dtype") == ("fst-reuse", "3", "-bf16")
+    assert study_runs.NAME.match("s1-fst-reuse-seed3-bf16").group("arm", "seed", "dtype") == ("fst-reuse", "3", "-bf16")
 
 
-def test_bf16_runs_are_set_against_their_float32_twins_and_the_seed_spread(mini):
+def test_bf16_runs_are_set_against_their_float32_twins_and_the_seed_spread(studies):
     fp32 = {"rl": {0: {"final_accuracy": 0.60, "final_kl": 0.10}, 1: {"final_accuracy": 0.70, "final_kl": 0.20},
                    2: {"final_accuracy": 0.80, "final_kl": 0.30}},          # sd 0.1 in both numbers
             "fst": {0: {"final_accuracy": 0.50, "final_kl": 0.05}}}         # one seed: no spread
     bf16 = {"rl": {0: {"final_accuracy": 0.65, "final_kl": 0.25}, 5: {"final_accuracy": 0.9, "final_kl": 0.1}},
             "fst": {0: {"final_accuracy": 0.55, "final_kl": None}}}
-    rows = mini.against_float32(bf16, fp32)
+    rows = studies.against_float32(bf16, fp32)
     assert [(r["arm"], r["seed"]) for r in rows] == [("rl", 0), ("fst", 0)]   # seed 5 has no float32 twin
     rl, fst = rows
     assert rl["final_accuracy"]["diff"] == pytest.approx(0.05)
@@ -258,9 +274,9 @@ def test_bf16_runs_are_set_against_their_float32_twins_and_the_seed_spread(mini)
     assert fst["final_kl"]["diff"] is None and fst["final_kl"]["within_spread"] is None
 
 
-def test_fst_reuse_arm_is_fst_with_the_pool_reused(mini):
-    specs = mini.study1_specs(mini.Sizes(study1_arms=("rl", "fst-reuse"), seeds=(0, 1, 2)))
+def test_fst_reuse_arm_is_fst_with_the_pool_reused(study_runs):
+    specs = study_runs.study1_specs(study_runs.Sizes(study1_arms=("rl", "fst-reuse"), seeds=(0, 1, 2)))
     reuse = [s for s in specs if s.arm == "fst-reuse"]
     assert [s.name for s in reuse] == ["s1-fst-reuse-seed0", "s1-fst-reuse-seed1", "s1-fst-reuse-seed2"]
     assert all("mode=fst" in s.overrides and "fast.reuse=all" in s.overrides and s.two_by_two for s in reuse)
-    assert mini.Sizes().study1_arms == ("rl", "fst", "gepa")
+    assert study_runs.Sizes().study1_arms == ("rl", "fst", "gepa")

@@ -16,7 +16,6 @@ import pytest
 pytest.importorskip("openai")
 
 import context_opt as co  # noqa: E402
-import eval as ev  # noqa: E402
 import fst  # noqa: E402
 import infra  # noqa: E402
 from context_opt import PromptPool, fast_round  # noqa: E402
@@ -268,7 +267,7 @@ def test_an_endpoint_run_checkpoints_resumes_and_never_records_the_key(serve, tm
     summary = json.loads((run / "summary.json").read_text())
     assert summary["reflector"]["reflector"] == f"openai:{MODEL}" and summary["reflector"]["models"] == [MODEL]
     assert f"reflector: openai:{MODEL} (answered as {MODEL})" in capsys.readouterr().err
-    used = ev.reflector_used(run)  # what eval.py's report names too
+    used = infra.reflector_used(run)  # what eval.py's report names too
     assert (used["calls"], used["tokens"], used["failed_calls"]) == (len(calls), sum(c["tokens"] for c in calls), 0)
     # the key reached the server and nothing in the run folder
     assert set(endpoint.auth) == {f"Bearer {KEY}"}

@@ -12,8 +12,8 @@ import infra
 import rollout
 
 
-def _kept(problem_id: str, reward: float, prompt_id: int = 0, due: int = 3, sampled_at: int = 3) -> fst.KeptRollout:
-    return fst.KeptRollout(problem={"id": problem_id, "question": f"q{problem_id}"}, prompt_id=prompt_id,
+def _kept(problem_id: str, reward: float, prompt_id: int = 0, due: int = 3, sampled_at: int = 3) -> co.KeptRollout:
+    return co.KeptRollout(problem={"id": problem_id, "question": f"q{problem_id}"}, prompt_id=prompt_id,
                            prompt_ids=[5, 6, 7], completion_ids=[8, 9], logprobs=[-0.5, -1.5],
                            finish_reason="eos", text="t", reward=reward, feedback="f", sampled_at=sampled_at, due=due)
 
@@ -85,19 +85,19 @@ def test_kept_rollouts_train_once_and_never_past_max_age():
     scored = [(pool.context(pool[0]), {"id": str(i)},
                co.Scored("t", float(i % 2), "f", co.Sampled([1], [2], [-0.1], "eos"))) for i in range(5)]
     scored.append((co.Context("A child."), {"id": "0"}, co.Scored("t", 1.0, "f", None)))  # no tokens: not kept
-    kept = fst.keep_round_rollouts(scored, pool, step=5, max_age=1)
+    kept = co.keep_round_rollouts(scored, pool, step=5, max_age=1)
     assert len(kept) == 5 and {k.sampled_at for k in kept} == {6} and [k.due for k in kept] == [6, 7, 6, 7, 6]
     trained = []
     for step in range(6, 10):
-        now, kept = fst.due_rollouts(kept, step, max_age=1)
+        now, kept = co.due_rollouts(kept, step, max_age=1)
         trained += [(step, k.problem["id"]) for k in now]
     assert sorted(p for _, p in trained) == ["0", "1", "2", "3", "4"]  # each once
     assert all(step - 6 <= 1 for step, _ in trained)
-    late = fst.keep_round_rollouts(scored, pool, step=5, max_age=1)
-    assert fst.due_rollouts(late, 8, max_age=1) == ([], [])         # past due: dropped, never trained
+    late = co.keep_round_rollouts(scored, pool, step=5, max_age=1)
+    assert co.due_rollouts(late, 8, max_age=1) == ([], [])         # past due: dropped, never trained
     stale = [_kept("p", 1.0, due=9, sampled_at=6)]
-    assert fst.due_rollouts(stale, 9, max_age=1)[0] == []            # due, but 3 updates old
-    assert [k.due for k in fst.keep_round_rollouts(scored, pool, step=5, max_age=0)] == [6] * 5
+    assert co.due_rollouts(stale, 9, max_age=1)[0] == []            # due, but 3 updates old
+    assert [k.due for k in co.keep_round_rollouts(scored, pool, step=5, max_age=0)] == [6] * 5
 
 
 def test_the_round_shows_every_scored_rollout_by_phase():
