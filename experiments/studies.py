@@ -57,7 +57,10 @@ def study1(sizes: Sizes, places: Places) -> dict:
         finals = {arm: {seed: {"final_accuracy": a, "final_kl": k} for seed, a, k in
                         zip(per_arm[arm]["seeds"], per_arm[arm]["final_accuracy"], per_arm[arm]["final_kl"])}
                   for arm in arms}
-        out["against_float32"] = against_float32(finals, float32_finals(sizes, places))
+        fp32 = float32_finals(sizes, places)
+        out["against_float32"] = against_float32(finals, fp32)
+        out["comparisons"] += dtype_comparisons(sizes.dtype, finals, fp32)
+        out["findings"] = [c["text"] for c in out["comparisons"]]
     out["fast_loop"] = {arm: fast_loop_totals(rs) for arm, rs in by_arm.items() if rs and "fast_loop" in rs[0]}
     return out
 
@@ -149,6 +152,19 @@ def float32_finals(sizes: Sizes, places: Places) -> dict:
         if record.is_dir():
             last = run_curves(record, spec.tasks)[spec.tasks[0]][-1]
             out.setdefault(spec.arm, {})[spec.seed] = {"final_accuracy": last["accuracy"], "final_kl": last["kl"]}
+    return out
+
+
+def dtype_comparisons(dtype: str, finals: dict, fp32: dict) -> list[dict]:
+    """Each arm's final accuracy and KL in `dtype` against its float32 records, paired by seed (the seeds
+    both have), with the bootstrap interval: does this dtype learn like float32?"""
+    out = []
+    for arm, seeds in finals.items():
+        twins = {s: fp32[arm][s] for s in seeds if s in fp32.get(arm, {})}
+        for what, key, better, fmt in (("final validation accuracy", "final_accuracy", "higher", "{:.3f}"),
+                                       ("final KL to base", "final_kl", "lower", "{:.4f}")):
+            out.append(compare(f"{what}, {arm}", f"{dtype}", {s: v[key] for s, v in seeds.items() if s in twins},
+                               "float32", {s: v[key] for s, v in twins.items()}, better=better, fmt=fmt))
     return out
 
 

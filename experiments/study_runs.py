@@ -60,7 +60,13 @@ COST_MODEL_LOAD = 3.0      # infra.load_model for one checkpoint
 ARMS = {"rl": ["mode=rl"], "fst": ["mode=fst", "fast.reuse=none"], "gepa": ["mode=gepa"],
         "fst-reuse": ["mode=fst", "fast.reuse=all"]}
 # The dtype is part of a run's name when it is not float32, so fp32 and bf16 records never mix.
-DTYPES = {"float32": "", "bfloat16": "-bf16"}
+DTYPES = {"float32": "", "bfloat16": "-bf16", "bfloat16-fixed": "-bf16fix"}
+# What each choice runs with. bfloat16-fixed: bf16 with the fixes bench/behaviour_logp.py --decompose
+# supports on a CPU (issue 31): attention whose softmax is float32 (eager; SDPA's bf16 CPU kernel carried
+# most of the sampler-trainer gap), a float32 head, and truncated importance sampling for the rest.
+DTYPE_OVERRIDES = {"float32": [], "bfloat16": ["model.dtype=bfloat16"],
+                   "bfloat16-fixed": ["model.dtype=bfloat16", "model.attn=eager", "model.fp32_head=true",
+                                      "train.tis_cap=2.0"]}
 CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f")  # what decides whether bf16 pays on a CPU
 # A record: the run's files that describe it, small and text; never checkpoints or adapter weights.
 RECORD_FILES = ("metrics.jsonl", "config.yaml", "summary.json", "miniature_run.json", "miniature_measure.json",
@@ -186,7 +192,7 @@ def run_name(study: str, arm: str, seed: int, dtype: str = "float32") -> str:
     return f"s{study}-{arm}-seed{seed}{DTYPES[dtype]}"
 
 
-NAME = re.compile(r"^s(?P<study>\d)-(?P<arm>.+)-seed(?P<seed>\d+)(?P<dtype>-bf16)?$")
+NAME = re.compile(r"^s(?P<study>\d)-(?P<arm>.+)-seed(?P<seed>\d+)(?P<dtype>-bf16(?:fix)?)?$")
 
 
 def common_overrides(sizes: Sizes, seed: int) -> list[str]:
@@ -195,7 +201,7 @@ def common_overrides(sizes: Sizes, seed: int) -> list[str]:
     if sizes.model:
         out.append(f"model.name={sizes.model}")
     # float32 is the base config's dtype: left unsaid, so runs made before --dtype keep their arguments
-    return out + sizes.extra + ([] if sizes.dtype == "float32" else [f"model.dtype={sizes.dtype}"])
+    return out + sizes.extra + DTYPE_OVERRIDES[sizes.dtype]
 
 
 def study1_specs(sizes: Sizes) -> list[RunSpec]:

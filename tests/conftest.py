@@ -16,6 +16,16 @@ GSM8K_TRAIN = SHARED_DATA / "gsm8k" / "train.jsonl"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a single thread avoids OpenMP wake-up latency, which dominates (and explodes when
+    other processes share the cores). A module asks for it with pytestmark = usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     import infra

@@ -12,12 +12,7 @@ PROBLEMS = ["What is 2 + 3?", "Name a colour that starts with the letter b, plea
 DEMO = ("What is 4 + 4?", "4 + 4 = 8.\nAnswer: 8")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -9,14 +9,7 @@ import rollout
 QUESTIONS = ["Hi", "What is 2 + 3? Think step by step, then answer.", "Name a colour."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a single thread avoids OpenMP wake-up latency, which dominates (and explodes
-    when other processes share the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chat_prompts(tokenizer):
