@@ -1,6 +1,6 @@
 """Run under torchrun by tests/test_distributed.py (not a test module itself):
 
-    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py grads MODEL_DIR OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py grads+idle MODEL_DIR OUT_DIR
     torchrun --standalone --nproc_per_node 2 tests/dist_worker.py train MODEL_DIR OUT_DIR [diverge] -- FST_ARGS
 
 `grads`: every rank takes its share of whole groups of one fixed batch of rollouts, weights the tokens
@@ -125,11 +125,11 @@ def main():
         rest = sys.argv[4:]
         return train(out_dir, rest[0] == "diverge", rest[rest.index("--") + 1:])
     dist = infra.init_distributed()
-    if command == "grads":
+    if "grads" in command.split("+"):
         grads = {loss: lora_gradients(model_dir, loss, dist) for loss in LOSSES}
         if dist.is_main:
             torch.save(grads, Path(out_dir) / f"grads_world{dist.world}.pt")
-    elif command == "idle":
+    if "idle" in command.split("+"):
         idle_rank_update(model_dir, out_dir, dist)
 
 

@@ -31,11 +31,18 @@ def test_dist_shard_and_map_keep_order():
     assert infra.Dist().map(lambda xs: [x * x for x in xs], items) == [x * x for x in items]
 
 
-def test_summed_gradients_over_two_ranks_equal_one_process(tmp_path, tiny_model_dir):
+@pytest.fixture(scope="module")
+def two_rank_updates(tmp_path_factory, tiny_model_dir):
+    """One torchrun of 2 processes for the gradient tests below (each launch costs two model loads)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    torchrun(2, ROOT / "tests" / "dist_worker.py", "grads+idle", tiny_model_dir, out)
+    return out
+
+
+def test_summed_gradients_over_two_ranks_equal_one_process(two_rank_updates, tiny_model_dir):
     """Each rank holds two of the four groups; with the batch-wide normalisers summed over ranks and
     the gradients summed once, every loss's LoRA gradient is the one-process gradient."""
-    torchrun(2, ROOT / "tests" / "dist_worker.py", "grads", tiny_model_dir, tmp_path)
-    two = torch.load(tmp_path / "grads_world2.pt")
+    two = torch.load(two_rank_updates / "grads_world2.pt")
     for loss in dist_worker.LOSSES:
         one = dist_worker.lora_gradients(tiny_model_dir, loss, infra.Dist())
         assert one.keys() == two[loss].keys()
@@ -44,11 +51,10 @@ def test_summed_gradients_over_two_ranks_equal_one_process(tmp_path, tiny_model_
         assert any(g.abs().sum() > 0 for name, g in one.items() if "lora_A" in name)
 
 
-def test_a_rank_with_nothing_to_train_takes_the_same_step(tmp_path, tiny_model_dir):
+def test_a_rank_with_nothing_to_train_takes_the_same_step(two_rank_updates):
     """Only rank 0 has a group of mixed rewards; rank 1 has no row to train. Both take the same optimiser
     step (rank 1 without a forward pass): the same weights, moved from the start, and 4 rows trained."""
-    torchrun(2, ROOT / "tests" / "dist_worker.py", "idle", tiny_model_dir, tmp_path)
-    ranks = [torch.load(tmp_path / f"idle_rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(two_rank_updates / f"idle_rank{r}.pt") for r in range(2)]
     assert all(r["rows"] == 4 and r["skipped"] is None for r in ranks)
     assert ranks[0]["weights"].keys() == ranks[1]["weights"].keys()
     assert all(torch.equal(ranks[0]["weights"][n], ranks[1]["weights"][n]) for n in ranks[0]["weights"])
