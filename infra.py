@@ -1198,8 +1198,9 @@ def train_row(cfg, step: int, task, exp, kl: float, upd, lr: float, seconds: dic
                           "prompt_id": exp.prompt_id, "decode_tokens": exp.rollouts.decode_tokens,
                           "seconds_sampling": exp.seconds_sampling}])
     every = lambda key: [x for r in ranks for x in r[key]]  # noqa: E731
-    reward, lengths, finish = torch.tensor(every("reward")), torch.tensor(every("length")), every("finish")
-    keep, prompt_id = torch.tensor(every("keep")), every("prompt_id")
+    cpu = functools.partial(torch.tensor, device="cpu")  # bookkeeping: the gathered numbers, on the CPU
+    reward, lengths, finish = cpu(every("reward")), cpu(every("length")), every("finish")
+    keep, prompt_id = cpu(every("keep")), every("prompt_id")
     seconds_sampling = max(r["seconds_sampling"] for r in ranks)  # the slowest rank sets the pace
     return {
         "kind": "train", "step": step, "mode": cfg.mode, "task": task.name,

@@ -7,6 +7,7 @@ a device then lands on `meta` and breaks the step). Also: validation in waves, o
 non-finite logits, the sharing guard on the installed transformers, Qwen3's thinking switch."""
 import contextlib
 import json
+import types
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def kept_rollouts(ro: rollout.Rollouts, rewards: list[float]) -> list:
 def test_a_training_step_makes_nothing_on_the_default_device(lora_model, tokenizer):
     """The whole slow step with the default device set to `meta` and the model on the CPU: the sampler's
     bookkeeping, experience_from / collate_rollouts, with_reused, base_logprobs, mean_kl, every loss's
-    update. A tensor made without a device lands on `meta` and the step raises (f2c500e did)."""
+    update, the metrics row. A tensor made without a device lands on `meta` and the step raises (f2c500e did)."""
     model, tok = lora_model
     prompts = [rollout.encode_chat(tok, [{"role": "user", "content": q}]) for q in ("Hi", "What is 2 + 3?")]
     with default_device("meta"):
@@ -90,10 +91,13 @@ def test_a_training_step_makes_nothing_on_the_default_device(lora_model, tokeniz
             tc = fst.TrainConfig(loss=loss, **TC)
             optimizer, scheduler = fst.make_optimizer(model, tc)
             stats[loss] = fst.update(model, optimizer, scheduler, exp, base_logp, tc, 5, infra.UpdateGuard(), 0)
+        row = infra.train_row(fst.Config(), 0, types.SimpleNamespace(name="parity"), exp, kl, stats["cispo"], 0.01,
+                              {"seconds_base_kl": 0.0, "seconds_training": 0.0})
     for t in (exp.group, exp.reward, exp.advantage, exp.keep, exp.sampler_logp, exp.batch.input_ids, base_logp):
         assert t.device.type == "cpu"
     assert len(ro.texts) == 6 and exp.fresh_rows == 6 and len(exp.group) == 8
     assert kl > 0 and all(s.rows == 8 and s.rows_reused == 2 and s.skipped is None for s in stats.values())
+    assert row["rows_trained"] == 8 and row["reward_mean"] == pytest.approx(0.5)
 
 
 def test_validation_runs_in_waves_and_gives_the_numbers_of_one_wave(tiny_model, tokenizer, monkeypatch):
