@@ -92,7 +92,9 @@ def parser() -> argparse.ArgumentParser:
                     help="model dtype of every run. Default float32: in the paired check (study 1, seed 0, rl and "
                          "fst; results/miniature/bf16/) bf16 ended 0.13-0.15 lower in final accuracy, outside the "
                          "float32 seed spread. auto = bfloat16 where /proc/cpuinfo lists avx512_bf16 or amx_bf16, else "
-                         "float32. A bfloat16 run is named ...-bf16 and reported in RESULTS/bf16/")
+                         "float32. A bfloat16 run is named ...-bf16 and reported in RESULTS/bf16/. bfloat16-fixed: bf16 "
+                         "with eager attention, the float32 head and TIS (study_runs.DTYPE_OVERRIDES), named "
+                         "...-bf16fix, reported in RESULTS/bf16fix/")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild README, plots and summary.json from the committed records alone (no training, "
                          "no model); fails naming every missing record")
