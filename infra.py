@@ -329,6 +329,13 @@ class ModelConfig:
     ranges = {"lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)"}
 
 
+def _blockwise_logits(h, weight, bias, block: int) -> torch.Tensor:
+    """h @ weight.T (+ bias) in float32, the weight upcast `block` rows at a time."""
+    h32 = h.float()
+    logits = torch.cat([h32 @ weight[v:v + block].float().T for v in range(0, weight.shape[0], block)], dim=-1)
+    return logits if bias is None else logits + bias.float()
+
+
 class _Float32Logits(torch.autograd.Function):
     """h [..., H] (any dtype) -> logits [..., V] in float32 from a frozen head weight [V, H], upcast a block
     of `block` vocabulary rows at a time: never a whole float32 copy of the head, in the forward or in
@@ -338,9 +345,7 @@ class _Float32Logits(torch.autograd.Function):
     def forward(ctx, h, weight, bias, block: int):
         ctx.save_for_backward(weight)
         ctx.block, ctx.h_dtype = block, h.dtype
-        h32 = h.float()
-        logits = torch.cat([h32 @ weight[v:v + block].float().T for v in range(0, weight.shape[0], block)], dim=-1)
-        return logits if bias is None else logits + bias.float()
+        return _blockwise_logits(h, weight, bias, block)
 
     @staticmethod
     def backward(ctx, grad):
@@ -364,9 +369,7 @@ class Float32Head(torch.nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.head.weight.requires_grad:  # a trained head: plain autograd through the upcast blocks
-            w = self.head.weight
-            logits = torch.cat([h.float() @ w[v:v + self.block].float().T for v in range(0, w.shape[0], self.block)], -1)
-            return logits if self.head.bias is None else logits + self.head.bias.float()
+            return _blockwise_logits(h, self.head.weight, self.head.bias, self.block)
         return _Float32Logits.apply(h, self.head.weight, self.head.bias, self.block)
 
 

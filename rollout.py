@@ -335,8 +335,8 @@ def sample(model, tokenizer, prompts: list[list[int]], counts: list[int], *, max
     """Sample counts[i] completions of prompts[i] (token ids); temperature 0 = greedy. batch_size
     caps how many prompts are prefilled together; max_rows caps how many rows (samples) decode
     together, the sampler's memory knob (KV cache = rows x tokens): a call over either limit runs in
-    waves, one after the other; None = all at once. A call within both limits is one wave, so the
-    limits change no sample of it. share_prefix: prompts of a wave that begin with the same
+    waves, one after the other; None = all at once. Each row draws its own uniforms up front
+    (row_uniforms), so waves give the samples of one wave. share_prefix: prompts of a wave that begin with the same
     MIN_SHARED_PREFIX or more tokens prefill that prefix once (plan_prefixes); False: each distinct
     prompt in full (the same samples)."""
     assert len(prompts) == len(counts), "one count per prompt"
@@ -346,9 +346,9 @@ def sample(model, tokenizer, prompts: list[list[int]], counts: list[int], *, max
     uniforms = row_uniforms(sum(counts), max_new_tokens, temperature, generator)
     with eval_mode(model):
         row = 0
-        for first, wave_prompts, wave_counts in sampling_waves(prompts, counts, batch_size, max_rows):
-            rows = sum(wave_counts)
-            _sample_wave(model, tokenizer, wave_prompts, wave_counts, first, out,
+        for wave in sampling_waves(prompts, counts, batch_size, max_rows):
+            rows = sum(wave.counts)
+            _sample_wave(model, tokenizer, wave.prompts, wave.counts, wave.first, out,
                          uniforms=None if uniforms is None else uniforms[row:row + rows], **opts)
             row += rows
     out.seconds = time.perf_counter() - start
@@ -366,21 +366,28 @@ def row_uniforms(rows: int, max_new_tokens: int, temperature: float, generator) 
     return torch.rand(rows, max_new_tokens, generator=generator, device=device)
 
 
+class Wave(NamedTuple):
+    """One wave of a sample() call: its prompts, consecutive in the call from index `first`."""
+    first: int
+    prompts: list
+    counts: list[int]
+
+
 def sampling_waves(prompts: list, counts: list[int], batch_size: int | None = None,
-                   max_rows: int | None = None) -> list[tuple[int, list, list[int]]]:
-    """The waves a sample() call runs, in order: (index of the wave's first prompt, its prompts, their
-    counts), at most batch_size prompts and max_rows rows each. A prompt with more samples than
-    max_rows is split over waves (its samples stay in order); prompts keep their input order."""
+                   max_rows: int | None = None) -> list[Wave]:
+    """The waves a sample() call runs, in order, at most batch_size prompts and max_rows rows each. A
+    prompt with more samples than max_rows is split over waves (its samples stay in order); prompts
+    keep their input order."""
     waves, prompt_cap, row_cap = [], batch_size or len(prompts) or 1, max_rows or sum(counts) or 1
-    cur: tuple[int, list, list[int]] | None = None
+    cur: Wave | None = None
     for i, (p, c) in enumerate(zip(prompts, counts)):
         while True:  # a prompt of count 0 still takes its place, so a wave's prompt indices stay consecutive
-            if cur is None or len(cur[1]) >= prompt_cap or (c > 0 and sum(cur[2]) >= row_cap):
-                cur = (i, [], [])
+            if cur is None or len(cur.prompts) >= prompt_cap or (c > 0 and sum(cur.counts) >= row_cap):
+                cur = Wave(i, [], [])
                 waves.append(cur)
-            take = min(c, row_cap - sum(cur[2]))
-            cur[1].append(p)
-            cur[2].append(take)
+            take = min(c, row_cap - sum(cur.counts))
+            cur.prompts.append(p)
+            cur.counts.append(take)
             c -= take
             if c == 0:
                 break
