@@ -12,8 +12,11 @@ measure_accuracy there is the held-out measurement training's validation and eva
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import re
+import statistics
 import sys
 import time
 import typing
@@ -75,13 +78,27 @@ class FastConfig:
     # all: in study 1 (results/miniature) it reached rl's best accuracy in 361 rollouts against fst's 560
     reuse: Literal["none", "pool", "all"] = "all"
     reuse_max_age: int = 1  # kept rollouts train over the next reuse_max_age + 1 steps, each once, never older
+    # rounds: every T steps the round samples the pool, children and parents on its anchor set (the paper's,
+    # ~90 rollouts a round at tiny sizes); batch: a round only writes children (no rollouts), each tested in
+    # the next RL batches beside its parent, and the pool is ranked on the RL rollouts' rewards (ours, issue 32)
+    scoring: Literal["rounds", "batch"] = "rounds"
+    # batch: the rollouts of a group given to the child it tests (the rest go to the pool as in rounds); the
+    # default is one of the K = 4 slots of G = 8, so 3/4 of every group is from contexts that passed a test
+    trial_rollouts: int = 2
+    candidates: int = 2  # batch: children under test at once (the groups of a step take turns among them)
+    trial_steps: int = 6  # batch: RL steps a child is tested in before it leaves candidacy untested
+    # batch: the acceptance test's false-accept bound: a child no better than its parent enters the pool with
+    # probability <= accept_alpha over its whole trial (a one-sided test at accept_alpha / trial_steps per step)
+    accept_alpha: float = 0.1
+    evidence_fade: float = 0.8  # batch: an RL reward measured n steps ago weighs fade**n in the fronts (weights move)
 
     ranges = {"every": ">= 1", "pool_size": ">= 1", "budget": "> 0", "minibatch": ">= 1", "wave": ">= 1",
               "max_proposals": ">= 0", "patience": ">= 1", "max_demos": ">= 0", "reuse_max_age": ">= 0",
               "demo_buffer": ">= 1",  # the buffer keeps its last N entries: N = 0 would keep them all
               "max_prompt_chars": ">= 1", "reflector_max_new_tokens": ">= 1",
               "reflector_temperature": ">= 0", "reflector_top_p": "(0, 1]", "reflector_timeout": "> 0",
-              "reflector_retries": ">= 0", "reflector_max_in_flight": ">= 1"}
+              "reflector_retries": ">= 0", "reflector_max_in_flight": ">= 1", "trial_rollouts": ">= 1",
+              "candidates": ">= 1", "trial_steps": ">= 1", "accept_alpha": "(0, 1)", "evidence_fade": "(0, 1]"}
 
     def check(self, prefix: str = "") -> None:
         """What `ranges` cannot say: at least one operator, every one a registered one; a reflector model
@@ -145,6 +162,21 @@ class Prompt:
         return sum(self.scores.values()) / len(self.scores) if self.scores else float("-inf")
 
 
+@dataclass
+class Candidate:
+    """fast.scoring batch: a child under test in the RL batches, not yet in the pool. Its id is a pool
+    id (rollouts are logged under it); `strata` holds its test's evidence, one entry per group it was
+    sampled in: {"problem", "step", "child": its rewards there, "parent": its parent's in the same group}."""
+    id: int
+    text: str
+    parent_id: int
+    born_step: int
+    operator: str
+    demos: list[list[str]] = field(default_factory=list)
+    strata: list[dict] = field(default_factory=list)
+    steps: int = 0                                             # RL steps it was sampled in so far
+
+
 def dominates(a: Prompt, b: Prompt, problem_ids: Sequence[str]) -> bool:
     """a >= b on every problem and > on one; a missing score counts as minus infinity."""
     sa = [a.scores.get(pid, float("-inf")) for pid in problem_ids]
@@ -159,6 +191,8 @@ class PromptPool:
         self.prompts: dict[int, Prompt] = {}
         self.next_id = 0
         self.demo_format = demo_format
+        self.candidates: list[Candidate] = []     # fast.scoring batch: children under test
+        self.measured_at: dict[str, int] = {}     # fast.scoring batch: problem id -> the step its scores are from
         if seed_text is not None:
             self.add(seed_text, parent_id=None, step=0, operator="seed").in_top_k = True
 
@@ -200,23 +234,29 @@ class PromptPool:
         return [p for p in self.prompts.values()
                 if not any(dominates(q, p, pids) for q in self.prompts.values() if q is not p)]
 
-    def coverage(self, problem_ids: Sequence[str] | None = None) -> dict[int, int]:
-        """Non-dominated prompt id -> number of problems on whose front it stands. A dominator stands
-        on every front its dominated prompt stands on, so dropping dominated ones changes no front."""
+    def coverage(self, problem_ids: Sequence[str] | None = None,
+                 weights: dict[str, float] | None = None) -> dict[int, float]:
+        """Non-dominated prompt id -> number of problems on whose front it stands (each counted with its
+        weight when given: fast.scoring batch fades old evidence). A dominator stands on every front its
+        dominated prompt stands on, so dropping dominated ones changes no front."""
         front = self.pareto_front(problem_ids)
-        return {p.id: sum(p.id in ids for ids in front.values()) for p in self.nondominated(problem_ids)}
+        weight = (lambda pid: 1) if weights is None else (lambda pid: weights.get(pid, 0.0))
+        return {p.id: sum(weight(pid) for pid, ids in front.items() if p.id in ids)
+                for p in self.nondominated(problem_ids)}
 
-    def sample_parent(self, rng, problem_ids: Sequence[str] | None = None) -> Prompt:
+    def sample_parent(self, rng, problem_ids: Sequence[str] | None = None,
+                      weights: dict[str, float] | None = None) -> Prompt:
         """A non-dominated prompt, drawn with probability proportional to its front coverage."""
-        cover = self.coverage(problem_ids)
+        cover = self.coverage(problem_ids, weights)
         ids = list(cover)
         if not any(cover.values()):                  # nothing scored yet: every prompt is as good
             return self.prompts[rng.choice(ids)]
         return self.prompts[rng.choices(ids, weights=[cover[i] for i in ids])[0]]
 
-    def top_k(self, k: int, problem_ids: Sequence[str] | None = None) -> list[Prompt]:
+    def top_k(self, k: int, problem_ids: Sequence[str] | None = None,
+              weights: dict[str, float] | None = None) -> list[Prompt]:
         """The K prompts RL samples with: non-dominated, ranked by coverage, then mean score, then age."""
-        cover = self.coverage(problem_ids)
+        cover = self.coverage(problem_ids, weights)
         ranked = sorted(cover, key=lambda i: (-cover[i], -self.prompts[i].mean_score(), i))[:k]
         for p in self.prompts.values():
             p.in_top_k = p.id in ranked
@@ -230,14 +270,18 @@ class PromptPool:
         return max(self.prompts.values(), key=lambda p: (p.mean_score(), -p.id))
 
     def to_json(self) -> dict:
+        batch = {"candidates": [asdict(c) for c in self.candidates], "measured_at": self.measured_at}
         return {"next_id": self.next_id, "demo_format": self.demo_format,
-                "prompts": [asdict(p) for p in self.prompts.values()]}
+                "prompts": [asdict(p) for p in self.prompts.values()],
+                **(batch if self.candidates or self.measured_at else {})}  # fast.scoring rounds: as before
 
     @classmethod
     def from_json(cls, data: dict) -> PromptPool:
         pool = cls(demo_format=data.get("demo_format", "system"))  # pools saved before demos had none
         pool.prompts = {d["id"]: Prompt(**d) for d in data["prompts"]}
         pool.next_id = data["next_id"]
+        pool.candidates = [Candidate(**c) for c in data.get("candidates", [])]
+        pool.measured_at = dict(data.get("measured_at", {}))
         return pool
 
     def save(self, path: str | Path) -> None:
@@ -527,13 +571,14 @@ def drop_demo(r: _Round, parent: Prompt, batch: list[int]) -> Proposal | None:
     return _with_demos(parent, batch, demos)
 
 
-def _failures_first(parent: Prompt, problem_ids: list[str], size: int, rng) -> list[int] | None:
-    """Indices of a minibatch: the parent's failures (in random order) first, then the rest;
-    None when the parent is perfect everywhere, since then no child can strictly beat it."""
-    order = list(range(len(problem_ids)))
+def _failures_first(scores: dict[str, float], problem_ids: list[str], size: int, rng) -> list[int] | None:
+    """Indices of a minibatch among the problems the parent has `scores` (its rewards) on: its failures
+    (in random order) first, then the rest; None when it is perfect on all of them, since then no child
+    can strictly beat it. (fast.scoring rounds scores every parent on every anchor.)"""
+    order = [i for i in range(len(problem_ids)) if problem_ids[i] in scores]
     rng.shuffle(order)
-    order.sort(key=lambda i: parent.scores[problem_ids[i]] >= PERFECT)   # stable: keeps the shuffle
-    return None if parent.scores[problem_ids[order[0]]] >= PERFECT else order[:size]
+    order.sort(key=lambda i: scores[problem_ids[i]] >= PERFECT)   # stable: keeps the shuffle
+    return None if not order or scores[problem_ids[order[0]]] >= PERFECT else order[:size]
 
 
 # ---------------------------------------------------------------- one fast round
@@ -602,6 +647,8 @@ class _Round:
     seen_questions: list[str] = field(default_factory=list)  # the task's other known questions: no instruction
                                         # may paste one (the demo buffer's, the task's worked examples')
     scoring_calls: int = 0              # metric calls scoring the live pool: not charged to the budget
+    front: Sequence[str] | None = None  # fast.scoring batch: the problems parents are drawn on (None: anchors)
+    weights: dict[str, float] | None = None  # ...and each one's weight (fading evidence)
     turn: int = 0                       # draws so far: picks the next operator
     idle: int = 0                       # consecutive draws that spent nothing
 
@@ -672,10 +719,11 @@ def _score_live_pool(r: _Round) -> None:
 def _draw(r: _Round) -> Proposal | None:
     """One draw: parent, operator (cfg.operators in turn), minibatch, then the operator's proposal;
     None for a skip (a parent perfect everywhere, or an operator with nothing to propose)."""
-    parent = r.pool.sample_parent(r.rng, r.ids)
+    parent = r.pool.sample_parent(r.rng, r.front or r.ids, r.weights)
     name = r.cfg.operators[r.turn % len(r.cfg.operators)]
     r.turn += 1
-    batch = _failures_first(parent, r.ids, r.size, r.rng)
+    batch = _failures_first({pid: s for (i, pid), (_, s, _) in r.outputs.items() if i == parent.id},
+                            r.ids, r.size, r.rng)
     if batch is None:
         r.stats["skipped"]["perfect_parent"] += 1
         return None
@@ -994,6 +1042,227 @@ def kept_as_rollouts(rows: list[KeptRollout]):
     return rollout.Rollouts(prompt_index=[-1] * len(rows), prompt_ids=[k.prompt_ids for k in rows],
                             completion_ids=[k.completion_ids for k in rows], logprobs=[k.logprobs for k in rows],
                             finish_reasons=[k.finish_reason for k in rows], texts=[k.text for k in rows])
+
+
+# ---------------------------------------------------------------- which context each rollout uses
+def assign_contexts(n_prompts: int, group_size: int, rng) -> list[int]:
+    """Which pool prompt each of a problem's G rollouts uses (mixing within the group):
+    G // K rollouts per prompt, the remainder on distinct random prompts; G < K: a random subset."""
+    per_prompt, rest = divmod(group_size, n_prompts)
+    choice = [i for i in range(n_prompts) for _ in range(per_prompt)]
+    choice += rng.sample(range(n_prompts), rest)
+    return sorted(choice)
+
+
+class RolloutPlan(NamedTuple):
+    """What to sample (distinct chat prompts, a count each) and which problem and pool prompt each sample serves."""
+    chats: list[list[int]]   # token ids of each distinct (problem, pool prompt) chat
+    counts: list[int]        # samples of each chat
+    group: list[int]         # [R] the problem each sample answers, in sampling order
+    prompt_id: list[int]     # [R] the pool prompt (or candidate) each sample was written under
+
+
+def plan_rollouts(tok, task, problems: list[dict], pool: PromptPool, group_size: int, seed: int,
+                  step: int, first: int = 0, trial_rollouts: int = 0) -> RolloutPlan:
+    """Step 1: each problem's G rollouts spread over the pool's active contexts (one group each).
+    `first`: the batch index of problems[0] (under torchrun a rank plans a slice of the batch), so a
+    problem gets the same contexts whichever rank holds it. fast.scoring batch (trial_rollouts > 0)
+    while children are under test: trial_rollouts of each group go to one of them (the groups take
+    turns), the other G - trial_rollouts to the pool as before."""
+    from rollout import encode_chat
+    plan, prompts = RolloutPlan(chats=[], counts=[], group=[], prompt_id=[]), [p for p in pool if p.in_top_k]
+    trial = trial_rollouts if pool.candidates else 0
+    for g, problem in enumerate(problems):
+        choice = assign_contexts(len(prompts), group_size - trial,
+                                 random.Random(infra.seed_for("contexts", seed, step, first + g)))
+        uses = [(pool.context(prompts[k]), prompts[k].id, choice.count(k)) for k in sorted(set(choice))]
+        if trial:
+            child = pool.candidates[(first + g + step) % len(pool.candidates)]
+            uses.append((candidate_context(child, pool.demo_format), child.id, trial))
+        for context, prompt_id, count in uses:
+            plan.chats.append(encode_chat(tok, context.messages(task, problem)))
+            plan.counts.append(count)
+            plan.group.extend([g] * count)
+            plan.prompt_id.extend([prompt_id] * count)
+    return plan
+
+
+# ---------------------------------------------------------------- fast.scoring batch: children tested in RL
+# No rollouts of its own: a round (batch_round) only writes children, from the parents' RL rollouts of the
+# last T steps; each child then takes trial_rollouts of some groups of the next RL steps, and every step
+# (record_batch) adds each context's rewards to the pool's evidence and each child's to its paired test
+# (paired_z) against its parent in the same groups. The test accepts a child into the pool, or it leaves.
+
+class StepRollout(NamedTuple):
+    """One RL rollout as the fast loop reads it: its problem, context, text and grade."""
+    problem: dict
+    prompt_id: int            # a pool prompt's id or a candidate's
+    text: str
+    reward: float
+    feedback: str
+    step: int
+
+
+FADED = 0.05                  # evidence whose weight fell below this is dropped
+
+
+def candidate_context(candidate: Candidate, demo_format: DemoFormat) -> Context:
+    return Context(candidate.text, tuple(tuple(d) for d in candidate.demos), demo_format)
+
+
+def paired_z(strata: Sequence[dict]) -> float:
+    """The child-against-parent test statistic: within each group (stratum) the child's and the parent's
+    rewards are exchangeable if the child is no better (same model, same problem, same step), so the
+    child's reward sum there has the permutation mean m * mean(all) and variance m n (1 - m/N) s2 / (N - 1)
+    (m child and n parent rewards, N = m + n, s2 their variance over N). z = the summed deviations over
+    the summed variances' root: about standard normal under that null, stratified so that hard and easy
+    problems (and steps, as the weights move) never count as a difference (the CMH idea)."""
+    deviation = variance = 0.0
+    for stratum in strata:
+        child, parent = stratum["child"], stratum["parent"]
+        m, n = len(child), len(parent)
+        if not m or not n:
+            continue
+        rewards = [*child, *parent]
+        mean = sum(rewards) / (m + n)
+        s2 = sum((x - mean) ** 2 for x in rewards) / (m + n)
+        deviation += sum(child) - m * mean
+        variance += m * n * s2 / (m + n - 1)
+    return deviation / math.sqrt(variance) if variance > 0 else 0.0
+
+
+def trial_threshold(cfg: FastConfig) -> float:
+    """z a child must reach at one of its trial_steps looks: Bonferroni over the looks, so that a child
+    no better than its parent passes with probability <= accept_alpha over its whole trial (up to the
+    normal approximation; tests/test_context_opt.py measures the rate on simulated rewards)."""
+    return statistics.NormalDist().inv_cdf(1 - cfg.accept_alpha / cfg.trial_steps)
+
+
+def evidence_weights(pool: PromptPool, step: int, fade: float) -> dict[str, float]:
+    """Each problem's weight in the fronts: fade ** (steps since its rewards were measured)."""
+    return {pid: fade ** (step - at) for pid, at in pool.measured_at.items()}
+
+
+def record_batch(pool: PromptPool, rows: Sequence[StepRollout], step: int, cfg: FastConfig) -> list[dict]:
+    """After RL step `step`: its rewards become evidence (each pool prompt's mean reward per problem,
+    replacing older evidence on that problem), each child under test gains its strata, stale evidence
+    is dropped, and the children are judged. Returns the verdicts [{"id", "operator", "verdict", "z"}]."""
+    by_problem: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        by_problem.setdefault(str(row.problem["id"]), {}).setdefault(row.prompt_id, []).append(row.reward)
+    for pid, by_prompt in by_problem.items():
+        for prompt in pool:
+            prompt.scores.pop(pid, None)
+            if prompt.id in by_prompt:
+                prompt.scores[pid] = sum(by_prompt[prompt.id]) / len(by_prompt[prompt.id])
+        pool.measured_at[pid] = step
+        for child in pool.candidates:
+            if child.id in by_prompt and child.parent_id in by_prompt:
+                child.strata.append({"problem": pid, "step": step, "child": by_prompt[child.id],
+                                     "parent": by_prompt[child.parent_id]})
+    for child in pool.candidates:
+        child.steps += any(s["step"] == step for s in child.strata)
+    for pid, weight in evidence_weights(pool, step, cfg.evidence_fade).items():
+        if weight < FADED:
+            del pool.measured_at[pid]
+            for prompt in pool:
+                prompt.scores.pop(pid, None)
+    return judge_candidates(pool, step, cfg)
+
+
+def judge_candidates(pool: PromptPool, step: int, cfg: FastConfig) -> list[dict]:
+    """Each child's test: z >= the threshold joins the pool (scored by its trial rewards, active at once;
+    past K active the lowest-ranked other prompt leaves); z <= -threshold fails; trial_steps looks
+    without either, or a parent no longer active, ends its candidacy (expired, orphaned)."""
+    verdicts, bar = [], trial_threshold(cfg)
+
+    def leaves(child, verdict, z):
+        pool.candidates.remove(child)
+        verdicts.append({"id": child.id, "operator": child.operator, "verdict": verdict, "z": round(z, 3),
+                         "step": step})
+    for child in list(pool.candidates):
+        z = paired_z(child.strata)
+        verdict = ("accepted" if z >= bar else "failed" if z <= -bar
+                   else "expired" if child.steps >= cfg.trial_steps else None)
+        if verdict:
+            leaves(child, verdict, z)
+        if verdict == "accepted":
+            _admit(pool, child, step, cfg)
+    for child in list(pool.candidates):     # an admission may have retired a parent: no test left to run
+        if child.parent_id not in pool.prompts:
+            leaves(child, "orphaned", paired_z(child.strata))
+    return verdicts
+
+
+def _admit(pool: PromptPool, child: Candidate, step: int, cfg: FastConfig) -> None:
+    """An accepted child joins the pool, active, with its trial rewards as its evidence."""
+    by_problem: dict[str, list[float]] = {}
+    for stratum in child.strata:
+        if pool.measured_at.get(stratum["problem"]) == stratum["step"]:     # still the problem's evidence
+            by_problem.setdefault(stratum["problem"], []).extend(stratum["child"])
+    pool.prompts[child.id] = Prompt(child.id, child.text, child.parent_id, child.born_step, child.operator,
+                                    {pid: sum(r) / len(r) for pid, r in by_problem.items()}, in_top_k=True,
+                                    demos=[list(d) for d in child.demos])
+    cover = pool.coverage(pool.problem_ids(), evidence_weights(pool, step, cfg.evidence_fade))
+    others = sorted((p for p in pool if p.id != child.id), key=lambda p: (-cover.get(p.id, 0), -p.mean_score(), p.id))
+    pool.retain({child.id, *(p.id for p in others[:cfg.pool_size - 1])})   # K active at most: the lowest-ranked leaves
+    for p in pool:
+        p.in_top_k = True
+
+
+def batch_round(pool: PromptPool, traces: Sequence[StepRollout], cfg: FastConfig, *, reflect: Reflect, step: int,
+                rng, demo_buffer: Sequence = (), task_questions: Sequence[str] = (),
+                verdicts: Sequence[dict] = ()) -> dict:
+    """fast.scoring batch, every T steps: new children (up to cfg.candidates under test at once) from
+    parents drawn on the fronts of the RL evidence, each operator reading the parent's RL rollouts of
+    the last T steps (`traces`, its failures first) and the demo buffer; they pass the same guards as a
+    round's, and then wait for the RL batches to test them. Nothing is sampled here but reflections.
+    Returns the round's stats, as fast_round's (metric_calls 0), with the `verdicts` of the tests that
+    ended since the round before counted in: accepted, and failed or expired as rejected not_better."""
+    t0, anchors = time.perf_counter(), list({str(t.problem["id"]): t.problem for t in traces}.values())
+    ids = [str(p["id"]) for p in anchors]
+    seen = dict.fromkeys([*task_questions, *(problem["question"] for problem, _, _ in demo_buffer)])
+    r = _Round(cfg=cfg, pool=pool, anchors=anchors, ids=ids, questions=[p["question"] for p in anchors],
+               seen_questions=list(seen), stats=_new_stats(step, len(anchors), 0, cfg), evaluate=None,
+               reflect=reflect, rng=rng, step=step, budget=0, demo_buffer=demo_buffer,
+               size=min(cfg.minibatch, len(anchors)), most=0, front=pool.problem_ids(),
+               weights=evidence_weights(pool, step, cfg.evidence_fade))
+    for t in sorted(traces, key=lambda t: -t.reward):        # each (context, problem): its worst rollout shown
+        r.outputs[t.prompt_id, str(t.problem["id"])] = (t.text, t.reward, t.feedback)
+    r.stats["best_score_before"] = pool.best().mean_score()
+    wanted = cfg.candidates - len(pool.candidates)
+    while wanted > 0 and anchors and r.idle < cfg.patience and not _capped(r):
+        draws = [_draw(r) for _ in range(wanted)]
+        ready = [d for d in draws if d and not (d.reflection_prompt is None and _reject_if_bad(r, d))]
+        _reflect_and_vet(r, ready)
+        for d in draws:
+            new = d is not None and d.reason is None and d.text is not None and not any(
+                d.context(pool.demo_format) == candidate_context(c, pool.demo_format) for c in pool.candidates)
+            r.idle = 0 if new else r.idle + 1
+            if new:
+                pool.candidates.append(Candidate(pool.next_id, d.text, d.parent.id, step, d.operator,
+                                                 [list(x) for x in d.context(pool.demo_format).demos]))
+                pool.next_id += 1
+                wanted -= 1
+    for v in verdicts:
+        if v["verdict"] == "accepted":
+            r.stats["accepted"] += 1
+            r.stats["accepted_by_operator"][v["operator"]] = r.stats["accepted_by_operator"].get(v["operator"], 0) + 1
+        elif v["verdict"] in ("failed", "expired"):
+            r.stats["rejected"]["not_better"] += 1
+            r.stats["rejected_by_operator"].setdefault(v["operator"], dict.fromkeys(REJECT_REASONS, 0))["not_better"] += 1
+    r.stats.update(scoring="batch", verdicts=list(verdicts), best_score_after=pool.best().mean_score(), pool_size=len(pool),
+                   top_k_ids=[p.id for p in pool if p.in_top_k], under_test=[c.id for c in pool.candidates],
+                   seconds=time.perf_counter() - t0)
+    return r.stats
+
+
+def _reject_if_bad(r: _Round, proposal: Proposal) -> bool:
+    """The guards on a ready-made child (a demo one), as a round's wave applies them."""
+    reason = _vet(r, proposal)
+    if reason:
+        r.reject(proposal, reason)
+    return bool(reason)
 
 
 # ---------------------------------------------------------------- model-backed adapters

@@ -43,7 +43,8 @@ import context_opt
 import infra
 import rewards
 import rollout
-from context_opt import REUSED_PHASES, FastConfig, KeptRollout, due_rollouts, keep_round_rollouts
+from context_opt import (REUSED_PHASES, FastConfig, KeptRollout, StepRollout, due_rollouts, keep_round_rollouts,
+                         plan_rollouts)
 from infra import ConfigError, Dist, LogConfig, ModelConfig, train_row
 from rewards import StageConfig, TaskConfig, make_task
 from rollout import SamplingConfig
@@ -118,6 +119,14 @@ class Config:
     # Plasticity probe: start from a trained adapter (RUN_DIR or a checkpoint folder), fresh optimiser.
     init_from: str = ""
     init_pool: bool = False  # ...and also take that run's prompt pool
+
+    def check(self, prefix: str = "") -> None:
+        """fast.scoring batch: the pool keeps a rollout of every group beside the child under test."""
+        if self.fast.scoring == "batch" and self.sampling.group_size - self.fast.trial_rollouts < self.fast.pool_size:
+            raise ConfigError(f"config key 'fast.trial_rollouts' must leave sampling.group_size - trial_rollouts >= "
+                              f"fast.pool_size (every active context in every group, the child's test pairs with its "
+                              f"parent there), got {self.sampling.group_size} - {self.fast.trial_rollouts} < "
+                              f"{self.fast.pool_size}")
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
@@ -250,40 +259,6 @@ def k3_kl(logp, base_logp):
 # One training step, in phases: 1-4 make_experience, 5 base_logprobs + mean_kl, 6 update, 7 train_row +
 # its samples (RunLog.samples), 8 fast_round_step. `train` below calls them in order; the benchmarks too.
 
-def assign_contexts(n_prompts: int, group_size: int, rng: random.Random) -> list[int]:
-    """Which pool prompt each of a problem's G rollouts uses (mixing within the group):
-    G // K rollouts per prompt, the remainder on distinct random prompts; G < K: a random subset."""
-    per_prompt, rest = divmod(group_size, n_prompts)
-    choice = [i for i in range(n_prompts) for _ in range(per_prompt)]
-    choice += rng.sample(range(n_prompts), rest)
-    return sorted(choice)
-
-
-class RolloutPlan(NamedTuple):
-    """What to sample (distinct chat prompts, a count each) and which problem and pool prompt each sample serves."""
-    chats: list[list[int]]   # token ids of each distinct (problem, pool prompt) chat
-    counts: list[int]        # samples of each chat
-    group: list[int]         # [R] the problem each sample answers, in sampling order
-    prompt_id: list[int]     # [R] the pool prompt each sample was written under
-
-
-def plan_rollouts(tok, task, problems: list[dict], pool: context_opt.PromptPool, group_size: int, seed: int,
-                  step: int, first: int = 0) -> RolloutPlan:
-    """Step 1: each problem's G rollouts spread over the pool's active contexts (one group each).
-    `first`: the batch index of problems[0] (under torchrun a rank plans a slice of the batch), so a
-    problem gets the same contexts whichever rank holds it."""
-    plan, prompts = RolloutPlan(chats=[], counts=[], group=[], prompt_id=[]), [p for p in pool if p.in_top_k]
-    for g, problem in enumerate(problems):
-        choice = assign_contexts(len(prompts), group_size,
-                                 random.Random(infra.seed_for("contexts", seed, step, first + g)))
-        for k in sorted(set(choice)):
-            plan.chats.append(rollout.encode_chat(tok, pool.context(prompts[k]).messages(task, problem)))
-            plan.counts.append(choice.count(k))
-            plan.group.extend([g] * choice.count(k))
-            plan.prompt_id.extend([prompts[k].id] * choice.count(k))
-    return plan
-
-
 @dataclass(kw_only=True)
 class Experience:
     """One step's rollouts, row-aligned: row r is rollout r (R = B * G rows, each problem's G together)."""
@@ -307,7 +282,9 @@ def make_experience(cfg: Config, run: Run, task, batch: list[dict], step: int) -
     for its own slice of the batch's problems (whole groups), with a sampling seed of its own."""
     mine = run.dist.shard(list(range(len(batch))))  # this rank's batch indices (all of them in one process)
     problems = [batch[i] for i in mine]
-    plan = plan_rollouts(run.tok, task, problems, run.pool, cfg.sampling.group_size, cfg.train.seed, step, mine[0])
+    trial = cfg.fast.trial_rollouts if cfg.fast.scoring == "batch" else 0  # a child under test: its share of a group
+    plan = plan_rollouts(run.tok, task, problems, run.pool, cfg.sampling.group_size, cfg.train.seed, step, mine[0],
+                         trial)
     t0 = time.perf_counter()
     gen = run.dist.generator(run.device, infra.seed_for("step", cfg.train.seed, step))
     ro = rollout.sample(run.model, run.tok, plan.chats, plan.counts, **cfg.sampling.generation(), generator=gen)
@@ -465,10 +442,18 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
         if cfg.mode == "fst" and phase in REUSED_PHASES[cfg.fast.reuse]:
             scored.extend(zip(contexts, problems, results))
     with rollout.eval_mode(run.model), infra.RoundProgress(step, run.dist.is_main) as progress:
-        stats = context_opt.fast_round(run.pool, anchors, cfg.fast, evaluate=evaluate, reflect=reflect, step=step,
-                                       rng=random.Random(infra.seed_for("fast_choices", cfg.train.seed, step)),
-                                       demo_buffer=run.demo_buffer, progress=progress, on_rollouts=keep,
-                                       task_questions=task.example_questions())
+        if cfg.fast.scoring == "batch":  # children from the last T steps' RL rollouts, tested in the next ones
+            stats = context_opt.batch_round(run.pool, run.traces, cfg.fast, reflect=reflect, step=step,
+                                            rng=random.Random(infra.seed_for("fast_choices", cfg.train.seed, step)),
+                                            demo_buffer=run.demo_buffer, task_questions=task.example_questions(),
+                                            verdicts=run.verdicts)
+            run.verdicts = []
+            run.totals["reflector_tokens"] = run.totals.get("reflector_tokens", 0) + stats["reflector_tokens"]
+        else:
+                stats = context_opt.fast_round(run.pool, anchors, cfg.fast, evaluate=evaluate, reflect=reflect,
+                                           step=step, rng=random.Random(infra.seed_for("fast_choices", cfg.train.seed, step)),
+                                           demo_buffer=run.demo_buffer, progress=progress, on_rollouts=keep,
+                                           task_questions=task.example_questions())
     run.kept = keep_round_rollouts(scored, run.pool, step, cfg.fast.reuse_max_age)
     if run.dist.is_main:
         tqdm.write(f"[fst] {context_opt.round_report(stats)}", file=sys.stderr)
@@ -531,6 +516,8 @@ class Run:
                                                   "rollouts_reused": 0})
     demo_buffer: list = field(default_factory=list)  # (problem, completion, reward) for the demo operators
     kept: list = field(default_factory=list)  # KeptRollout: the last fast round's rollouts not yet trained on
+    traces: list = field(default_factory=list)  # fast.scoring batch: StepRollout of the last T steps (reflection)
+    verdicts: list = field(default_factory=list)  # fast.scoring batch: the child tests ended since the last round
     reflector: Any = None              # context_opt.load_reflector's: another model, or an endpoint
     start: int = 0                     # the first step this process runs
 
@@ -543,15 +530,23 @@ class Run:
         i = bisect.bisect_right(self.stage_ends, step)
         return self.tasks[i], self.streams[i]
 
-    def remember(self, exp: Experience, demo_buffer_size: int):
+    def remember(self, exp: Experience, fast: FastConfig, step: int):
         """Count the step's rollouts; keep its fully correct answers as demo candidates (partial credit,
-        a format reward, would otherwise teach wrong worked examples). Under torchrun: every rank's,
-        in rank order, on every rank (the fast round draws demos on all ranks alike)."""
+        a format reward, would otherwise teach wrong worked examples). fast.scoring batch: every rollout
+        is also evidence for the pool and for the children under test (context_opt.record_batch), and
+        the last T steps' are kept for reflection. Under torchrun: every rank's, in rank order, on every
+        rank (the fast round draws demos on all ranks alike)."""
         demos = [(exp.problems[g], text, r) for g, text, (r, _) in
                  zip(exp.group.tolist(), exp.rollouts.texts, exp.scored) if r >= 1.0]
-        ranks = self.dist.gather([(len(exp.rollouts.texts), demos)])
-        self.totals["rollouts_rl"] += sum(n for n, _ in ranks)
-        self.demo_buffer = (self.demo_buffer + [d for _, part in ranks for d in part])[-demo_buffer_size:]
+        rows = [StepRollout(exp.problems[g], i, text, r, feedback, step) for g, i, text, (r, feedback) in
+                zip(exp.group.tolist(), exp.prompt_id, exp.rollouts.texts, exp.scored)] if fast.scoring == "batch" else []
+        ranks = self.dist.gather([(len(exp.rollouts.texts), demos, rows)])
+        self.totals["rollouts_rl"] += sum(n for n, _, _ in ranks)
+        self.demo_buffer = (self.demo_buffer + [d for _, part, _ in ranks for d in part])[-fast.demo_buffer:]
+        if fast.scoring == "batch":
+            rows = [row for _, _, part in ranks for row in part]
+            self.traces = [t for t in self.traces if t.step > step - fast.every] + rows
+            self.verdicts += context_opt.record_batch(self.pool, rows, step, fast)
 
     def checkpoint(self, step: int):
         """Rank 0 saves (every rank holds the same weights, pool and data position)."""
@@ -559,7 +554,8 @@ class Run:
             infra.save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.pool,
                                   {"streams": [s.state_dict() for s in self.streams], "totals": dict(self.totals),
                                    "demo_buffer": self.demo_buffer, "world": self.dist.world,
-                                   "kept_rollouts": [dataclasses.asdict(k) for k in self.kept]})
+                                   "kept_rollouts": [dataclasses.asdict(k) for k in self.kept],
+                                   "traces": [t._asdict() for t in self.traces], "verdicts": self.verdicts})
 
     def restore(self, ckpt: Path):
         """Continue from `ckpt`: optimiser, scheduler, data positions, RNG, pool and counters as saved
@@ -569,6 +565,7 @@ class Run:
         self.totals, self.demo_buffer, self.start = state["totals"], state["demo_buffer"], state["step"] + 1
         self.totals.setdefault("rollouts_reused", 0)                       # a checkpoint from before fast.reuse
         self.kept = [KeptRollout(**k) for k in state.get("kept_rollouts", [])]
+        self.traces, self.verdicts = [StepRollout(**t) for t in state.get("traces", [])], state.get("verdicts", [])
         self.dist.say_resumed(ckpt, self.start, saved_world=state.get("world", 1))
 
 
@@ -634,7 +631,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             # 1-4. B problems x G rollouts over the pool's prompts: sampled, scored, advantages per problem
             # (under torchrun: this rank's slice of the B problems; the rest of the step sums over ranks).
             exp = make_experience(cfg, run, task, stream.next_batch(), step)
-            run.remember(exp, cfg.fast.demo_buffer)
+            run.remember(exp, cfg.fast, step)  # fast.scoring batch: also the pool's evidence, the children's tests
             # 4b. fast.reuse: the last fast round's rollouts due at this step join as extra groups.
             due, run.kept = due_rollouts(run.kept, step, cfg.fast.reuse_max_age)
             trained = with_reused(exp, due, scale_by_std=LOSSES[cfg.train.loss].scale_by_std,

@@ -87,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
                          "gepa runs on the first")
     ap.add_argument("--study1-arms", nargs="+", choices=list(ARMS),
                     help="study 1's arms, rl among them (default rl fst gepa plus any arm already recorded; with "
-                         "--report-only the recorded arms). fst-reuse = mode fst with fast.reuse=all")
+                         "--report-only the recorded arms). fst-reuse = mode fst with fast.reuse=all; fst-batch = mode fst "
+                         "with fast.scoring=batch")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "bfloat16-fixed"], default="float32",
                     help="model dtype of every run. Default float32: in the paired check (study 1, seed 0, rl and "
                          "fst; results/miniature/bf16/) bf16 ended 0.13-0.15 lower in final accuracy, outside the "

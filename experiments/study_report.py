@@ -15,7 +15,7 @@ import rewards  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # Plots and the README: thin lines are seeds, thick lines their mean.
 
-COLOURS = {"rl": "tab:blue", "fst": "tab:red", "gepa": "tab:green", "fst-reuse": "tab:purple",
+COLOURS = {"rl": "tab:blue", "fst": "tab:red", "gepa": "tab:green", "fst-reuse": "tab:purple", "fst-batch": "tab:orange",
            "from-base": "tab:grey", "from-rl": "tab:blue", "from-fst": "tab:red"}
 
 

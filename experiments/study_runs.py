@@ -57,8 +57,10 @@ COST_MODEL_LOAD = 3.0      # infra.load_model for one checkpoint
 # rollout per problem, which has no advantage, so it would keep nothing).
 # fst pins fast.reuse=none: the fast loop as the paper has it, whatever the release default (all, since
 # these runs measured it).
+# fst-batch scores contexts on the RL batch itself (fast.scoring=batch): its rounds sample nothing, so there is
+# nothing of theirs to reuse.
 ARMS = {"rl": ["mode=rl"], "fst": ["mode=fst", "fast.reuse=none"], "gepa": ["mode=gepa"],
-        "fst-reuse": ["mode=fst", "fast.reuse=all"]}
+        "fst-reuse": ["mode=fst", "fast.reuse=all"], "fst-batch": ["mode=fst", "fast.scoring=batch", "fast.reuse=none"]}
 # The dtype is part of a run's name when it is not float32, so fp32 and bf16 records never mix.
 DTYPES = {"float32": "", "bfloat16": "-bf16", "bfloat16-fixed": "-bf16fix"}
 # What each choice runs with. bfloat16-fixed: bf16 with the fixes bench/behaviour_logp.py --decompose
@@ -173,7 +175,7 @@ def machine() -> dict:
 @dataclass
 class RunSpec:
     study: str
-    arm: str                 # rl / fst / gepa / fst-reuse, or study 3's starting point
+    arm: str                 # rl / fst / gepa / fst-reuse / fst-batch, or study 3's starting point
     seed: int
     steps: int               # total steps, to know when the run is finished
     overrides: list          # --set key=value on top of BASE_CONFIG

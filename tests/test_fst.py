@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import infra
+import context_opt
 import fst
 from conftest import ROOT
 
@@ -170,7 +171,7 @@ def test_micro_batches_add_up_to_the_full_batch_loss(kind):
 
 @pytest.mark.parametrize("k, g", [(4, 8), (4, 6), (4, 2), (1, 8), (3, 3)])
 def test_assign_contexts_spreads_the_group_over_the_pool(k, g):
-    choice = fst.assign_contexts(k, g, random.Random(0))
+    choice = context_opt.assign_contexts(k, g, random.Random(0))
     assert len(choice) == g
     counts = [choice.count(i) for i in range(k)]
     if g >= k:
