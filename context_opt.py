@@ -528,8 +528,9 @@ def fresh_demo(r: _Round, parent: Prompt) -> tuple[str, str] | None:
     (problem, completion, reward) of earlier RL rollouts), cut to its answer line; never an anchor
     problem (its answer would leak into the set the child is judged on), never one the parent shows."""
     shown = {q for q, _ in parent.demos}
+    judged_on = r.ids if r.judged_on is None else r.judged_on
     fresh = [(reward, problem["question"], completion) for problem, completion, reward in r.demo_buffer
-             if reward >= PERFECT and str(problem["id"]) not in r.ids
+             if reward >= PERFECT and str(problem["id"]) not in judged_on
              and problem["question"] not in shown and problem["question"] not in parent.text]
     if not fresh:
         return None
@@ -648,6 +649,8 @@ class _Round:
                                         # may paste one (the demo buffer's, the task's worked examples')
     scoring_calls: int = 0              # metric calls scoring the live pool: not charged to the budget
     front: Sequence[str] | None = None  # fast.scoring batch: the problems parents are drawn on (None: anchors)
+    judged_on: Sequence[str] | None = None  # problems no demo may come from (None: the anchors, the children's
+                                        # test set; batch tests them on RL problems not yet drawn: none)
     weights: dict[str, float] | None = None  # ...and each one's weight (fading evidence)
     turn: int = 0                       # draws so far: picks the next operator
     idle: int = 0                       # consecutive draws that spent nothing
@@ -778,10 +781,12 @@ def _draw_wave(r: _Round) -> list[Proposal | None]:
 
 def _vet(r: _Round, proposal: Proposal) -> str | None:
     """The guards on a ready child's whole context (instruction and demos): check_proposal against its
-    parent, and no copy of a context the pool already holds."""
+    parent, and no copy of a context the pool already holds. (fast.scoring batch: a demo may be one of
+    the recent RL problems the round reads, as the child is judged on later ones: its question is no copy.)"""
     child = proposal.context(r.pool.demo_format)
-    reason = check_proposal(child.text(), r.pool.context(proposal.parent).text(), r.questions,
-                            r.cfg.max_prompt_chars)
+    shown = {q for q, _ in child.demos} if r.judged_on is not None else set()
+    reason = check_proposal(child.text(), r.pool.context(proposal.parent).text(),
+                            [q for q in r.questions if q not in shown], r.cfg.max_prompt_chars)
     return reason or ("duplicate" if any(child == r.pool.context(p) for p in r.pool) else None)
 
 
@@ -972,8 +977,9 @@ def round_report(stats: dict) -> str:
     """One line on what a round changed: fast round @ step 6: 12 proposals, 2 accepted (demo, reflect),
     best anchor 0.42 -> 0.50, 95 s."""
     accepted = ", ".join(op for op, n in stats["accepted_by_operator"].items() for _ in range(n))
+    under_test = f", {len(stats['under_test'])} under test in the RL batch" if "under_test" in stats else ""
     return (f"fast round @ step {stats['step']}: {stats['proposals']} proposals, {stats['accepted']} accepted"
-            f"{f' ({accepted})' if accepted else ''}, best anchor {stats['best_score_before']:.2f} -> "
+            f"{f' ({accepted})' if accepted else ''}{under_test}, best anchor {stats['best_score_before']:.2f} -> "
             f"{stats['best_score_after']:.2f}, {stats['seconds']:.0f} s")
 
 
@@ -1120,10 +1126,9 @@ def paired_z(strata: Sequence[dict]) -> float:
     deviation = variance = 0.0
     for stratum in strata:
         child, parent = stratum["child"], stratum["parent"]
-        m, n = len(child), len(parent)
-        if not m or not n:
-            continue
-        rewards = [*child, *parent]
+        m, n, rewards = len(child), len(parent), [*child, *parent]
+        if not m or not n or max(rewards) - min(rewards) < 1e-9:   # no spread: no information (and no
+            continue                                                # rounding noise posing as some)
         mean = sum(rewards) / (m + n)
         s2 = sum((x - mean) ** 2 for x in rewards) / (m + n)
         deviation += sum(child) - m * mean
@@ -1225,8 +1230,9 @@ def batch_round(pool: PromptPool, traces: Sequence[StepRollout], cfg: FastConfig
     r = _Round(cfg=cfg, pool=pool, anchors=anchors, ids=ids, questions=[p["question"] for p in anchors],
                seen_questions=list(seen), stats=_new_stats(step, len(anchors), 0, cfg), evaluate=None,
                reflect=reflect, rng=rng, step=step, budget=0, demo_buffer=demo_buffer,
-               size=min(cfg.minibatch, len(anchors)), most=0, front=pool.problem_ids(),
-               weights=evidence_weights(pool, step, cfg.evidence_fade))
+               size=min(cfg.minibatch, len(anchors)), most=0, front=pool.problem_ids(), judged_on=(),
+               weights=evidence_weights(pool, step, cfg.evidence_fade),
+               turn=step // cfg.every * cfg.candidates)   # a few draws a round: the operators' turns run on
     for t in sorted(traces, key=lambda t: -t.reward):        # each (context, problem): its worst rollout shown
         r.outputs[t.prompt_id, str(t.problem["id"])] = (t.text, t.reward, t.feedback)
     r.stats["best_score_before"] = pool.best().mean_score()

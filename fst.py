@@ -426,7 +426,8 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
 
 def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> float:
     """Step 8 (fst, gepa; every T steps): evolve the pool on the problems of the next T batches (the
-    anchor set), the same model as critic; logs the round's "fast" row and returns its seconds. Under
+    anchor set), the same model as critic; fast.scoring batch: only write children, which the next RL
+    steps test (run.remember). Logs the round's "fast" row and returns its seconds. Under
     torchrun every rank runs the round on split-and-gathered calls (the same results, the same choices),
     and rank 0's pool is sent to the others all the same, so they cannot drift apart."""
     t0 = time.perf_counter()
@@ -441,18 +442,17 @@ def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> floa
     def keep(phase, contexts, problems, results):  # gepa never updates the weights: nothing to train them
         if cfg.mode == "fst" and phase in REUSED_PHASES[cfg.fast.reuse]:
             scored.extend(zip(contexts, problems, results))
-    with rollout.eval_mode(run.model), infra.RoundProgress(step, run.dist.is_main) as progress:
-        if cfg.fast.scoring == "batch":  # children from the last T steps' RL rollouts, tested in the next ones
-            stats = context_opt.batch_round(run.pool, run.traces, cfg.fast, reflect=reflect, step=step,
-                                            rng=random.Random(infra.seed_for("fast_choices", cfg.train.seed, step)),
+    batch, rng = cfg.fast.scoring == "batch", random.Random(infra.seed_for("fast_choices", cfg.train.seed, step))
+    with rollout.eval_mode(run.model), infra.RoundProgress(step, run.dist.is_main, batch) as progress:
+        if batch:  # children written from the last T steps' RL rollouts, tested in the next steps' batches
+            stats = context_opt.batch_round(run.pool, run.traces, cfg.fast, reflect=reflect, step=step, rng=rng,
                                             demo_buffer=run.demo_buffer, task_questions=task.example_questions(),
                                             verdicts=run.verdicts)
             run.verdicts = []
             run.totals["reflector_tokens"] = run.totals.get("reflector_tokens", 0) + stats["reflector_tokens"]
         else:
-                stats = context_opt.fast_round(run.pool, anchors, cfg.fast, evaluate=evaluate, reflect=reflect,
-                                           step=step, rng=random.Random(infra.seed_for("fast_choices", cfg.train.seed, step)),
-                                           demo_buffer=run.demo_buffer, progress=progress, on_rollouts=keep,
+            stats = context_opt.fast_round(run.pool, anchors, cfg.fast, evaluate=evaluate, reflect=reflect, step=step,
+                                           rng=rng, demo_buffer=run.demo_buffer, progress=progress, on_rollouts=keep,
                                            task_questions=task.example_questions())
     run.kept = keep_round_rollouts(scored, run.pool, step, cfg.fast.reuse_max_age)
     if run.dist.is_main:

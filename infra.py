@@ -1377,11 +1377,13 @@ class RoundProgress:
     """A fast round's progress line under the step bar (rank 0 only): proposals, budget spent, accepted so
     far and the best anchor score, updated after every wave; it disappears when the round ends."""
 
-    def __init__(self, step: int, show: bool = True):
+    def __init__(self, step: int, show: bool = True, batch: bool = False):
         from tqdm import tqdm
-        # until the first report (after the live pool's scoring) there is no budget to count against
+        # until the first report (after the live pool's scoring) there is no budget to count against;
+        # fast.scoring batch has neither: its round only writes children
+        doing = "writing children from the RL rollouts" if batch else "scoring the live pool on the anchors"
         self.bar = tqdm(total=1, desc=f"fast round @ step {step}", position=1, leave=False, disable=not show,
-                        bar_format="{desc}: scoring the live pool on the anchors")
+                        bar_format="{desc}: " + doing)
 
     def __call__(self, *, proposals: int, spent: int, budget: int, accepted: int, best: float):
         self.bar.bar_format = "{desc}: {n}/{total} rollouts of budget {bar:10} {postfix}"

@@ -15,8 +15,8 @@ import rewards  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 # Plots and the README: thin lines are seeds, thick lines their mean.
 
-COLOURS = {"rl": "tab:blue", "fst": "tab:red", "gepa": "tab:green", "fst-reuse": "tab:purple", "fst-batch": "tab:orange",
-           "from-base": "tab:grey", "from-rl": "tab:blue", "from-fst": "tab:red"}
+COLOURS = {"rl": "tab:blue", "fst": "tab:red", "gepa": "tab:green", "fst-reuse": "tab:purple",
+           "fst-batch": "tab:orange", "from-base": "tab:grey", "from-rl": "tab:blue", "from-fst": "tab:red"}
 
 
 def _pyplot():
@@ -233,7 +233,7 @@ def _readme_study1(s: dict) -> list[str]:
               "accuracy both the arm's and rl's curves of that seed reach, so every seed has a value: the RL "
               f"steps (to the nearest validation, every {s['eval_every']} steps), all rollouts and KL at that "
               "level are paired by seed.", "",
-              "Paired by seed against rl (and fst-reuse against fst, where both ran):", "",
+              "Paired by seed against rl (and fst-reuse and fst-batch against fst, where both ran):", "",
               *_comparison_table(s["comparisons"]),
               "", "![KL against accuracy](study1_kl_vs_accuracy.png)", "",
               "Matched accuracy: the highest accuracy both an arm's and rl's mean curves reach; each arm's KL there "

@@ -578,7 +578,9 @@ def run_summary(spec: RunSpec, record: Path) -> dict:
            "seconds_training": round(sum(s["seconds"] for s in log["segments"]), 1),
            "seconds_measuring": round(cache["seconds"], 1),
            "rollouts_rl": last.get("rollouts_rl", 0), "rollouts_fast": last.get("rollouts_fast", 0),
-           "reflector_calls": last.get("reflector_calls", 0)}
+           "reflector_calls": last.get("reflector_calls", 0),
+           # the training steps' own seconds (sampling, update, fast round), validation and loading left out
+           "seconds_steps": round(sum(r.get("seconds_step", 0.0) for r in train), 1)}
     if spec.two_by_two:
         out["two_by_two"] = cache["two_by_two"]
     if spec.arm != "rl" and spec.study == "1":

@@ -286,13 +286,17 @@ def test_one_process_never_fingerprints_the_adapter(tmp_path, tiny_model_dir, pa
     assert calls == []
 
 
-@pytest.mark.parametrize("mode", ["rl", "fst", "fst-reuse"])
+@pytest.mark.parametrize("mode", ["rl", "fst", "fst-reuse", "fst-batch"])
 def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity_rewards, mode):
     """fst-reuse: the checkpoint after step 1 lies between a fast round and the step that trains on its
-    rollouts, so the resumed run must carry them over to replay the uninterrupted one."""
+    rollouts, so the resumed run must carry them over to replay the uninterrupted one. fst-batch: it lies
+    between a round and the steps that test its children (fast.scoring batch), which must go on alike."""
     reuse = ["--set", "fast.reuse=all"] if mode == "fst-reuse" else []
     no_reuse = [] if reuse else ["--set", "fast.reuse=none"]
-    mode = mode.removesuffix("-reuse")
+    batch = mode == "fst-batch"
+    if batch:  # 2 of the 4 rollouts of a group test a child: the other 2 are the pool's (at most 2 prompts)
+        no_reuse += ["--set", "fast.scoring=batch", "--set", "fast.pool_size=2"]
+    mode = mode.removesuffix("-reuse").removesuffix("-batch")
     extra = ["--set", f"mode={mode}", "--set", "fast.every=2", "--set", "fast.budget=2",
              "--set", "fast.reflector_max_new_tokens=8", "--set", "fast.operators=[demo, reflect]",
              "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2", *reuse, *no_reuse]
@@ -306,7 +310,15 @@ def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity
     assert any(m["loss"] != 0 for m in train_rows) and all(m["kl_to_base"] >= 0 for m in train_rows)
     assert train_rows[-1]["kl_to_base"] > 0  # the adapter moved away from the base
     fast_rows = [m for m in full if m["kind"] == "fast"]
-    if mode == "fst":
+    if batch:  # the rounds sample nothing; the children proposed at step 1 took their share of steps 2-3
+        assert [m["step"] for m in fast_rows] == [1, 3] and train_rows[-1]["rollouts_fast"] == 0
+        under_test = fast_rows[0]["under_test"]
+        assert under_test and fast_rows[-1]["reflector_tokens"] == train_rows[-1]["reflector_tokens"]
+        pool = json.loads((tmp_path / "full" / "pool" / "step_000003.json").read_text())
+        tested = {c["id"]: {s["step"] for s in c["strata"]} for c in pool.get("candidates", [])}
+        ended = {v["id"] for v in fast_rows[1]["verdicts"]}
+        assert all(i in ended or tested.get(i) == {2, 3} for i in under_test), (under_test, tested, ended)
+    elif mode == "fst":
         assert [m["step"] for m in fast_rows] == [1, 3]
         assert train_rows[-1]["rollouts_fast"] == sum(m["metric_calls"] for m in fast_rows) > 0
         assert (tmp_path / "full" / "pool" / "step_000003.json").exists()
