@@ -725,7 +725,7 @@ def _draw(r: _Round) -> Proposal | None:
     parent = r.pool.sample_parent(r.rng, r.front or r.ids, r.weights)
     name = r.cfg.operators[r.turn % len(r.cfg.operators)]
     r.turn += 1
-    batch = _failures_first({pid: s for (i, pid), (_, s, _) in r.outputs.items() if i == parent.id},
+    batch = _failures_first({pid: result[1] for (i, pid), result in r.outputs.items() if i == parent.id},
                             r.ids, r.size, r.rng)
     if batch is None:
         r.stats["skipped"]["perfect_parent"] += 1
@@ -1139,7 +1139,7 @@ def paired_z(strata: Sequence[dict]) -> float:
 def trial_threshold(cfg: FastConfig) -> float:
     """z a child must reach at one of its trial_steps looks: Bonferroni over the looks, so that a child
     no better than its parent passes with probability <= accept_alpha over its whole trial (up to the
-    normal approximation; tests/test_context_opt.py measures the rate on simulated rewards)."""
+    normal approximation; tests/test_batch_scoring.py measures the rate on simulated rewards)."""
     return statistics.NormalDist().inv_cdf(1 - cfg.accept_alpha / cfg.trial_steps)
 
 
@@ -1151,7 +1151,7 @@ def evidence_weights(pool: PromptPool, step: int, fade: float) -> dict[str, floa
 def record_batch(pool: PromptPool, rows: Sequence[StepRollout], step: int, cfg: FastConfig) -> list[dict]:
     """After RL step `step`: its rewards become evidence (each pool prompt's mean reward per problem,
     replacing older evidence on that problem), each child under test gains its strata, stale evidence
-    is dropped, and the children are judged. Returns the verdicts [{"id", "operator", "verdict", "z"}]."""
+    is dropped, and the children are judged. Returns the verdicts [{"id", "operator", "verdict", "z", "step"}]."""
     by_problem: dict[str, dict[int, list[float]]] = {}
     for row in rows:
         by_problem.setdefault(str(row.problem["id"]), {}).setdefault(row.prompt_id, []).append(row.reward)
@@ -1209,8 +1209,9 @@ def _admit(pool: PromptPool, child: Candidate, step: int, cfg: FastConfig) -> No
                                     {pid: sum(r) / len(r) for pid, r in by_problem.items()}, in_top_k=True,
                                     demos=[list(d) for d in child.demos])
     cover = pool.coverage(pool.problem_ids(), evidence_weights(pool, step, cfg.evidence_fade))
-    others = sorted((p for p in pool if p.id != child.id), key=lambda p: (-cover.get(p.id, 0), -p.mean_score(), p.id))
-    pool.retain({child.id, *(p.id for p in others[:cfg.pool_size - 1])})   # K active at most: the lowest-ranked leaves
+    others = sorted((p for p in pool if p.id != child.id),
+                    key=lambda p: (-cover.get(p.id, 0), -p.mean_score(), p.id))
+    pool.retain({child.id, *(p.id for p in others[:cfg.pool_size - 1])})   # K at most: the lowest-ranked leaves
     for p in pool:
         p.in_top_k = True
 

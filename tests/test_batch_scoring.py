@@ -79,7 +79,7 @@ def test_a_child_no_better_than_its_parent_is_accepted_at_most_at_the_promised_r
 def test_a_better_child_is_found_within_its_trial():
     """The stated power (docs of trial_threshold): a child at 0.5 against a parent at 0.2, tested on both
     groups of a tiny step (2 rollouts against 6), is accepted within trial_steps = 6 steps at least 75% of
-    the time (82% measured on 2000 trials), and a worse one almost never."""
+    the time (83% measured on 2000 trials, in 3.0 steps on average), and a worse one almost never."""
     cfg, rng, trials = co.FastConfig(scoring="batch"), random.Random(1), 500
     better = [simulate_trial(cfg, 0.5, 0.2, rng, **SHAPES[0]) for _ in range(trials)]
     assert sum(v == "accepted" for v, _ in better) / trials >= 0.75
