@@ -49,6 +49,10 @@ def side_numbers(run_dir: Path) -> dict:
     last = train[-1]
     return {"steps": len(train), "seconds_steps": round(sum(r["seconds_step"] for r in train), 1),
             "seconds_fast": round(sum(r.get("seconds_fast", 0.0) for r in train), 1),
+            # where the RL steps' own time went: an arm that mixes contexts prefills and trains more prompts
+            **{key: round(sum(r[key] for r in train), 1) for key in ("seconds_sampling", "seconds_base_kl",
+                                                                      "seconds_training")},
+            "completion_len_mean": round(sum(r["completion_len_mean"] for r in train) / len(train), 1),
             "rollouts_rl": last["rollouts_rl"], "rollouts_fast": last["rollouts_fast"],
             "reflector_tokens": last.get("reflector_tokens", 0), "reflector_calls": last.get("reflector_calls", 0),
             "fast_rounds": sum(r.get("kind") == "fast" for r in rows)}
