@@ -60,7 +60,9 @@ COST_MODEL_LOAD = 3.0      # infra.load_model for one checkpoint
 # fst-batch scores contexts on the RL batch itself (fast.scoring=batch): its rounds sample nothing, so there is
 # nothing of theirs to reuse.
 ARMS = {"rl": ["mode=rl"], "fst": ["mode=fst", "fast.reuse=none"], "gepa": ["mode=gepa"],
-        "fst-reuse": ["mode=fst", "fast.reuse=all"], "fst-batch": ["mode=fst", "fast.scoring=batch", "fast.reuse=none"]}
+        "fst-reuse": ["mode=fst", "fast.reuse=all"], "fst-batch": ["mode=fst", "fast.scoring=batch", "fast.reuse=none"],
+        # one child under test at a time: both groups of a step test it (twice fst-batch's evidence per child)
+        "fst-batch-1c": ["mode=fst", "fast.scoring=batch", "fast.reuse=none", "fast.candidates=1"]}
 # The dtype is part of a run's name when it is not float32, so fp32 and bf16 records never mix.
 DTYPES = {"float32": "", "bfloat16": "-bf16", "bfloat16-fixed": "-bf16fix"}
 # What each choice runs with. bfloat16-fixed: bf16 with the fixes bench/behaviour_logp.py --decompose
