@@ -262,8 +262,8 @@ class PromptPool:
             p.in_top_k = p.id in ranked
         return [self.prompts[i] for i in ranked]
 
-    def context(self, prompt: Prompt) -> Context:
-        """What the model sees of a pool member."""
+    def context(self, prompt: Prompt | Candidate) -> Context:
+        """What the model sees of a pool member (or of a child under test, fast.scoring batch)."""
         return Context(prompt.text, tuple(tuple(d) for d in prompt.demos), self.demo_format)
 
     def best(self) -> Prompt:
@@ -1084,7 +1084,7 @@ def plan_rollouts(tok, task, problems: list[dict], pool: PromptPool, group_size:
         uses = [(pool.context(prompts[k]), prompts[k].id, choice.count(k)) for k in sorted(set(choice))]
         if trial:
             child = pool.candidates[(first + g + step) % len(pool.candidates)]
-            uses.append((candidate_context(child, pool.demo_format), child.id, trial))
+            uses.append((pool.context(child), child.id, trial))
         for context, prompt_id, count in uses:
             plan.chats.append(encode_chat(tok, context.messages(task, problem)))
             plan.counts.append(count)
@@ -1110,10 +1110,6 @@ class StepRollout(NamedTuple):
 
 
 FADED = 0.05                  # evidence whose weight fell below this is dropped
-
-
-def candidate_context(candidate: Candidate, demo_format: DemoFormat) -> Context:
-    return Context(candidate.text, tuple(tuple(d) for d in candidate.demos), demo_format)
 
 
 def paired_z(strata: Sequence[dict]) -> float:
@@ -1244,7 +1240,7 @@ def batch_round(pool: PromptPool, traces: Sequence[StepRollout], cfg: FastConfig
         _reflect_and_vet(r, ready)
         for d in draws:
             new = d is not None and d.reason is None and d.text is not None and not any(
-                d.context(pool.demo_format) == candidate_context(c, pool.demo_format) for c in pool.candidates)
+                d.context(pool.demo_format) == pool.context(c) for c in pool.candidates)
             r.idle = 0 if new else r.idle + 1
             if new:
                 pool.candidates.append(Candidate(pool.next_id, d.text, d.parent.id, step, d.operator,
