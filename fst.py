@@ -685,12 +685,14 @@ def main(argv=None):
     dist = infra.init_distributed()  # torchrun: join the other ranks (every rank runs all of main)
     cfg, run_dir, config_name = infra.start_up(args, dist, load_config, make_task)
     infra.make_run_folder(run_dir, infra.config_to_dict(cfg), dist)
+    finished = False
     try:
         train(cfg, run_dir, resume=bool(args.resume), config_name=config_name, dist=dist)
+        finished = True
     except (infra.TrainingError, rollout.NonFiniteLogits) as e:
         raise SystemExit(f"training error: {e}")
     finally:
-        dist.close()
+        dist.close(finished)
 
 
 if __name__ == "__main__":

@@ -615,11 +615,16 @@ class Dist:
                   "on where they stopped, but each rank's sampling seed differs, so the run will not replay "
                   "what the saved world size would have done", file=sys.stderr)
 
-    def close(self):
-        """Leave the process group (torchrun); nothing in one process."""
+    def close(self, finished: bool = True):
+        """Leave the process group (torchrun); nothing in one process. After a normal finish the ranks
+        meet at a barrier first: a rank that tore its gloo connections down while its peer still had one
+        in use aborted the peer at exit ("terminate called without an active exception", seen once in
+        CI). After an error there is no barrier, since the other rank may never arrive."""
         if self.world > 1:
             import torch.distributed as dist
             if dist.is_initialized():
+                if finished:
+                    dist.barrier()
                 dist.destroy_process_group()
 
     def sum_gradients(self, params):

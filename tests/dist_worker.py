@@ -131,6 +131,7 @@ def main():
             torch.save(grads, Path(out_dir) / f"grads_world{dist.world}.pt")
     if "idle" in command.split("+"):
         idle_rank_update(model_dir, out_dir, dist)
+    dist.close()  # as fst.main does: leave the process group before exit
 
 
 if __name__ == "__main__":
