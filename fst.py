@@ -659,10 +659,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             t_fast = fast_round_step(cfg, run, task, stream, step, log.row) if due else 0.0
 
             row.update(run.totals, seconds_fast=t_fast, seconds_step=time.perf_counter() - t_step)
-            log.row(row)
             dist.check_same(f"the adapter or the prompt pool after step {step}",
                             lambda: infra.fingerprint(run.model, run.pool))  # torchrun only: an all-gather
-            progress.done, progress.undo = step, None  # the step's update, fast round and log line are in
+            with infra.interrupt_held():  # Ctrl-C waits: the log line and the step's completion land together
+                log.row(row)
+                progress.done, progress.undo = step, None  # the step's update, fast round and log line are in
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{kl:.4f}", **val,
                             s_step=f"{row['seconds_step']:.1f}")
             if (step + 1) % cfg.train.save_every == 0 or step + 1 == run.total_steps:

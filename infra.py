@@ -1403,6 +1403,28 @@ class RoundProgress:
 
 
 @contextlib.contextmanager
+def interrupt_held():
+    """Ctrl-C inside the block takes effect at its end: a step's metrics row and the mark that the step
+    is complete land together (Ctrl-C between them once left a logged step that the checkpoint saved on
+    interrupt did not hold). Only the main thread receives signals; elsewhere the block runs as is."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(caught[0], None)   # Python's own handler raises KeyboardInterrupt here
+    elif caught and previous == signal.SIG_DFL:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def checkpoint_on_interrupt(save, run_dir: Path):
     """Ctrl-C inside the block saves the last completed step and exits with 130; running out of GPU
     memory saves it too and exits with one line naming the keys to lower. The loop sets

@@ -118,6 +118,20 @@ def short_run(tmp_path, model_dir, name, steps):
     return fst.main(run_args(tmp_path, name, model_dir, steps) + ["--set", "mode=rl", "--set", "eval.every=0"])
 
 
+def test_ctrl_c_inside_interrupt_held_lands_after_the_block():
+    """The step's log line and its completion mark are written together: Ctrl-C between them waits."""
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with infra.interrupt_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("row")       # still runs: the interrupt is held
+            done.append("mark")
+    assert done == ["row", "mark"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Ctrl-C acts at once again
+    with infra.interrupt_held():
+        pass                          # no Ctrl-C: nothing raised
+
+
 def test_gradient_flow_guard_names_a_frozen_layer(tmp_path, tiny_model_dir, parity_rewards, monkeypatch):
     real_load = infra.load_model
 
