@@ -91,6 +91,9 @@ class FastConfig:
     # probability <= accept_alpha over its whole trial (a one-sided test at accept_alpha / trial_steps per step)
     accept_alpha: float = 0.1
     evidence_fade: float = 0.8  # batch: an RL reward measured n steps ago weighs fade**n in the fronts (weights move)
+    # batch: a child's trial rows are RL data too (true, as E-SPL trains on every prompt's rollouts); false: they
+    # are evidence only, and the KL pass and the update run on the pool's rows (advantages over those alone)
+    train_on_trials: bool = True
 
     ranges = {"every": ">= 1", "pool_size": ">= 1", "budget": "> 0", "minibatch": ">= 1", "wave": ">= 1",
               "max_proposals": ">= 0", "patience": ">= 1", "max_demos": ">= 0", "reuse_max_age": ">= 0",

@@ -122,11 +122,10 @@ class Config:
 
     def check(self, prefix: str = "") -> None:
         """fast.scoring batch: the pool keeps a rollout of every group beside the child under test."""
-        if self.fast.scoring == "batch" and self.sampling.group_size - self.fast.trial_rollouts < self.fast.pool_size:
+        G, trial, K = self.sampling.group_size, self.fast.trial_rollouts, self.fast.pool_size
+        if self.fast.scoring == "batch" and G - trial < K:  # every active context in each group, parents too
             raise ConfigError(f"config key 'fast.trial_rollouts' must leave sampling.group_size - trial_rollouts >= "
-                              f"fast.pool_size (every active context in every group, the child's test pairs with its "
-                              f"parent there), got {self.sampling.group_size} - {self.fast.trial_rollouts} < "
-                              f"{self.fast.pool_size}")
+                              f"fast.pool_size, got {G} - {trial} < {K}")
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
@@ -302,19 +301,19 @@ def experience_from(problems, group: list[int], prompt_id: list[int], ro: rollou
     whatever prompt each used; the rows collated; the sampler's log-probs as a [R, T] tensor."""
     reward = torch.tensor([r for r, _ in scored], dtype=torch.float32, device="cpu")  # bookkeeping: CPU
     adv, keep = group_advantages(reward.view(len(problems), -1), scale_by_std=scale_by_std)
-    batch, sampler_logp = collate_rollouts(ro, pad_id, device)
+    batch, sampler_logp = rollout.collate_rollouts(ro, pad_id, device)
     return Experience(problems=problems, group=torch.tensor(group, device="cpu"), prompt_id=list(prompt_id), rollouts=ro,
                       scored=list(scored), reward=reward, advantage=adv.view(-1), keep=keep, batch=batch,
                       sampler_logp=sampler_logp, seconds_sampling=seconds_sampling)
 
 
-def collate_rollouts(ro: rollout.Rollouts, pad_id: int, device) -> tuple[rollout.Batch, torch.Tensor]:
-    """The rows collated on the device, and the sampler's log-probs as [R, T] (0 on padding)."""
-    batch = rollout.collate(ro.prompt_ids, ro.completion_ids, pad_id, device)
-    width = batch.completion_mask.shape[1]
-    sampler_logp = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in ro.logprobs], dtype=torch.float32,
-                                device=batch.completion_mask.device)  # [R, T]: one transfer, not a row each
-    return batch, sampler_logp
+def without_trial_rows(exp: Experience, children: set[int], *, scale_by_std: bool, pad_id: int, device) -> Experience:
+    """Step 4a (fast.scoring batch, fast.train_on_trials false): the step less the children's trial rows (evidence
+    for their tests, not RL data); advantages per problem over the rows left (each group gave a child as many)."""
+    rows = [r for r, prompt_id in enumerate(exp.prompt_id) if prompt_id not in children]
+    return experience_from(exp.problems, exp.group[rows].tolist(), [exp.prompt_id[r] for r in rows],
+                           exp.rollouts.select(rows), [exp.scored[r] for r in rows], scale_by_std=scale_by_std,
+                           pad_id=pad_id, device=device, seconds_sampling=exp.seconds_sampling)
 
 
 def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool, pad_id: int, device,
@@ -329,7 +328,7 @@ def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool,
                               for g in mine))
     rows = [k for g in mine for k in g]
     joined = exp.rollouts + context_opt.kept_as_rollouts(rows)  # the kept rows after the step's own
-    batch, sampler_logp = collate_rollouts(joined, pad_id, device)
+    batch, sampler_logp = rollout.collate_rollouts(joined, pad_id, device)
     first = len(exp.problems)
     return Experience(
         problems=exp.problems + [g[0].problem for g in mine],
@@ -631,7 +630,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             # 1-4. B problems x G rollouts over the pool's prompts: sampled, scored, advantages per problem
             # (under torchrun: this rank's slice of the B problems; the rest of the step sums over ranks).
             exp = make_experience(cfg, run, task, stream.next_batch(), step)
+            children = {c.id for c in run.pool.candidates}  # under test at this step (a verdict may admit one)
             run.remember(exp, cfg.fast, step)  # fast.scoring batch: also the pool's evidence, the children's tests
+            if children and not cfg.fast.train_on_trials:  # 4a. the children's rows were evidence only
+                exp = without_trial_rows(exp, children, scale_by_std=LOSSES[cfg.train.loss].scale_by_std,
+                                         pad_id=run.tok.pad_token_id, device=run.device)
             # 4b. fast.reuse: the last fast round's rollouts due at this step join as extra groups.
             due, run.kept = due_rollouts(run.kept, step, cfg.fast.reuse_max_age)
             trained = with_reused(exp, due, scale_by_std=LOSSES[cfg.train.loss].scale_by_std,
@@ -678,11 +681,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
 
 def main(argv=None):
     args = infra.command_line(argv, description=__doc__)  # --config/--resume, --set, --plan, --help-config
-    if args.help_config:
-        print(infra.config_table(Config))
+    if infra.answered_without_a_run(args, Config, load_config):
         return
-    if args.plan:
-        return infra.print_memory_plan(args, load_config)
     dist = infra.init_distributed()  # torchrun: join the other ranks (every rank runs all of main)
     cfg, run_dir, config_name = infra.start_up(args, dist, load_config, make_task)
     infra.make_run_folder(run_dir, infra.config_to_dict(cfg), dist)

@@ -2004,6 +2004,15 @@ def command_line(argv=None, description: str = ""):
     return args
 
 
+def answered_without_a_run(args, config_cls, load_config) -> bool:
+    """--help-config (the config table) and --plan (the memory plan): printed, and no run starts."""
+    if args.help_config:
+        print(config_table(config_cls))
+    elif args.plan:
+        print_memory_plan(args, load_config)
+    return bool(args.help_config or args.plan)
+
+
 def start_up(args, dist: Dist, load_config, make_task):
     """fst.main's arguments -> (config, run folder, config file name) of a new run (--config, --set) or
     a resumed one (--resume). Every check that can fail runs here, before the run folder exists, and

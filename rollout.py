@@ -239,6 +239,11 @@ class Rollouts:
         rows = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
         return Rollouts(**rows)
 
+    def select(self, rows: list[int]) -> Rollouts:
+        """The rows at these indices, in this order; the counters (what the sampler ran) stay whole."""
+        return Rollouts(**{f.name: [getattr(self, f.name)[r] for r in rows] if f.type.startswith("list")
+                           else getattr(self, f.name) for f in dataclasses.fields(self)})
+
 
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
@@ -535,6 +540,15 @@ def collate(prompt_ids, completion_ids, pad_id: int, device=None) -> Batch:
         cm.append([1.0] * len(c) + [0.0] * (T - len(c)))
     return Batch(torch.tensor(ids, device=device), torch.tensor(att, device=device),
                  torch.tensor(cm, device=device), P)
+
+
+def collate_rollouts(ro: Rollouts, pad_id: int, device) -> tuple[Batch, torch.Tensor]:
+    """The rows collated on the device, and the sampler's log-probs as [R, T] (0 on padding)."""
+    batch = collate(ro.prompt_ids, ro.completion_ids, pad_id, device)
+    width = batch.completion_mask.shape[1]
+    sampler_logp = torch.tensor([lp + [0.0] * (width - len(lp)) for lp in ro.logprobs], dtype=torch.float32,
+                                device=batch.completion_mask.device)  # [R, T]: one transfer, not a row each
+    return batch, sampler_logp
 
 
 def _shared_prompt_groups(batch: Batch):

@@ -4,6 +4,7 @@
     python bench/batch_scoring.py --threads 1              # rl vs fst-batch, 12 steps each, one pair
     python bench/batch_scoring.py --threads 1 --rounds     # + fst with fast.scoring=rounds (fast.reuse=none)
     python bench/batch_scoring.py --pairs 2 --steps 18     # two pairs (order alternates), study 1's length
+    python bench/batch_scoring.py --steps 18 --sides fst-batch fst-batch-ev   # + trial rows out of the loss
 
 Every side is fst's own run, `python fst.py --config configs/tiny.yaml` (SmolLM2-135M, task add as in study
 1, B = 2 problems x G = 8 rollouts, a fast round every 6 steps) with validation off, in its own process with
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SIDES = {"rl": ["mode=rl"], "fst-batch": ["mode=fst", "fast.scoring=batch", "fast.reuse=none"],
+         "fst-batch-ev": ["mode=fst", "fast.scoring=batch", "fast.reuse=none", "fast.train_on_trials=false"],
          "fst-rounds": ["mode=fst", "fast.scoring=rounds", "fast.reuse=none"]}
 STUDY1 = ["task.name=add", "task.system_prompt=''", "eval.every=0", "device=cpu"]   # study 1's task, no validation
 
@@ -74,13 +76,15 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=1, help="repetitions; the order of the sides alternates")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", action="store_true", help="also fst with the paper's scoring rounds")
+    ap.add_argument("--sides", nargs="+", default=["fst-batch"], choices=["fst-batch", "fst-batch-ev"],
+                    help="the batch-scoring sides beside rl (fst-batch-ev: fast.train_on_trials=false)")
     ap.add_argument("--set", action="append", default=[], help="an fst override for every side (key=value)")
     ap.add_argument("--child", choices=list(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         return child_main(a)
-    sides = ["rl", "fst-batch", *(["fst-rounds"] if a.rounds else [])]
+    sides = ["rl", *a.sides, *(["fst-rounds"] if a.rounds else [])]
     pairs = []
     for n in range(a.pairs):
         with tempfile.TemporaryDirectory() as scratch:

@@ -51,8 +51,8 @@ def study1(sizes: Sizes, places: Places) -> dict:
         out["seed_matched_accuracy"] = seed_levels
     if {"fst", "fst-reuse"} <= set(arms):  # does training on the fast rounds' rollouts pay? (fast.reuse)
         comparisons += reuse_comparisons(per_arm, curves)
-    if "fst-batch" in arms:  # contexts scored on the RL batch (fast.scoring=batch): what it bought and cost
-        comparisons += batch_comparisons(per_arm, curves, [a for a in ("rl", "fst") if a in arms])
+    for arm in (a for a in arms if a.startswith("fst-batch")):  # contexts scored on the RL batch: bought, cost
+        comparisons += batch_comparisons(per_arm, curves, [a for a in ("rl", "fst") if a in arms], arm)
     out["comparisons"] = comparisons
     out["findings"] = [c["text"] for c in comparisons]
     if sizes.dtype != "float32":  # a bf16 run must end where its float32 twin does before bf16 is trusted
@@ -145,28 +145,27 @@ def reuse_comparisons(per_arm: dict, curves: dict) -> list[dict]:
     return comparisons
 
 
-def batch_comparisons(per_arm: dict, curves: dict, refs: list[str]) -> list[dict]:
-    """fst-batch against fst (the fast loop scored by rounds of its own): rollouts to the accuracy both reach,
-    final and mean accuracy; and the training steps' seconds per run as a ratio to each of `refs` (1.00 =
-    the same time; records made in different sessions share only the machine kind and thread count)."""
+def batch_comparisons(per_arm: dict, curves: dict, refs: list[str], arm: str = "fst-batch") -> list[dict]:
+    """A batch-scoring arm (fst-batch and its variants) against fst (the fast loop scored by rounds of its
+    own): rollouts to the accuracy both reach, final and mean accuracy; and the training steps' seconds per
+    run as a ratio to each of `refs` (1.00 = the same time; records made in different sessions share only
+    the machine kind and thread count)."""
     comparisons = []
     if "fst" in refs:
-        levels = seed_matched_levels(per_arm, curves, "fst-batch", ref="fst")
+        levels = seed_matched_levels(per_arm, curves, arm, ref="fst")
         reach_at = {a: {seed: first_reach(c, levels[seed], "rollouts_all")
-                        for seed, c in zip(per_arm[a]["seeds"], curves[a]) if seed in levels} for a in ("fst", "fst-batch")}
-        comparisons.append(compare("all rollouts (RL + fast) to the accuracy both reach in the seed", "fst-batch",
-                                   reach_at["fst-batch"], "fst", reach_at["fst"], better="lower", fmt="{:.1f}"))
+                        for seed, c in zip(per_arm[a]["seeds"], curves[a]) if seed in levels} for a in ("fst", arm)}
+        comparisons.append(compare("all rollouts (RL + fast) to the accuracy both reach in the seed", arm,
+                                   reach_at[arm], "fst", reach_at["fst"], better="lower", fmt="{:.1f}"))
         for what, key in (("final validation accuracy", "final_accuracy"),
                           ("mean validation accuracy over training (after step 0)", "mean_accuracy_during_training")):
-            comparisons.append(compare(what, "fst-batch", by_seed(per_arm, "fst-batch", key), "fst",
-                                       by_seed(per_arm, "fst", key)))
-    mine = by_seed(per_arm, "fst-batch", "seconds_steps")
+            comparisons.append(compare(what, arm, by_seed(per_arm, arm, key), "fst", by_seed(per_arm, "fst", key)))
+    mine = by_seed(per_arm, arm, "seconds_steps")
     for ref in refs:
         theirs = by_seed(per_arm, ref, "seconds_steps")
         ratio = {seed: mine[seed] / theirs[seed] for seed in mine if mine[seed] and theirs.get(seed)}
         comparisons.append(compare(f"training-step seconds per run as a ratio to {ref}'s (1.00 = the same)",
-                                   "fst-batch", ratio, ref, {seed: 1.0 for seed in ratio}, better="lower",
-                                   fmt="{:.2f}"))
+                                   arm, ratio, ref, {seed: 1.0 for seed in ratio}, better="lower", fmt="{:.2f}"))
     return comparisons
 
 

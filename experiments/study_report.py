@@ -16,7 +16,8 @@ import rewards  # noqa: E402
 # Plots and the README: thin lines are seeds, thick lines their mean.
 
 COLOURS = {"rl": "tab:blue", "fst": "tab:red", "gepa": "tab:green", "fst-reuse": "tab:purple",
-           "fst-batch": "tab:orange", "fst-batch-1c": "tab:brown", "from-base": "tab:grey", "from-rl": "tab:blue", "from-fst": "tab:red"}
+           "fst-batch": "tab:orange", "fst-batch-1c": "tab:brown", "fst-batch-ev": "tab:olive",
+           "from-base": "tab:grey", "from-rl": "tab:blue", "from-fst": "tab:red"}
 
 
 def _pyplot():

@@ -62,7 +62,9 @@ COST_MODEL_LOAD = 3.0      # infra.load_model for one checkpoint
 ARMS = {"rl": ["mode=rl"], "fst": ["mode=fst", "fast.reuse=none"], "gepa": ["mode=gepa"],
         "fst-reuse": ["mode=fst", "fast.reuse=all"], "fst-batch": ["mode=fst", "fast.scoring=batch", "fast.reuse=none"],
         # one child under test at a time: both groups of a step test it (twice fst-batch's evidence per child)
-        "fst-batch-1c": ["mode=fst", "fast.scoring=batch", "fast.reuse=none", "fast.candidates=1"]}
+        "fst-batch-1c": ["mode=fst", "fast.scoring=batch", "fast.reuse=none", "fast.candidates=1"],
+        # the children's trial rows are evidence only: the KL pass and the update run on the pool's rows
+        "fst-batch-ev": ["mode=fst", "fast.scoring=batch", "fast.reuse=none", "fast.train_on_trials=false"]}
 # The dtype is part of a run's name when it is not float32, so fp32 and bf16 records never mix.
 DTYPES = {"float32": "", "bfloat16": "-bf16", "bfloat16-fixed": "-bf16fix"}
 # What each choice runs with. bfloat16-fixed: bf16 with the fixes bench/behaviour_logp.py --decompose

@@ -4,10 +4,12 @@ admission and the pool's bound, the rollout plan's trial share, and a round that
 import random
 
 import pytest
+import torch
 
 import context_opt as co
 import fst
 import infra
+import rollout
 from context_opt import Candidate, PromptPool, StepRollout
 
 SEED = "Solve the problem step by step."
@@ -190,6 +192,28 @@ def test_a_batch_round_writes_children_from_rl_rollouts_and_samples_nothing():
     # children already under test fill the slots: the next round proposes nothing
     assert co.batch_round(pool, traces, cfg, reflect=lambda chats: pytest.fail("no slot"), step=11,
                           rng=random.Random(0))["proposals"] == 0
+
+
+def test_trial_rows_kept_out_of_the_loss_leave_the_pool_rows_with_their_own_advantages():
+    """fast.train_on_trials false: a child's rows (prompt 7) are dropped after they served as evidence; each
+    problem's advantages are recomputed over its pool rows alone (rewards 1, 0 -> +-0.707 with std scaling)."""
+    rewards = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]          # problem 0: rows 0-3; problem 1: rows 4-7
+    prompt_id = [0, 0, 7, 7, 0, 7, 0, 7]
+    ro = rollout.Rollouts(prompt_index=list(range(8)), prompt_ids=[[1, 2, r] for r in range(8)],
+                          completion_ids=[[3] * (r + 1) for r in range(8)],
+                          logprobs=[[-0.5] * (r + 1) for r in range(8)],
+                          finish_reasons=["eos"] * 8, texts=[f"t{r}" for r in range(8)], decode_tokens=36)
+    exp = fst.experience_from([{"id": "a"}, {"id": "b"}], [0, 0, 0, 0, 1, 1, 1, 1], prompt_id, ro,
+                              [(r, f"f{i}") for i, r in enumerate(rewards)], scale_by_std=True, pad_id=0, device="cpu")
+    assert exp.advantage[2] != 0                                  # with the child's rows, they train too
+    pool_only = fst.without_trial_rows(exp, {7}, scale_by_std=True, pad_id=0, device="cpu")
+    assert pool_only.rollouts.texts == ["t0", "t1", "t4", "t6"] and pool_only.prompt_id == [0, 0, 0, 0]
+    assert pool_only.group.tolist() == [0, 0, 1, 1] and pool_only.rollouts.decode_tokens == 36
+    assert [s for s, _ in pool_only.scored] == [1.0, 0.0, 0.0, 0.0]
+    assert torch.allclose(pool_only.advantage, torch.tensor([0.7071, -0.7071, 0.0, 0.0]), atol=1e-3)
+    assert pool_only.keep.tolist() == [True, False]               # problem b's pool rows all failed: no signal
+    assert pool_only.batch.completion_mask.sum(1).tolist() == [1, 2, 5, 7]
+    assert pool_only.sampler_logp[3, :7].tolist() == [-0.5] * 7
 
 
 def test_batch_scoring_needs_a_rollout_of_every_active_context_beside_the_child():

@@ -286,17 +286,19 @@ def test_one_process_never_fingerprints_the_adapter(tmp_path, tiny_model_dir, pa
     assert calls == []
 
 
-@pytest.mark.parametrize("mode", ["rl", "fst", "fst-reuse", "fst-batch"])
+@pytest.mark.parametrize("mode", ["rl", "fst", "fst-reuse", "fst-batch", "fst-batch-evidence"])
 def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity_rewards, mode):
     """fst-reuse: the checkpoint after step 1 lies between a fast round and the step that trains on its
     rollouts, so the resumed run must carry them over to replay the uninterrupted one. fst-batch: it lies
     between a round and the steps that test its children (fast.scoring batch), which must go on alike."""
     reuse = ["--set", "fast.reuse=all"] if mode == "fst-reuse" else []
     no_reuse = [] if reuse else ["--set", "fast.reuse=none"]
-    batch = mode == "fst-batch"
+    batch, evidence = mode.startswith("fst-batch"), mode.endswith("-evidence")
     if batch:  # 2 of the 4 rollouts of a group test a child: the other 2 are the pool's (at most 2 prompts)
         no_reuse += ["--set", "fast.scoring=batch", "--set", "fast.pool_size=2"]
-    mode = mode.removesuffix("-reuse").removesuffix("-batch")
+    if evidence:  # ...and those 2 are evidence only: the update trains on the pool's 2
+        no_reuse += ["--set", "fast.train_on_trials=false"]
+    mode = mode.removesuffix("-evidence").removesuffix("-reuse").removesuffix("-batch")
     extra = ["--set", f"mode={mode}", "--set", "fast.every=2", "--set", "fast.budget=2",
              "--set", "fast.reflector_max_new_tokens=8", "--set", "fast.operators=[demo, reflect]",
              "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2", *reuse, *no_reuse]
@@ -318,6 +320,8 @@ def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity
         tested = {c["id"]: {s["step"] for s in c["strata"]} for c in pool.get("candidates", [])}
         ended = {v["id"] for v in fast_rows[1]["verdicts"]}
         assert all(i in ended or tested.get(i) == {2, 3} for i in under_test), (under_test, tested, ended)
+        if evidence:  # B = 2 problems x (4 - 2 trial) rows at most while children are under test
+            assert all(m["rows_trained"] <= 4 for m in train_rows[2:]) and train_rows[-1]["rollouts_rl"] == 4 * 8
     elif mode == "fst":
         assert [m["step"] for m in fast_rows] == [1, 3]
         assert train_rows[-1]["rollouts_fast"] == sum(m["metric_calls"] for m in fast_rows) > 0
