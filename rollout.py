@@ -241,8 +241,8 @@ class Rollouts:
 
     def select(self, rows: list[int]) -> Rollouts:
         """The rows at these indices, in this order; the counters (what the sampler ran) stay whole."""
-        return Rollouts(**{f.name: [getattr(self, f.name)[r] for r in rows] if f.type.startswith("list")
-                           else getattr(self, f.name) for f in dataclasses.fields(self)})
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Rollouts(**{name: [v[r] for r in rows] if isinstance(v, list) else v for name, v in fields.items()})
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
