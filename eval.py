@@ -34,9 +34,10 @@ import torch
 
 import context_opt
 import fst
-import infra
+import pool
 import rewards
 import rollout
+from plumbing import checkpoints, config, dist as torchrun, models, runlog
 
 WEIGHTS, PROMPTS = ("base", "trained"), ("seed", "evolved")
 # Forgetting by default (--forgetting names others): a general benchmark (gsm8k, skipped at once where its
@@ -87,9 +88,9 @@ def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_ne
     """Sample n_samples completions per problem from the TRAINED policy, then average the exact
     per-token KL(pi_trained || pi_base) over all completion tokens (under torchrun: each rank its
     slice of the problems, the sums added over ranks)."""
-    dist = dist or infra.Dist()
+    dist = dist or torchrun.Dist()
     total, tokens = 0.0, 0
-    context = context_opt.as_context(system_prompt)
+    context = pool.as_context(system_prompt)
     prompts = [rollout.encode_chat(tok, context.messages(task, p)) for p in dist.shard(list(problems))]
     if prompts:
         ro = rollout.sample(model, tok, prompts, [n_samples] * len(prompts), max_new_tokens=max_new_tokens,
@@ -123,24 +124,24 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
            seed=0, batch_size=None, overrides=(), dist=None) -> dict:
     """Every measurement on one checkpoint. Writes RUN/eval/step_N.json; returns the same dict.
     Under torchrun (dist) every measurement splits its problems over the ranks; rank 0 writes."""
-    dist = dist or infra.Dist()
+    dist = dist or torchrun.Dist()
     cfg = fst.load_config(str(run / "config.yaml"), list(overrides))
-    ckpt = infra.find_checkpoint(run, step)
-    state = infra.load_trainer_state(ckpt)
-    device = infra.pick_device(cfg, str(run / "config.yaml"))
-    model, tok = infra.load_model(cfg.model, device, adapter_path=str(ckpt))
+    ckpt = checkpoints.find_checkpoint(run, step)
+    state = checkpoints.load_trainer_state(ckpt)
+    device = models.pick_device(cfg, str(run / "config.yaml"))
+    model, tok = models.load_model(cfg.model, device, adapter_path=str(ckpt))
     model.eval()
     n, k = n or cfg.eval.n, k or cfg.eval.k
     s = cfg.sampling
     max_new_tokens = max_new_tokens or s.max_new_tokens
-    evolved = context_opt.best_context(ckpt)  # instruction and worked examples, from the pool
+    evolved = pool.best_context(ckpt)  # instruction and worked examples, from the pool
     tasks = tasks or run_tasks(run, cfg)
     gen = lambda: dist.generator(device, seed)  # the same draws in every cell  # noqa: E731
     sampling = dict(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p, stop=s.stop,
                     max_rows=s.max_rows)
     out = {"run": str(run), "checkpoint": ckpt.name, "step": int(state["step"]), "mode": cfg.mode,
            "n": n, "k": k, "seed": seed, "sampling": sampling, "evolved_prompt": evolved and evolved.text(),
-           "evolved_context": evolved and dataclasses.asdict(evolved), "reflector": infra.reflector_used(run),
+           "evolved_context": evolved and dataclasses.asdict(evolved), "reflector": runlog.reflector_used(run),
            "notes": [], "tasks": {}, "forgetting": {}}
     if evolved is None:
         out["notes"].append(f"{ckpt / 'pool.json'} missing: evolved prompt = seed prompt")
@@ -151,7 +152,7 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
         task = make_task(name, cfg)
         problems = task.load("test")[:n]
         seed_text = rewards.seed_prompt(task, cfg.task.system_prompt, continual=bool(cfg.schedule))
-        prompt = {"seed": context_opt.Context(seed_text, (), evolved.demo_format if evolved else cfg.fast.demo_format)}
+        prompt = {"seed": pool.Context(seed_text, (), evolved.demo_format if evolved else cfg.fast.demo_format)}
         prompt["evolved"] = evolved if evolved is not None else prompt["seed"]
         cache = {}
 
@@ -205,7 +206,7 @@ def markdown(out: dict) -> str:
     f = lambda x: "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"  # noqa: E731
     lines = [f"# {out['run']} @ {out['checkpoint']} (mode {out['mode']}, n={out['n']}, k={out['k']})", ""]
     lines += [f"> {note}" for note in out["notes"]]
-    lines += [f"reflector: {infra.reflector_line(out['reflector'])}", ""] if out.get("reflector") else []
+    lines += [f"reflector: {runlog.reflector_line(out['reflector'])}", ""] if out.get("reflector") else []
     for name, t in out["tasks"].items():
         m, p = t["two_by_two_mean_at_k"], t["two_by_two_pass_at_k"]
         lines += [f"## {name}", "",
@@ -230,7 +231,7 @@ def markdown(out: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------- across runs
-read_metrics = infra.read_metrics  # metrics.jsonl rows (the name users of eval.py call)
+read_metrics = runlog.read_metrics  # metrics.jsonl rows (the name users of eval.py call)
 
 
 def val_curve(rows, task=None) -> list[dict]:
@@ -419,8 +420,8 @@ def with_default_system_prompt(chat_template: str, prompt: str, turns: list[dict
 
 # ---------------------------------------------------------------------------------- end of a run
 def summarize(run: Path) -> str:
-    """The end-of-run summary of a run folder (infra.summarize, with its pool's best context)."""
-    return infra.summarize(run, context_opt.best_of_run(run))
+    """The end-of-run summary of a run folder (runlog.summarize, with its pool's best context)."""
+    return runlog.summarize(run, pool.best_of_run(run))
 
 
 def final_validation(run: Path, upto_step: int) -> list[dict]:
@@ -435,7 +436,7 @@ def _model_card(cfg, *, run: Path, ckpt: Path, base: str, merge: bool, dtype: st
     steps = int(ckpt.name.split("_")[-1]) + 1
     tasks = ", ".join(f"{s.name} ({s.steps} steps)" for s in cfg.schedule) or cfg.task.name
     name = cfg.model.name
-    hub_id = name not in infra.MODEL_ALIASES and not Path(name).exists() and not name.endswith(".gguf")
+    hub_id = name not in models.MODEL_ALIASES and not Path(name).exists() and not name.endswith(".gguf")
     what = (f"merged weights ({dtype}: the base with the LoRA adapter added in, no peft needed)" if merge
             else "a LoRA adapter (peft format) for the base below")
     lines = ["---", *([f"base_model: {name}"] if hub_id else []),
@@ -449,8 +450,8 @@ def _model_card(cfg, *, run: Path, ckpt: Path, base: str, merge: bool, dtype: st
              f"| steps | {steps} (checkpoint `{ckpt.name}`) |",
              f"| LoRA | r={cfg.model.lora_r}, alpha={cfg.model.lora_alpha}, targets {cfg.model.lora_targets} |",
              f"| loss | {cfg.train.loss}, lr {cfg.train.lr}, kl_coef {cfg.train.kl_coef} |", ""]
-    if name in infra.MODEL_ALIASES:
-        package, filename = infra.MODEL_ALIASES[name]
+    if name in models.MODEL_ALIASES:
+        package, filename = models.MODEL_ALIASES[name]
         lines += [f"`{name}` is fst's alias for `{filename}` from the `{package}` package, dequantised into "
                   f"`{base}`: not the same weights as the full-precision original on the hub.", ""]
     if not merge:
@@ -488,12 +489,12 @@ def _model_card(cfg, *, run: Path, ckpt: Path, base: str, merge: bool, dtype: st
     return "\n".join(lines)
 
 
-def _tokenizer_with_default_prompt(base: str, context: context_opt.Context):
+def _tokenizer_with_default_prompt(base: str, context: pool.Context):
     """The base's tokenizer, its chat template changed so that `context` is the default start of a chat:
     its system message, then its worked examples as turns ("turns" format). User-only conversations must
     render exactly as fst prompted the model, and a caller's own system message must still win; checked
     here, before anything is loaded or written."""
-    tok = infra.load_tokenizer(base)
+    tok = models.load_tokenizer(base)
     if not tok.chat_template:
         raise SystemExit(f"{base}: its tokenizer has no chat template to put the best prompt in")
     original, user = tok.chat_template, [{"role": "user", "content": "2 + 3?"}]
@@ -525,7 +526,7 @@ def _write_weights(cfg, ckpt: Path, base: str, tmp: Path, *, merge: bool, dtype:
         quantised = cfg.model.quant != "none"
         spec = dataclasses.replace(cfg.model, dtype=cfg.model.dtype if quantised else "float32", attn="sdpa",
                                    gradient_checkpointing=False)
-        model, _ = infra.load_model(spec, torch.device("cpu"), adapter_path=str(ckpt))
+        model, _ = models.load_model(spec, torch.device("cpu"), adapter_path=str(ckpt))
         if quantised:
             from peft import PeftModel
             base_model = model.unload().dequantize().float()
@@ -556,16 +557,16 @@ def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False
     Returns the lines printed. A quantised base (QLoRA) is merged into its DEQUANTISED weights, the
     ones the run trained and was measured on, so the merged model is the trained policy exactly."""
     cfg = fst.load_config(str(run / "config.yaml"), list(overrides))
-    ckpt = infra.find_checkpoint(run, step)
+    ckpt = checkpoints.find_checkpoint(run, step)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--out {out} exists and is not empty; give a new folder")
-    base = infra.resolve_model_path(cfg.model.name)
+    base = models.resolve_model_path(cfg.model.name)
     if Path(base).exists():
         base = str(Path(base).resolve())
-    notes, context = [], context_opt.best_context(ckpt)  # the best instruction and its worked examples
+    notes, context = [], pool.best_context(ckpt)  # the best instruction and its worked examples
     if context is None:  # the seed prompt, chosen as fst.train chooses it
         task = make_task(cfg.task.name, cfg)
-        context = context_opt.Context(rewards.seed_prompt(task, cfg.task.system_prompt, continual=bool(cfg.schedule)))
+        context = pool.Context(rewards.seed_prompt(task, cfg.task.system_prompt, continual=bool(cfg.schedule)))
         notes.append(f"> {ckpt / 'pool.json'} is missing: the default system message is the run's seed prompt.")
     prompt = context.instruction if context.demo_format == "turns" else context.text()  # the system message
 
@@ -592,7 +593,6 @@ def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False
 
 
 # ---------------------------------------------------------------------------------- command line
-TRUST_HELP = "also read checkpoints saved before run folders became data (only folders you made yourself)"
 
 
 def main(argv=None):
@@ -609,14 +609,11 @@ def main(argv=None):
                         help="dtype of the merged weights (default float32: bf16 rounds small LoRA deltas away)")
         ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set model.name=/path/to/base")
-        ap.add_argument("--trust-old-checkpoint", action="store_true", help=TRUST_HELP)
         args = ap.parse_args(argv[1:])
-        if args.trust_old_checkpoint:
-            infra.trust_old_checkpoints()
         try:
             lines = export(args.run, args.out, step=args.step, merge=args.merge, dtype=args.dtype,
                            overrides=args.set)
-        except infra.ConfigError as e:
+        except config.ConfigError as e:
             raise SystemExit(f"config error: {e}")
         print("\n".join(lines))
         return
@@ -641,16 +638,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set device=cpu --set model.quant=none")
-    ap.add_argument("--trust-old-checkpoint", action="store_true", help=TRUST_HELP)
     args = ap.parse_args(argv)
-    if args.trust_old_checkpoint:
-        infra.trust_old_checkpoints()
-    dist = infra.init_distributed()  # under torchrun: every measurement split over the ranks
+    dist = torchrun.init_distributed()  # under torchrun: every measurement split over the ranks
     try:
         out = report(args.run, step=args.step, tasks=args.tasks, forgetting=args.forgetting, n=args.n, k=args.k,
                      max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
                      overrides=args.set, dist=dist)
-    except infra.ConfigError as e:  # a bad --set or a folder that is not a run: one line, like fst.py
+    except config.ConfigError as e:  # a bad --set or a folder that is not a run: one line, like fst.py
         raise SystemExit(f"config error: {e}")
     finally:
         dist.close()

@@ -6,8 +6,8 @@
 
 Slow weights: LoRA adapters (on a 4-bit base on GPU) trained every step by a GRPO-family loss
 (`cispo` as in the paper; `grpo`, `dr_grpo`, `dapo`) from verifiable rewards.
-Fast weights: a small Pareto pool of system prompts (context_opt.py) evolved every T steps by
-reflective mutation, with the same model in the same process as critic (adapter off = frozen base).
+Fast weights: a small Pareto pool of contexts (pool.py) evolved every T steps by reflective mutation
+(context_opt.py), with the same model in the same process as critic (adapter off = frozen base).
 `mode: rl | fst | gepa` picks the paper's arms: slow only, both, fast only.
 
 What this file is, and what was simplified on purpose:
@@ -20,7 +20,7 @@ What this file is, and what was simplified on purpose:
   log-probs, so it costs one no-grad base forward), and added to the loss when kl_coef > 0.
 - No vLLM, no trainer framework: sampling is rollout.py's batched group sampler, the loss is below.
 - Each step re-seeds from (seed, step), so a resumed run replays an uninterrupted one exactly.
-- The plumbing (config parsing, model loading, torchrun, guards, checkpoints, trackers) is infra.py's.
+- The plumbing (config parsing, model loading, torchrun, guards, checkpoints, trackers) is plumbing/'s.
 Layout: config -> the RL math (a loss is one registered function) -> the step's phases -> `train` -> main.
 """
 from __future__ import annotations
@@ -40,20 +40,24 @@ import torch
 from tqdm import tqdm
 
 import context_opt
-import infra
 import rewards
 import rollout
-from context_opt import (REUSED_PHASES, FastConfig, KeptRollout, StepRollout, due_rollouts, keep_round_rollouts,
-                         plan_rollouts)
-from infra import ConfigError, Dist, LogConfig, ModelConfig, train_row
+from context_opt import FastConfig
+from plumbing import checkpoints, config, dist as torchrun, guards, models, runlog, seeds, startup
+from plumbing.config import ConfigError
+from plumbing.dist import Dist
+from plumbing.models import ModelConfig
+from plumbing.trackers import LogConfig
+from pool import PromptPool, as_context, best_of_run
 from rewards import StageConfig, TaskConfig, make_task
 from rollout import SamplingConfig
 
 # ----------------------------------------------------------------------------------------------
-# Config: one dataclass tree from YAML, checked at start-up (infra.load_config). Defaults follow the paper
+# Config: one dataclass tree from YAML, checked at start-up (config.load_config). Defaults follow the paper
 # (fst-method.md) unless a comment says why not. `ranges` gives every number its allowed values; a new
 # numeric key needs its line there (tests/test_config.py checks). A section lives beside the code it
-# configures: task (rewards), sampling (rollout), fast (context_opt), model and log (infra); train, eval here.
+# configures: task (rewards), sampling (rollout), fast (context_opt), model (plumbing/models.py) and log
+# (plumbing/trackers.py); train, eval here.
 
 @dataclass
 class TrainConfig:
@@ -120,17 +124,10 @@ class Config:
     init_from: str = ""
     init_pool: bool = False  # ...and also take that run's prompt pool
 
-    def check(self, prefix: str = "") -> None:
-        """fast.scoring batch: the pool keeps a rollout of every group beside the child under test."""
-        G, trial, K = self.sampling.group_size, self.fast.trial_rollouts, self.fast.pool_size
-        if self.fast.scoring == "batch" and G - trial < K:  # every active context in each group, parents too
-            raise ConfigError(f"config key 'fast.trial_rollouts' must leave sampling.group_size - trial_rollouts >= "
-                              f"fast.pool_size, got {G} - {trial} < {K}")
-
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
     """YAML file (optional) + `a.b=value` overrides -> a checked Config (ConfigError names the bad key)."""
-    return infra.load_config(Config, path, overrides)
+    return config.load_config(Config, path, overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,9 +236,7 @@ def truncated_is(logp, sampler_logp, fresh, cap: float):
     row was sampled by the weights being trained, so its ratio is taken against the trainer's own log-probs
     (1: nothing to clip) and the sampler-trainer gap (bf16 kernels) is corrected by the truncated importance
     weight min(pi_train / pi_sampler, cap) (TIS, as verl and TRL do). A reused row (fast.reuse) keeps the
-    sampler's log-probs: its policy has moved on since, which is what the loss's clip is for. cap 0: off."""
-    if cap <= 0:
-        return sampler_logp, None
+    sampler's log-probs: its policy has moved on since, which is what the loss's clip is for."""
     own, fresh = logp.detach(), fresh[:, None].to(logp.device)
     weight = (own - sampler_logp).exp().clamp(max=cap)
     return torch.where(fresh, own, sampler_logp), torch.where(fresh, weight, torch.ones_like(weight))
@@ -257,6 +252,41 @@ def k3_kl(logp, base_logp):
 # ----------------------------------------------------------------------------------------------
 # One training step, in phases: 1-4 make_experience, 5 base_logprobs + mean_kl, 6 update, 7 train_row +
 # its samples (RunLog.samples), 8 fast_round_step. `train` below calls them in order; the benchmarks too.
+
+def assign_contexts(n_prompts: int, group_size: int, rng) -> list[int]:
+    """Which pool prompt each of a problem's G rollouts uses (mixing within the group):
+    G // K rollouts per prompt, the remainder on distinct random prompts; G < K: a random subset."""
+    per_prompt, rest = divmod(group_size, n_prompts)
+    choice = [i for i in range(n_prompts) for _ in range(per_prompt)]
+    choice += rng.sample(range(n_prompts), rest)
+    return sorted(choice)
+
+
+class RolloutPlan(NamedTuple):
+    """What to sample (distinct chat prompts, a count each) and which problem and pool prompt each sample serves."""
+    chats: list[list[int]]   # token ids of each distinct (problem, pool prompt) chat
+    counts: list[int]        # samples of each chat
+    group: list[int]         # [R] the problem each sample answers, in sampling order
+    prompt_id: list[int]     # [R] the pool prompt each sample was written under
+
+
+def plan_rollouts(tok, task, problems: list[dict], pool: PromptPool, group_size: int, seed: int,
+                  step: int, first: int = 0) -> RolloutPlan:
+    """Step 1: each problem's G rollouts spread over the pool's active contexts (one group each).
+    `first`: the batch index of problems[0] (under torchrun a rank plans a slice of the batch), so a
+    problem gets the same contexts whichever rank holds it."""
+    plan, prompts = RolloutPlan(chats=[], counts=[], group=[], prompt_id=[]), [p for p in pool if p.in_top_k]
+    for g, problem in enumerate(problems):
+        choice = assign_contexts(len(prompts), group_size,
+                                 random.Random(seeds.seed_for("contexts", seed, step, first + g)))
+        for k in sorted(set(choice)):
+            count = choice.count(k)
+            plan.chats.append(rollout.encode_chat(tok, pool.context(prompts[k]).messages(task, problem)))
+            plan.counts.append(count)
+            plan.group.extend([g] * count)
+            plan.prompt_id.extend([prompts[k].id] * count)
+    return plan
+
 
 @dataclass(kw_only=True)
 class Experience:
@@ -281,11 +311,9 @@ def make_experience(cfg: Config, run: Run, task, batch: list[dict], step: int) -
     for its own slice of the batch's problems (whole groups), with a sampling seed of its own."""
     mine = run.dist.shard(list(range(len(batch))))  # this rank's batch indices (all of them in one process)
     problems = [batch[i] for i in mine]
-    trial = cfg.fast.trial_rollouts if cfg.fast.scoring == "batch" else 0  # a child under test: its share of a group
-    plan = plan_rollouts(run.tok, task, problems, run.pool, cfg.sampling.group_size, cfg.train.seed, step, mine[0],
-                         trial)
+    plan = plan_rollouts(run.tok, task, problems, run.pool, cfg.sampling.group_size, cfg.train.seed, step, mine[0])
     t0 = time.perf_counter()
-    gen = run.dist.generator(run.device, infra.seed_for("step", cfg.train.seed, step))
+    gen = run.dist.generator(run.device, seeds.seed_for("step", cfg.train.seed, step))
     ro = rollout.sample(run.model, run.tok, plan.chats, plan.counts, **cfg.sampling.generation(), generator=gen)
     seconds = time.perf_counter() - t0
     # A scorer that raises gives 0 and says why in the feedback.
@@ -307,13 +335,70 @@ def experience_from(problems, group: list[int], prompt_id: list[int], ro: rollou
                       sampler_logp=sampler_logp, seconds_sampling=seconds_sampling)
 
 
-def without_trial_rows(exp: Experience, children: set[int], *, scale_by_std: bool, pad_id: int, device) -> Experience:
-    """Step 4a (fast.scoring batch, fast.train_on_trials false): the step less the children's trial rows (evidence
-    for their tests, not RL data); advantages per problem over the rows left (each group gave a child as many)."""
-    rows = [r for r, prompt_id in enumerate(exp.prompt_id) if prompt_id not in children]
-    return experience_from(exp.problems, exp.group[rows].tolist(), [exp.prompt_id[r] for r in rows],
-                           exp.rollouts.select(rows), [exp.scored[r] for r in rows], scale_by_std=scale_by_std,
-                           pad_id=pad_id, device=device, seconds_sampling=exp.seconds_sampling)
+# Step 4b's data (fast.reuse): the rollouts a fast round scored are the current policy's, so the next steps
+# train on them too: kept as records, dealt out over the next steps, joined to a step as extra groups.
+
+@dataclass(kw_only=True)
+class KeptRollout:
+    """A fast-round rollout kept as RL data (fast.reuse): plain lists, so it lives on the CPU and in the
+    checkpoint's JSON, never as model tensors."""
+    problem: dict
+    prompt_id: int              # the pool prompt it was sampled under; -1: a child that never joined the pool
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]       # the sampler's (the behaviour policy's): the loss's old_logp
+    finish_reason: str
+    text: str
+    reward: float
+    feedback: str
+    sampled_at: int             # the step whose weights sampled it (a round after step t: t + 1)
+    due: int                    # the step that trains it
+
+
+REUSED_PHASES = {"none": (), "pool": ("pool",), "all": context_opt.ROUND_PHASES}  # by fast.reuse
+REUSE_MAX_AGE = 1  # a kept rollout trains once, over the next 2 steps: never more than 1 update old
+
+
+def keep_round_rollouts(scored: list, pool: PromptPool, step: int, max_age: int) -> list[KeptRollout]:
+    """The rollouts a fast round after `step` scored, [(context, problem, result)], as RL data for the
+    next max_age + 1 steps: one group per problem (every context that answered it), the groups dealt
+    round-robin over those steps so that each trains once and none is older than max_age updates."""
+    prompt_of = {pool.context(p): p.id for p in pool}
+    by_problem: dict[str, list] = {}
+    for context, problem, result in scored:
+        if len(result) > 3 and result[3] is not None:   # a scripted evaluate has no tokens to train on
+            by_problem.setdefault(str(problem["id"]), []).append((context, problem, result))
+    kept = []
+    for n, rows in enumerate(by_problem.values()):
+        for context, problem, (text, reward, feedback, sampled) in rows:
+            kept.append(KeptRollout(problem=problem, prompt_id=prompt_of.get(context, -1),
+                                    prompt_ids=list(sampled.prompt_ids), completion_ids=list(sampled.completion_ids),
+                                    logprobs=list(sampled.logprobs), finish_reason=sampled.finish_reason, text=text,
+                                    reward=float(reward), feedback=feedback, sampled_at=step + 1,
+                                    due=step + 1 + n % (max_age + 1)))
+    return kept
+
+
+def due_rollouts(kept: list[KeptRollout], step: int, max_age: int) -> tuple[list[KeptRollout], list[KeptRollout]]:
+    """(the kept rollouts to train at `step`, the ones left for later). One past its due step or older
+    than max_age updates is dropped: a reused rollout trains at most once, and never stale."""
+    now = [k for k in kept if k.due == step and step - k.sampled_at <= max_age]
+    return now, [k for k in kept if k.due > step]
+
+
+def kept_groups(kept: list[KeptRollout]) -> list[list[KeptRollout]]:
+    """The kept rollouts by problem, in order: the groups of two or more (one alone has no advantage)."""
+    groups: dict[str, list[KeptRollout]] = {}
+    for k in kept:
+        groups.setdefault(str(k.problem["id"]), []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def kept_as_rollouts(rows: list[KeptRollout]):
+    """The rows as rollout.Rollouts, to join a step's own (sampled earlier: no tokens run now)."""
+    return rollout.Rollouts(prompt_index=[-1] * len(rows), prompt_ids=[k.prompt_ids for k in rows],
+                            completion_ids=[k.completion_ids for k in rows], logprobs=[k.logprobs for k in rows],
+                            finish_reasons=[k.finish_reason for k in rows], texts=[k.text for k in rows])
 
 
 def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool, pad_id: int, device,
@@ -321,13 +406,13 @@ def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool,
     """Step 4b (fast.reuse): the step's experience plus the fast round's rollouts due now, as extra groups:
     per problem the rollouts of every context, advantages once per problem across them (group_advantages),
     as FST mixes contexts within a group. Under torchrun each rank takes its share of the groups."""
-    mine = dist.shard(context_opt.kept_groups(kept))  # whole groups, by problem
+    mine = dist.shard(kept_groups(kept))  # whole groups, by problem
     if not mine:
         return exp
     advantages, keeps = zip(*(group_advantages(torch.tensor([[k.reward for k in g]], device="cpu"), scale_by_std)
                               for g in mine))
     rows = [k for g in mine for k in g]
-    joined = exp.rollouts + context_opt.kept_as_rollouts(rows)  # the kept rows after the step's own
+    joined = exp.rollouts + kept_as_rollouts(rows)  # the kept rows after the step's own
     batch, sampler_logp = rollout.collate_rollouts(joined, pad_id, device)
     first = len(exp.problems)
     return Experience(
@@ -374,7 +459,7 @@ class UpdateStats:
 
 
 def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor, tc: TrainConfig,
-           max_new_tokens: int, guard: infra.UpdateGuard, step: int, dist: Dist = Dist()) -> UpdateStats:
+           max_new_tokens: int, guard: guards.UpdateGuard, step: int, dist: Dist = Dist()) -> UpdateStats:
     """Step 6: one optimiser step on the rows of the kept groups (all rows with tc.keep_equal_groups),
     in micro-batches whose losses add up to the full-batch loss (token_weights over the whole batch);
     a micro-batch holds rows that share prompts and context prefixes (rollout.micro_batches).
@@ -396,10 +481,15 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
         # is 1 up to the two passes' rounding; on reused rollouts it corrects their lag.
         sampler_logp = exp.sampler_logp[rows].to(mask.device)
         fresh = rows < (len(group) if exp.fresh_rows is None else exp.fresh_rows)
-        old_logp, tis_weight = truncated_is(logp, sampler_logp, fresh, tc.tis_cap)
-        w = weights[part].to(mask.device)
-        loss = policy_loss(tc, logp, old_logp, exp.advantage[rows].to(mask.device), mask[rows],
-                           w if tis_weight is None else w * tis_weight, base_logp=base_logp[rows])
+        # What a loss receives: old_logp = the sampler's log-probs and w = the batch's token weights; with
+        # train.tis_cap > 0, on fresh rows old_logp is the trainer's own (ratio 1) and w is multiplied by
+        # min(pi / pi_sampler, cap) (the whole per-token loss, KL term included); reused rows as without.
+        old_logp, w, tis_weight = sampler_logp, weights[part].to(mask.device), None
+        if tc.tis_cap > 0:
+            old_logp, tis_weight = truncated_is(logp, sampler_logp, fresh, tc.tis_cap)
+            w = w * tis_weight
+        loss = policy_loss(tc, logp, old_logp, exp.advantage[rows].to(mask.device), mask[rows], w,
+                           base_logp=base_logp[rows])
         loss.backward()
         loss_value += loss.item()
         entropy_sum += (ent * mask[rows]).sum().item()
@@ -423,46 +513,80 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
                        tis_capped=tis_capped / tis_tokens if tis_tokens else None)
 
 
+def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: UpdateStats, lr: float, seconds: dict,
+              dist: Dist = Dist()) -> dict:
+    """Step 7 of the loop: the step's metrics.jsonl row (RunLog.row writes it, the trackers plot it)
+    from what the phases returned: `exp` its Experience, `upd` its UpdateStats, `seconds` the base pass
+    and the update; the loop adds the counters and the fast round's time before writing it. Under
+    torchrun the per-rollout numbers of every rank are gathered first, so the row describes the batch."""
+    ranks = dist.gather([{"reward": exp.reward.tolist(), "length": exp.batch.completion_mask.sum(1).tolist(),
+                          "finish": exp.rollouts.finish_reasons, "keep": exp.keep.tolist(),
+                          "prompt_id": exp.prompt_id, "decode_tokens": exp.rollouts.decode_tokens,
+                          "seconds_sampling": exp.seconds_sampling}])
+    every = lambda key: [x for r in ranks for x in r[key]]  # noqa: E731
+    cpu = functools.partial(torch.tensor, device="cpu")  # bookkeeping: the gathered numbers, on the CPU
+    reward, lengths, finish = cpu(every("reward")), cpu(every("length")), every("finish")
+    keep, prompt_id = cpu(every("keep")), every("prompt_id")
+    seconds_sampling = max(r["seconds_sampling"] for r in ranks)  # the slowest rank sets the pace
+    return {
+        "kind": "train", "step": step, "mode": cfg.mode, "task": task.name,
+        "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
+        "accuracy": (reward >= 1.0).float().mean().item(), "kl_to_base": kl, "loss": upd.loss, "entropy": upd.entropy,
+        "completion_len_mean": lengths.mean().item(), "completion_len_max": int(lengths.max()),
+        "truncation_rate": sum(f == "length" for f in finish) / len(finish),
+        "dropped_group_frac": 1.0 - keep.float().mean().item(), "lr": lr, "update_skipped": upd.skipped,
+        "ratio_dev": upd.ratio_dev, "tis_weight": upd.tis_weight, "tis_capped": upd.tis_capped,
+        "rows_trained": upd.rows,
+        "reused_share": upd.rows_reused / upd.rows if upd.rows else 0.0,  # trained rows from the fast loop
+        "seconds_sampling": seconds_sampling, "seconds_base_kl": seconds["seconds_base_kl"],
+        "seconds_training": seconds["seconds_training"],
+        "tokens_per_s": sum(r["decode_tokens"] for r in ranks) / max(seconds_sampling, 1e-9),
+        "reward_by_prompt": {pid: reward[[i for i, p in enumerate(prompt_id) if p == pid]].mean().item()
+                             for pid in sorted(set(prompt_id))},
+    }
+
+
 def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> float:
     """Step 8 (fst, gepa; every T steps): evolve the pool on the problems of the next T batches (the
-    anchor set), the same model as critic; fast.scoring batch: only write children, which the next RL
-    steps test (run.remember). Logs the round's "fast" row and returns its seconds. Under
+    anchor set), the same model as critic. Logs the round's "fast" row and returns its seconds. Under
     torchrun every rank runs the round on split-and-gathered calls (the same results, the same choices),
     and rank 0's pool is sent to the others all the same, so they cannot drift apart."""
     t0 = time.perf_counter()
     anchors = [p for b in stream.peek(cfg.fast.every) for p in b]
-    gen = run.dist.generator(run.device, infra.seed_for("fast", cfg.train.seed, step))
+    gen = run.dist.generator(run.device, seeds.seed_for("fast", cfg.train.seed, step))
     evaluate = context_opt.make_evaluate(run.model, run.tok, task, **cfg.sampling.generation(), generator=gen)
     reflect = context_opt.reflector_for(cfg.fast, run.reflector, run.model, run.tok, generator=gen)
     evaluate, reflect = run.dist.split_round(evaluate, reflect)  # torchrun: each call's items split over ranks
-    reflect = infra.counted(reflect, run.totals, "reflector_calls")
+    reflect = runlog.counted(reflect, run.totals, "reflector_calls")
     scored = []  # (context, problem, result) of the phases fast.reuse keeps: RL data for the next steps
 
     def keep(phase, contexts, problems, results):  # gepa never updates the weights: nothing to train them
         if cfg.mode == "fst" and phase in REUSED_PHASES[cfg.fast.reuse]:
             scored.extend(zip(contexts, problems, results))
-    batch, rng = cfg.fast.scoring == "batch", random.Random(infra.seed_for("fast_choices", cfg.train.seed, step))
-    with rollout.eval_mode(run.model), infra.RoundProgress(step, run.dist.is_main, batch) as progress:
-        if batch:  # children written from the last T steps' RL rollouts, tested in the next steps' batches
-            stats = context_opt.batch_round(run.pool, run.traces, cfg.fast, reflect=reflect, step=step, rng=rng,
-                                            demo_buffer=run.demo_buffer, task_questions=task.example_questions(),
-                                            verdicts=run.verdicts)
-            run.verdicts = []
-            run.totals["reflector_tokens"] = run.totals.get("reflector_tokens", 0) + stats["reflector_tokens"]
-        else:
-            stats = context_opt.fast_round(run.pool, anchors, cfg.fast, evaluate=evaluate, reflect=reflect, step=step,
-                                           rng=rng, demo_buffer=run.demo_buffer, progress=progress, on_rollouts=keep,
-                                           task_questions=task.example_questions())
-    run.kept = keep_round_rollouts(scored, run.pool, step, cfg.fast.reuse_max_age)
+    rng = random.Random(seeds.seed_for("fast_choices", cfg.train.seed, step))
+    with rollout.eval_mode(run.model), runlog.RoundProgress(step, run.dist.is_main) as progress:
+        stats = context_opt.fast_round(run.pool, anchors, cfg.fast, evaluate=evaluate, reflect=reflect, step=step,
+                                       rng=rng, demo_buffer=run.demo_buffer, progress=progress, on_rollouts=keep,
+                                       task_questions=task.example_questions())
+    run.kept = keep_round_rollouts(scored, run.pool, step, REUSE_MAX_AGE)
     if run.dist.is_main:
-        tqdm.write(f"[fst] {context_opt.round_report(stats)}", file=sys.stderr)
+        tqdm.write(f"[fst] {round_report(stats)}", file=sys.stderr)
     run.totals["rollouts_fast"] += stats["metric_calls"]
     if run.dist.world > 1:
-        run.pool = context_opt.PromptPool.from_json(run.dist.from_main(run.pool.to_json()))
+        run.pool = PromptPool.from_json(run.dist.from_main(run.pool.to_json()))
     if run.dist.is_main:
         run.pool.save(run.run_dir / "pool" / f"step_{step:06d}.json")
     log({"kind": "fast", **stats, **run.totals})
     return time.perf_counter() - t0
+
+
+def round_report(stats: dict) -> str:
+    """One line on what a round changed: fast round @ step 6: 12 proposals, 2 accepted (demo, reflect),
+    best anchor 0.42 -> 0.50, 95 s."""
+    accepted = ", ".join(op for op, n in stats["accepted_by_operator"].items() for _ in range(n))
+    return (f"fast round @ step {stats['step']}: {stats['proposals']} proposals, {stats['accepted']} accepted"
+            f"{f' ({accepted})' if accepted else ''}, best anchor {stats['best_score_before']:.2f} -> "
+            f"{stats['best_score_after']:.2f}, {stats['seconds']:.0f} s")
 
 
 def validate(cfg: Config, run: Run, step: int, log) -> dict:
@@ -470,7 +594,7 @@ def validate(cfg: Config, run: Run, step: int, log) -> dict:
     `step` here counts the updates done so far: 0 is the model before training. Under torchrun the
     problems are split over ranks (eval.evaluate gathers the results). Returns the last accuracy
     measured, for the progress bar: {"val_acc": "0.42"}."""
-    contexts = {"seed": context_opt.as_context(run.seed_prompt)}
+    contexts = {"seed": as_context(run.seed_prompt)}
     if cfg.mode != "rl":
         contexts["best"] = run.pool.context(run.pool.best())
     for name, (task, problems) in run.val_sets.items():
@@ -478,7 +602,7 @@ def validate(cfg: Config, run: Run, step: int, log) -> dict:
         for which, context in contexts.items():
             key = repr(context.messages(task, problems[0]))
             if key not in measured:
-                gen = run.dist.generator(run.device, infra.seed_for("validation", cfg.train.seed))
+                gen = run.dist.generator(run.device, seeds.seed_for("validation", cfg.train.seed))
                 measured[key] = context_opt.measure_accuracy(run.model, run.tok, task, problems, context, k=cfg.eval.k,
                                                              **cfg.sampling.generation(), generator=gen, dist=run.dist)
             acc = measured[key]
@@ -494,6 +618,8 @@ def validation_due(cfg: Config, steps_done: int, total_steps: int) -> bool:
 # ----------------------------------------------------------------------------------------------
 # The run: set-up (a fresh run or a resumed one), then the loop.
 
+DEMO_BUFFER = 256  # the last fully rewarded RL rollouts kept as candidate worked examples (demo operators)
+
 @dataclass(kw_only=True)
 class Run:
     """What a run carries from step to step: built by start_run, saved by checkpoint()."""
@@ -507,16 +633,14 @@ class Run:
     streams: list                      # each task's training batches (rewards.ProblemStream)
     stage_ends: list[int]              # the step each stage ends before
     seed_prompt: str
-    pool: context_opt.PromptPool       # the fast weights
+    pool: PromptPool       # the fast weights
     val_sets: dict                     # task name -> (task, held-out problems); {} without eval.every
-    guard: infra.UpdateGuard
+    guard: guards.UpdateGuard
     dist: Dist = Dist()                # under torchrun: this process's rank and the world size
     totals: dict = field(default_factory=lambda: {"rollouts_rl": 0, "rollouts_fast": 0, "reflector_calls": 0,
                                                   "rollouts_reused": 0})
     demo_buffer: list = field(default_factory=list)  # (problem, completion, reward) for the demo operators
     kept: list = field(default_factory=list)  # KeptRollout: the last fast round's rollouts not yet trained on
-    traces: list = field(default_factory=list)  # fast.scoring batch: StepRollout of the last T steps (reflection)
-    verdicts: list = field(default_factory=list)  # fast.scoring batch: the child tests ended since the last round
     reflector: Any = None              # context_opt.load_reflector's: another model, or an endpoint
     start: int = 0                     # the first step this process runs
 
@@ -529,43 +653,32 @@ class Run:
         i = bisect.bisect_right(self.stage_ends, step)
         return self.tasks[i], self.streams[i]
 
-    def remember(self, exp: Experience, fast: FastConfig, step: int):
+    def remember(self, exp: Experience):
         """Count the step's rollouts; keep its fully correct answers as demo candidates (partial credit,
-        a format reward, would otherwise teach wrong worked examples). fast.scoring batch: every rollout
-        is also evidence for the pool and for the children under test (context_opt.record_batch), and
-        the last T steps' are kept for reflection. Under torchrun: every rank's, in rank order, on every
-        rank (the fast round draws demos on all ranks alike)."""
+        a format reward, would otherwise teach wrong worked examples). Under torchrun: every rank's, in
+        rank order, on every rank (the fast round draws demos on all ranks alike)."""
         demos = [(exp.problems[g], text, r) for g, text, (r, _) in
                  zip(exp.group.tolist(), exp.rollouts.texts, exp.scored) if r >= 1.0]
-        rows = [StepRollout(exp.problems[g], i, text, r, feedback, step) for g, i, text, (r, feedback) in
-                zip(exp.group.tolist(), exp.prompt_id, exp.rollouts.texts, exp.scored)] if fast.scoring == "batch" else []
-        ranks = self.dist.gather([(len(exp.rollouts.texts), demos, rows)])
-        self.totals["rollouts_rl"] += sum(n for n, _, _ in ranks)
-        self.demo_buffer = (self.demo_buffer + [d for _, part, _ in ranks for d in part])[-fast.demo_buffer:]
-        if fast.scoring == "batch":
-            rows = [row for _, _, part in ranks for row in part]
-            self.traces = [t for t in self.traces if t.step > step - fast.every] + rows
-            self.verdicts += context_opt.record_batch(self.pool, rows, step, fast)
+        ranks = self.dist.gather([(len(exp.rollouts.texts), demos)])
+        self.totals["rollouts_rl"] += sum(n for n, _ in ranks)
+        self.demo_buffer = (self.demo_buffer + [d for _, part in ranks for d in part])[-DEMO_BUFFER:]
 
     def checkpoint(self, step: int):
         """Rank 0 saves (every rank holds the same weights, pool and data position)."""
         if self.dist.is_main:
-            infra.save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.pool,
-                                  {"streams": [s.state_dict() for s in self.streams], "totals": dict(self.totals),
-                                   "demo_buffer": self.demo_buffer, "world": self.dist.world,
-                                   "kept_rollouts": [dataclasses.asdict(k) for k in self.kept],
-                                   "traces": [t._asdict() for t in self.traces], "verdicts": self.verdicts})
+            checkpoints.save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler, self.pool,
+                                        {"streams": [s.state_dict() for s in self.streams], "totals": dict(self.totals),
+                                         "demo_buffer": self.demo_buffer, "world": self.dist.world,
+                                         "kept_rollouts": [dataclasses.asdict(k) for k in self.kept]})
 
     def restore(self, ckpt: Path):
         """Continue from `ckpt`: optimiser, scheduler, data positions, RNG, pool and counters as saved
         (train's RunLog then drops the log lines written after it)."""
-        state = infra.restore_trainer_state(ckpt, self.optimizer, self.scheduler, self.streams)
-        self.pool = context_opt.PromptPool.load(ckpt / "pool.json")
+        state = checkpoints.restore_trainer_state(ckpt, self.optimizer, self.scheduler, self.streams)
+        self.pool = PromptPool.load(ckpt / "pool.json")
         self.totals, self.demo_buffer, self.start = state["totals"], state["demo_buffer"], state["step"] + 1
-        self.totals.setdefault("rollouts_reused", 0)                       # a checkpoint from before fast.reuse
-        self.kept = [KeptRollout(**k) for k in state.get("kept_rollouts", [])]
-        self.traces, self.verdicts = [StepRollout(**t) for t in state.get("traces", [])], state.get("verdicts", [])
-        self.dist.say_resumed(ckpt, self.start, saved_world=state.get("world", 1))
+        self.kept = [KeptRollout(**k) for k in state["kept_rollouts"]]
+        self.dist.say_resumed(ckpt, self.start, saved_world=state["world"])
 
 
 def make_optimizer(model, tc: TrainConfig):
@@ -582,24 +695,24 @@ def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str
     their data streams, the prompt pool, the optimiser; on resume, all of it as the checkpoint left it.
     Under torchrun every rank builds the same: same initial adapter, same streams (each rank then
     takes its slice of every batch), same pool."""
-    device = infra.pick_device(cfg, config_name)
-    ckpt = infra.latest_checkpoint(run_dir, quiet=not dist.is_main) if resume else None  # rank 0 says what it skips
-    init = infra.find_checkpoint(cfg.init_from, what="init_from: ") if cfg.init_from and not ckpt else None
-    infra.seed_everything(infra.seed_for("init", cfg.train.seed))  # LoRA's A matrices come from the global RNG
-    model, tok = infra.load_model(cfg.model, device, adapter_path=str(ckpt or init) if (ckpt or init) else None)
+    device = models.pick_device(cfg, config_name)
+    ckpt = checkpoints.latest_checkpoint(run_dir, quiet=not dist.is_main) if resume else None  # rank 0 names skips
+    init = checkpoints.find_checkpoint(cfg.init_from, what="init_from: ") if cfg.init_from and not ckpt else None
+    seeds.seed_everything(seeds.seed_for("init", cfg.train.seed))  # LoRA's A matrices come from the global RNG
+    model, tok = models.load_model(cfg.model, device, adapter_path=str(ckpt or init) if (ckpt or init) else None)
     stages = cfg.schedule or [StageConfig(**dataclasses.asdict(cfg.task), steps=cfg.train.steps)]
     tasks = [make_task(s) for s in stages]
     streams = [rewards.ProblemStream(t.load("train"), cfg.train.batch_size,
-                                     infra.seed_for("stream", cfg.train.seed, index=i)) for i, t in enumerate(tasks)]
+                                     seeds.seed_for("stream", cfg.train.seed, index=i)) for i, t in enumerate(tasks)]
     seed_prompt = rewards.seed_prompt(tasks[0], cfg.task.system_prompt, continual=bool(cfg.schedule))
-    pool = context_opt.PromptPool(seed_prompt, cfg.fast.demo_format)
+    pool = PromptPool(seed_prompt, cfg.fast.demo_format)
     if init and cfg.init_pool and (init / "pool.json").exists():
-        pool = context_opt.PromptPool.load(init / "pool.json")
+        pool = PromptPool.load(init / "pool.json")
     val_sets = {t.name: (t, t.load("test")[:cfg.eval.n]) for t in tasks} if cfg.eval.every else {}
     optimizer, scheduler = make_optimizer(model, cfg.train)
     run = Run(run_dir=run_dir, device=device, model=model, tok=tok, optimizer=optimizer, scheduler=scheduler,
               tasks=tasks, streams=streams, stage_ends=list(itertools.accumulate(s.steps for s in stages)),
-              seed_prompt=seed_prompt, pool=pool, val_sets=val_sets, guard=infra.UpdateGuard(run_dir), dist=dist,
+              seed_prompt=seed_prompt, pool=pool, val_sets=val_sets, guard=guards.UpdateGuard(run_dir), dist=dist,
               reflector=context_opt.load_reflector(cfg.fast, cfg.model, device) if cfg.mode != "rl" else None)
     if ckpt:
         run.restore(ckpt)
@@ -612,11 +725,11 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
     8 fast round; validation and checkpoints on their schedules; Ctrl-C saves the last whole step. Under
     torchrun every rank runs it on its slice of each batch, sums where numbers are made; rank 0 writes."""
     run, val = start_run(cfg, run_dir, resume, config_name, dist), {}
-    with infra.RunLog(run_dir, cfg.log, infra.config_to_dict(cfg), run.start, dist.is_main,
-                      on_close=functools.partial(infra.print_summary, run_dir, context_opt.best_of_run)) as log, \
-            infra.checkpoint_on_interrupt(run.checkpoint, run_dir) as progress:
+    with runlog.RunLog(run_dir, cfg.log, dataclasses.asdict(cfg), run.start, dist.is_main,
+                       on_close=functools.partial(runlog.print_summary, run_dir, best_of_run)) as log, \
+            guards.checkpoint_on_interrupt(run.checkpoint, run_dir) as progress:
         # Before the first step; on resume, the validation a crash cut off after its step's checkpoint.
-        if validation_due(cfg, run.start, run.total_steps) and not infra.logged(run_dir, "eval", run.start):
+        if validation_due(cfg, run.start, run.total_steps) and not runlog.logged(run_dir, "eval", run.start):
             val = validate(cfg, run, run.start, log.row)
         bar = tqdm(range(run.start, run.total_steps), initial=run.start, total=run.total_steps, desc=cfg.mode,
                    disable=not dist.is_main)
@@ -624,30 +737,26 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
             t_step, seconds = time.perf_counter(), {}
             task, stream = run.stage(step)  # continual learning: the task of this step
             progress.undo = functools.partial(stream.load_state_dict, stream.state_dict())  # Ctrl-C un-reads
-            infra.seed_everything(infra.seed_for("step", cfg.train.seed, step))  # resume == uninterrupted
+            seeds.seed_everything(seeds.seed_for("step", cfg.train.seed, step))  # resume == uninterrupted
             lr = run.optimizer.param_groups[0]["lr"]
 
             # 1-4. B problems x G rollouts over the pool's prompts: sampled, scored, advantages per problem
             # (under torchrun: this rank's slice of the B problems; the rest of the step sums over ranks).
             exp = make_experience(cfg, run, task, stream.next_batch(), step)
-            children = {c.id for c in run.pool.candidates}  # under test at this step (a verdict may admit one)
-            run.remember(exp, cfg.fast, step)  # fast.scoring batch: also the pool's evidence, the children's tests
-            if children and not cfg.fast.train_on_trials:  # 4a. the children's rows were evidence only
-                exp = without_trial_rows(exp, children, scale_by_std=LOSSES[cfg.train.loss].scale_by_std,
-                                         pad_id=run.tok.pad_token_id, device=run.device)
+            run.remember(exp)  # the rollout count and the demo buffer
             # 4b. fast.reuse: the last fast round's rollouts due at this step join as extra groups.
-            due, run.kept = due_rollouts(run.kept, step, cfg.fast.reuse_max_age)
+            due, run.kept = due_rollouts(run.kept, step, REUSE_MAX_AGE)
             trained = with_reused(exp, due, scale_by_std=LOSSES[cfg.train.loss].scale_by_std,
                                   pad_id=run.tok.pad_token_id, device=run.device, dist=dist) if due else exp
 
             # 5. KL to base on every rollout: the sampler's log-probs vs one no-grad pass, adapter off
             # (the step's KL metric: its own rollouts, the first rows).
-            with infra.timed(seconds, "seconds_base_kl"):
+            with runlog.timed(seconds, "seconds_base_kl"):
                 base_logp = base_logprobs(run.model, trained.batch, cfg.train.micro_batch, cfg.train.logprob_chunk)
                 kl = mean_kl(exp, base_logp[:len(exp.group), :exp.sampler_logp.shape[1]], dist.total)
 
             # 6. The update (not in gepa mode): the loss over the kept groups, in micro-batches, guarded.
-            with infra.timed(seconds, "seconds_training"):
+            with runlog.timed(seconds, "seconds_training"):
                 upd = (update(run.model, run.optimizer, run.scheduler, trained, base_logp, cfg.train,
                               cfg.sampling.max_new_tokens, run.guard, step, dist)
                        if cfg.mode != "gepa" else UpdateStats())
@@ -663,8 +772,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
 
             row.update(run.totals, seconds_fast=t_fast, seconds_step=time.perf_counter() - t_step)
             dist.check_same(f"the adapter or the prompt pool after step {step}",
-                            lambda: infra.fingerprint(run.model, run.pool))  # torchrun only: an all-gather
-            with infra.interrupt_held():  # Ctrl-C waits: the log line and the step's completion land together
+                            lambda: torchrun.fingerprint(run.model, run.pool))  # torchrun only: an all-gather
+            with guards.interrupt_held():  # Ctrl-C waits: the log line and the step's completion land together
                 log.row(row)
                 progress.done, progress.undo = step, None  # the step's update, fast round and log line are in
             bar.set_postfix(reward=f"{row['reward_mean']:.2f}", kl=f"{kl:.4f}", **val,
@@ -680,17 +789,19 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
 # Command line.
 
 def main(argv=None):
-    args = infra.command_line(argv, description=__doc__)  # --config/--resume, --set, --plan, --help-config
-    if infra.answered_without_a_run(args, Config, load_config):
+    args = startup.command_line(argv, description=__doc__)  # --config/--resume, --set, --plan, --help-config
+    if startup.answered_without_a_run(args, Config, load_config):
         return
-    dist = infra.init_distributed()  # torchrun: join the other ranks (every rank runs all of main)
-    cfg, run_dir, config_name = infra.start_up(args, dist, load_config, make_task)
-    infra.make_run_folder(run_dir, infra.config_to_dict(cfg), dist)
+    dist = torchrun.init_distributed()  # torchrun: join the other ranks (every rank runs all of main)
+    cfg, run_dir, config_name = startup.start_up(args, dist, load_config, make_task)
+    if cfg.mode != "rl" and cfg.fast.on_endpoint():  # before the run folder: a wrong URL or model stops here
+        context_opt.reflector_endpoint(cfg.fast).probe()
+    runlog.make_run_folder(run_dir, dataclasses.asdict(cfg), dist)
     finished = False
     try:
         train(cfg, run_dir, resume=bool(args.resume), config_name=config_name, dist=dist)
         finished = True
-    except (infra.TrainingError, rollout.NonFiniteLogits) as e:
+    except (guards.TrainingError, rollout.NonFiniteLogits) as e:
         raise SystemExit(f"training error: {e}")
     finally:
         dist.close(finished)

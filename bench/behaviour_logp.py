@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import fst  # noqa: E402
-import infra  # noqa: E402
+from plumbing import seeds  # noqa: E402
 import rollout  # noqa: E402
 
 
@@ -65,7 +65,7 @@ def measure(dtype: str, steps: int, model: str | None) -> dict:
         deviations, relative, cosine = [], [], []
         for step in range(steps):
             task, stream = run.stage(step)
-            infra.seed_everything(infra.seed_for("step", cfg.train.seed, step))
+            seeds.seed_everything(seeds.seed_for("step", cfg.train.seed, step))
             exp = fst.make_experience(cfg, run, task, stream.next_batch(), step)
             base_logp = fst.base_logprobs(run.model, exp.batch, cfg.train.micro_batch, cfg.train.logprob_chunk)
             run.model.train()
@@ -101,7 +101,7 @@ def decompose(fp32_head: bool, steps: int, model: str | None, overrides=()) -> d
         passes, masks = {k: [] for k in ("sampler", "eval_shared", "eval_single", "train")}, []
         for step in range(steps):
             task, stream = run.stage(step)
-            infra.seed_everything(infra.seed_for("step", cfg.train.seed, step))
+            seeds.seed_everything(seeds.seed_for("step", cfg.train.seed, step))
             exp = fst.make_experience(cfg, run, task, stream.next_batch(), step)
             with torch.no_grad():
                 with rollout.eval_mode(run.model):

@@ -84,7 +84,7 @@ def child_main(a) -> None:
                   "--set", f"out_dir={run_dir.parent}", "--set", f"run_name={run_dir.name}",
                   *[x for s in a.common for x in ("--set", s)]])
         if a.demos:
-            give_demos(fst, context_opt, run_dir, a.demos)
+            give_demos(fst, run_dir, a.demos)
         return
     fst.main(["--resume", str(run_dir), "--set", f"train.steps={RL_STEPS_BEFORE + 1}",
               *[x for s in a.side_set for x in ("--set", s)]])
@@ -94,17 +94,18 @@ def child_main(a) -> None:
     Path(a.result).write_text(json.dumps({"fast": fast, "rl_step_seconds": rl, "replies": replies}))
 
 
-def give_demos(fst, context_opt, run_dir: Path, n: int) -> None:
+def give_demos(fst, run_dir: Path, n: int) -> None:
     """Every pool member in the prep run's last checkpoint gets n gold worked examples (distinct train
     problems, bench/prefix_sharing.gold_demo), which the resumed sides then load with the pool."""
-    import infra
+    from plumbing import checkpoints
     import rewards
+    from pool import PromptPool
     from prefix_sharing import gold_demo
     cfg = fst.load_config(str(run_dir / "config.yaml"))
     if n > cfg.fast.max_demos:
         raise SystemExit(f"--demos {n} exceeds fast.max_demos={cfg.fast.max_demos}")
-    ckpt = infra.latest_checkpoint(run_dir)
-    pool = context_opt.PromptPool.load(ckpt / "pool.json")
+    ckpt = checkpoints.latest_checkpoint(run_dir)
+    pool = PromptPool.load(ckpt / "pool.json")
     problems = iter(random.Random(0).sample(rewards.make_task(cfg.task).load("train"), n * len(pool)))
     for prompt in pool:
         prompt.demos = [list(gold_demo(next(problems))) for _ in range(n)]

@@ -7,7 +7,7 @@
 
 Models are random-init from config objects with the real shapes, saved to a temp folder with a tokenizer
 built in code (a `tokenizers` WordLevel vocabulary "t0".."t151935" whose ids 151643/151645 are Qwen's
-<|endoftext|> (pad) / <|im_end|> (EOS)), then loaded by infra.load_model exactly as the recipe does: NF4 4-bit
+<|endoftext|> (pad) / <|im_end|> (EOS)), then loaded by models.load_model exactly as the recipe does: NF4 4-bit
 base with double quantisation, bf16 compute, LoRA r=16 on all linear layers, gradient checkpointing.
 Prompts are random token-id lists (120-200 tokens); a random-init model almost never samples EOS, so every
 rollout runs to max_new_tokens: the worst case for time and memory. Reported, as one JSON:
@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import infra  # noqa: E402
+from plumbing import guards, models  # noqa: E402
 import fst  # noqa: E402
 import rollout  # noqa: E402
 
@@ -255,9 +255,9 @@ def check_model(name: str, a, root: Path, device: str, quant: str, res: dict) ->
     """Measure model `name` into `res` part by part, so what was measured survives a later failure."""
     t0 = time.perf_counter()
     folder = build_folder(name, root, device)
-    mcfg = infra.ModelConfig(name=str(folder), dtype="bfloat16" if device == "cuda" else "float32", quant=quant,
+    mcfg = models.ModelConfig(name=str(folder), dtype="bfloat16" if device == "cuda" else "float32", quant=quant,
                            lora_r=16, lora_alpha=32, lora_targets="all-linear", gradient_checkpointing=True)
-    model, tok = infra.load_model(mcfg, torch.device(device))
+    model, tok = models.load_model(mcfg, torch.device(device))
     shutil.rmtree(folder, ignore_errors=True)
     res |= {"model": name, "quant": quant, "attn": model.config._attn_implementation,
             "seconds_build_and_load": round(time.perf_counter() - t0, 1)}
@@ -282,7 +282,7 @@ def check_model(name: str, a, root: Path, device: str, quant: str, res: dict) ->
         print(f"[gpu_check] {name}: validation {res['validation']['rows']} rows in {res['validation']['waves']} "
               f"waves, {res['validation']['seconds']}s, peak {res['validation']['peak_gib']} GiB", file=sys.stderr)
     optimizer, scheduler = fst.make_optimizer(model, fst.TrainConfig(lr=1e-5))
-    guard = infra.UpdateGuard()  # its gradient-flow check runs on the warm-up step
+    guard = guards.UpdateGuard()  # its gradient-flow check runs on the warm-up step
     rl_step(model, tok, optimizer, scheduler, guard, make_prompts(2, 2), 2, 16, a.micro_batch)  # warm-up: kernels, Adam
     res["step"] = rl_step(model, tok, optimizer, scheduler, guard, prompts_for(a, a.batch, 3), a.group, a.new_tokens,
                           a.micro_batch)

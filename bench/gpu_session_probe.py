@@ -5,7 +5,7 @@ device bugs a CPU cannot see, through the project's own functions on a toy model
     python bench/gpu_session_probe.py --smoke --out /tmp/probe       # the same checks on a CPU, fp32
 
 The model: gpu_check.py's toy Qwen2 shapes (2 layers, hidden 64) with Qwen's 151936-token vocabulary,
-random init, loaded by infra.load_model as the recipe loads it (bf16, NF4 4-bit when bitsandbytes
+random init, loaded by models.load_model as the recipe loads it (bf16, NF4 4-bit when bitsandbytes
 imports, LoRA, gradient checkpointing). No tokenizer is needed: prompts are token ids, K=2 contexts of
 100 and 72 tokens (over rollout.MIN_SHARED_PREFIX) under 3 problems of 6-17 tokens, G=2 completions of
 5-24 tokens each, so the two-pass log-prob path lays rows out as [pad|prefix|pad|suffix] and the
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_check  # noqa: E402  (puts the project root on sys.path)
 import fst  # noqa: E402
-import infra  # noqa: E402
+from plumbing import guards, models  # noqa: E402
 import rollout  # noqa: E402
 
 CONTEXT_TOKENS, SUFFIX_TOKENS, GROUP = (100, 72), (6, 11, 17), 2
@@ -95,7 +95,7 @@ class Setup:
     """What every check reads: the loaded model and the experience built from make_rollouts."""
     model: Any
     tok: Any
-    mcfg: infra.ModelConfig
+    mcfg: models.ModelConfig
     exp: fst.Experience
     ro: rollout.Rollouts
     device: torch.device
@@ -113,9 +113,9 @@ def set_up(a, device: torch.device, dtype: str, quant: str) -> Setup:
     make_rollouts' rows (sampler log-probs: one plain no-grad pass in eval mode; the sampler's own: `sample`)."""
     root = Path(tempfile.mkdtemp(prefix="gpu-probe-"))
     folder = gpu_check.build_folder("smoke", root, "cpu")
-    mcfg = infra.ModelConfig(name=str(folder), dtype=dtype, quant=quant, lora_r=8, lora_alpha=16,
-                             lora_targets="all-linear", gradient_checkpointing=True)
-    model, tok = infra.load_model(mcfg, device)
+    mcfg = models.ModelConfig(name=str(folder), dtype=dtype, quant=quant, lora_r=8, lora_alpha=16,
+                              lora_targets="all-linear", gradient_checkpointing=True)
+    model, tok = models.load_model(mcfg, device)
     ro, group, problems = make_rollouts()
     plain = rollout.collate(ro.prompt_ids, ro.completion_ids, gpu_check.PAD_ID, device)
     with torch.no_grad(), rollout.eval_mode(model):
@@ -214,7 +214,8 @@ def check_update(s: Setup) -> dict:
     before = [p.detach().clone() for p in trainable]
     base_logp = fst.base_logprobs(s.model, s.exp.batch, tc.micro_batch, tc.logprob_chunk)
     kl = fst.mean_kl(s.exp, base_logp)
-    upd = fst.update(s.model, optimizer, scheduler, s.exp, base_logp, tc, s.max_new_tokens, infra.UpdateGuard(), step=0)
+    upd = fst.update(s.model, optimizer, scheduler, s.exp, base_logp, tc, s.max_new_tokens, guards.UpdateGuard(),
+                     step=0)
     s.model.eval()
     moved = max(float((p.detach() - b).abs().max()) for p, b in zip(trainable, before))
     assert upd.skipped is None and upd.rows == len(s.exp.group), f"update skipped: {upd.skipped}, rows {upd.rows}"
@@ -223,10 +224,10 @@ def check_update(s: Setup) -> dict:
 
 
 def check_save_and_reload(s: Setup) -> dict:
-    """The adapter saved and loaded by infra.load_model (as --resume does) gives the same log-probs."""
+    """The adapter saved and loaded by models.load_model (as --resume does) gives the same log-probs."""
     adapter = s.root / "adapter"
     s.model.save_pretrained(adapter)
-    again, _ = infra.load_model(s.mcfg, s.device, adapter_path=str(adapter))
+    again, _ = models.load_model(s.mcfg, s.device, adapter_path=str(adapter))
     with torch.no_grad(), rollout.eval_mode(s.model), rollout.eval_mode(again):
         mine = rollout.sequence_logprobs(s.model, s.exp.batch)
         theirs = rollout.sequence_logprobs(again, s.exp.batch)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 # (import name, distribution name); flash-attn is optional (requirements-gpu.txt), the rest are pinned
 PACKAGES = [("transformers", "transformers"), ("peft", "peft"), ("bitsandbytes", "bitsandbytes"),
             ("math_verify", "math-verify"), ("flash_attn", "flash-attn")]
-PROJECT = ["infra", "rollout", "rewards", "context_opt", "fst", "eval"]
+PROJECT = ["plumbing.startup", "plumbing.runlog", "pool", "rollout", "rewards", "context_opt", "fst", "eval"]
 
 
 def pins(path: Path = ROOT / "requirements.txt") -> dict[str, str]:

@@ -5,9 +5,9 @@
     python bench/prefix_sharing.py --contexts 40 80 --min-shared 1 --dtypes float32   # where sharing stops paying
 
 The FST workload: K=4 contexts (the tiny config's instruction and worked examples as chat turns,
-context_opt.Context, as the demo operators build them; each context its own examples, as many as reach
+pool.Context, as the demo operators build them; each context its own examples, as many as reach
 about --contexts tokens) x B=8 test problems x G=2 samples, rows in fst's order (problem-major, a
-problem's contexts together). The model is the policy fst trains (infra.load_model: SmolLM2-135M from
+problem's contexts together). The model is the policy fst trains (models.load_model: SmolLM2-135M from
 the `smollm2-135m` alias + LoRA r=16), or with --tiny a 2-layer Llama of hidden size 64 with SmolLM2's
 vocabulary, built in a temp folder and loaded the same way, and by default smaller shapes (SMOKE: options
 given on the command line still win). Three phases, each with sharing on and off:
@@ -45,9 +45,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import context_opt  # noqa: E402
 import fst  # noqa: E402
-import infra  # noqa: E402
+from plumbing import models  # noqa: E402
+import pool  # noqa: E402
 import rewards  # noqa: E402
 import rollout  # noqa: E402
 
@@ -81,7 +81,7 @@ def matmul_peak(dtype: torch.dtype, n: int) -> float:
 def tiny_model_folder(root: Path) -> Path:
     """A 2-layer Llama (hidden 64) with SmolLM2's tokenizer, random weights at a decisive scale."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    tok = infra.load_tokenizer(infra.resolve_model_path("smollm2-135m"))
+    tok = models.load_tokenizer(models.resolve_model_path("smollm2-135m"))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -102,7 +102,7 @@ def load(a, dtype: str, tmp: Path):
     name = [f"model.name={tiny_model_folder(tmp)}"] if a.tiny else []
     cfg = fst.load_config("tiny.yaml", [f"model.dtype={dtype}", *name])
     torch.manual_seed(0)
-    model, tok = infra.load_model(cfg.model, torch.device("cpu"))
+    model, tok = models.load_model(cfg.model, torch.device("cpu"))
     return model.eval(), tok, cfg
 
 
@@ -122,10 +122,10 @@ def build_prompts(tok, cfg, a, target: int) -> tuple[list[list[int]], list[int]]
     contexts = []
     for k in range(a.k):
         draw, demos = random.Random(k).sample(train, 64), []
-        context = context_opt.Context(cfg.task.system_prompt, (), "turns")
+        context = pool.Context(cfg.task.system_prompt, (), "turns")
         while len(rollout.encode_chat(tok, context.messages(task, problems[0]))) < target and draw:
             demos.append(gold_demo(draw.pop()))
-            context = context_opt.Context(cfg.task.system_prompt, tuple(demos), "turns")
+            context = pool.Context(cfg.task.system_prompt, tuple(demos), "turns")
         contexts.append(context)
     prompts, context_of = [], []
     for problem in problems:

@@ -3,7 +3,7 @@
     python bench/sampler_vs_generate.py                          # fp32 and bf16, 3 alternating repeats
     python bench/sampler_vs_generate.py --dtypes float32 --threads 2
 
-Same model object for both (infra.load_model: SmolLM2-135M-Instruct + LoRA r=16, as the RL loop samples
+Same model object for both (models.load_model: SmolLM2-135M-Instruct + LoRA r=16, as the RL loop samples
 it), same prompts (the tiny config's task's problems under its seed prompt),
 G samples per prompt, same temperature / top_p / max_new_tokens / EOS ids. generate gets its fair best:
 the prompts left-padded and repeated G times (repeat_interleave), an attention mask, use_cache=True,
@@ -24,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import infra  # noqa: E402
+from plumbing import models  # noqa: E402
 import fst  # noqa: E402
 import rewards  # noqa: E402
 import rollout  # noqa: E402
@@ -68,7 +68,7 @@ def run_generate(model, tok, prompts, a, seed, eos) -> tuple[int, float, float]:
 def bench_dtype(a, dtype: str) -> dict:
     cfg = fst.load_config("tiny.yaml", [f"model.dtype={dtype}"])
     torch.manual_seed(0)
-    model, tok = infra.load_model(cfg.model, torch.device("cpu"))
+    model, tok = models.load_model(cfg.model, torch.device("cpu"))
     model.eval()
     prompts = prompts_for(cfg, tok, a.prompts)
     eos = rollout._eos_ids(model, tok)

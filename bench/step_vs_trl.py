@@ -93,13 +93,13 @@ def trl_child(a):
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     import fst
-    import infra
+    from plumbing import models, seeds
     import rewards
 
     torch.set_num_threads(a.threads)
     cfg = fst.load_config("tiny.yaml")
     task = rewards.make_task(cfg.task)
-    stream = rewards.ProblemStream(task.load("train"), 1, infra.seed_for("stream", cfg.train.seed))  # fst's order
+    stream = rewards.ProblemStream(task.load("train"), 1, seeds.seed_for("stream", cfg.train.seed))  # fst's order
     rows = [dict(p, prompt=task.messages(p, rewards.seed_prompt(task, cfg.task.system_prompt)))
             for p in (stream.next_batch()[0] for _ in range(a.warmup + a.steps))]
     lengths = []
@@ -130,7 +130,7 @@ def trl_child(a):
         model_init_kwargs={"dtype": dtype, "attn_implementation": "sdpa"}, dataloader_num_workers=0)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     timer = Timer()
-    trainer = GRPOTrainer(model=infra.resolve_model_path(cfg.model.name), reward_funcs=reward, args=args,
+    trainer = GRPOTrainer(model=models.resolve_model_path(cfg.model.name), reward_funcs=reward, args=args,
                           train_dataset=Dataset.from_list(rows), peft_config=lora, callbacks=[timer])
     trainer.train()
     n_warm = a.warmup * a.group_size

@@ -3,7 +3,7 @@
     python experiments/demo_probe.py                                   # base SmolLM2-135M, 4 tasks
     python experiments/demo_probe.py --tasks add --adapter RUN_DIR     # a trained policy (its last checkpoint)
 
-The fast weights are contexts: an instruction plus worked examples (context_opt.Context). This measures,
+The fast weights are contexts: an instruction plus worked examples (pool.Context). This measures,
 for each task, accuracy (share of samples fully right) on its first n test problems x k samples with the
 task's own default prompt and its example turn kept, plus 1, 3 and 5 worked examples from the train
 split, shown either inside the system message ("system") or as user/assistant turns before the problem
@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import context_opt  # noqa: E402
 import eval as evaluation  # noqa: E402
-import infra  # noqa: E402
+from plumbing import checkpoints, models  # noqa: E402
+from pool import Context  # noqa: E402
 import rewards  # noqa: E402
 
 COUNTS = (0, 1, 3, 5)
@@ -60,7 +61,7 @@ def probe(model, tok, name: str, demos, *, n: int, k: int, temperature: float, m
     out = {}
     for count in COUNTS:
         for form in FORMATS if count else ("none",):
-            context = context_opt.Context(task.default_system_prompt, tuple(demos[:count]),
+            context = Context(task.default_system_prompt, tuple(demos[:count]),
                                           "turns" if form == "none" else form)
             t0 = time.perf_counter()
             res = evaluation.evaluate(model, tok, task, problems, context, k=k, max_new_tokens=max_new_tokens,
@@ -94,9 +95,9 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "miniature" / "demo_probe.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    adapter = infra.find_checkpoint(args.adapter) if args.adapter else None
-    model, tok = infra.load_model(infra.ModelConfig(name=args.model, dtype="float32"), torch.device("cpu"),
-                                  adapter_path=str(adapter) if adapter else None)
+    adapter = checkpoints.find_checkpoint(args.adapter) if args.adapter else None
+    model, tok = models.load_model(models.ModelConfig(name=args.model, dtype="float32"), torch.device("cpu"),
+                                   adapter_path=str(adapter) if adapter else None)
     model.eval()
     policy = f"trained ({args.adapter.name})" if adapter else f"base {args.model}"
     entry = {"policy": policy, "source": "own" if args.own else "gold", "n": args.n, "k": args.k,

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study_* modules 
 from studies import STUDIES  # noqa: E402
 from study_report import PLOTS, _duration, kept_studies, readme  # noqa: E402
 from study_runs import (  # noqa: E402
-    ARMS, BASE_CONFIG, DTYPES, ROOT, STUDY1_ARMS, Places, Sizes, _quote, build_tiny_model, check_sizes, cpu_info,
+    ALL_ARMS, BASE_CONFIG, DTYPES, ROOT, STUDY1_ARMS, Places, Sizes, _quote, build_tiny_model, check_sizes, cpu_info,
     portable, recorded_arms, recorded_seeds, resolve_dtype, run_cost, runs_to_train)
 import fst  # noqa: E402
 
@@ -55,9 +55,9 @@ def choose_runs(args, sizes: Sizes, records_dir: Path, chosen: list[str]):
     if args.study1_arms:
         sizes.study1_arms = tuple(args.study1_arms)
     elif args.report_only and recorded:
-        sizes.study1_arms = tuple(a for a in ARMS if a in recorded or a == "rl")
+        sizes.study1_arms = tuple(a for a in ALL_ARMS if a in recorded or a == "rl")
     else:
-        sizes.study1_arms = tuple(a for a in ARMS if a in STUDY1_ARMS or a in recorded)
+        sizes.study1_arms = tuple(a for a in ALL_ARMS if a in STUDY1_ARMS or a in recorded)
     for study in chosen:
         have = recorded_seeds(records_dir, study, sizes.dtype)
         if args.seeds:
@@ -85,10 +85,10 @@ def parser() -> argparse.ArgumentParser:
                     help="seeds of every chosen study (default: 0 1 for studies 1 and 3 and 0 for study 2, "
                          "plus every seed that already has a record; with --report-only the recorded seeds); "
                          "gepa runs on the first")
-    ap.add_argument("--study1-arms", nargs="+", choices=list(ARMS),
+    ap.add_argument("--study1-arms", nargs="+", choices=list(ALL_ARMS),
                     help="study 1's arms, rl among them (default rl fst gepa plus any arm already recorded; with "
-                         "--report-only the recorded arms). fst-reuse = mode fst with fast.reuse=all; fst-batch = mode fst "
-                         "with fast.scoring=batch")
+                         "--report-only the recorded arms). fst-reuse = mode fst with fast.reuse=all; the fst-batch "
+                         "arms are reported from their records only (study_runs.RECORDED_ONLY)")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "bfloat16-fixed"], default="float32",
                     help="model dtype of every run. Default float32: in the paired check (study 1, seed 0, rl and "
                          "fst; results/miniature/bf16/) bf16 ended 0.13-0.15 lower in final accuracy, outside the "

@@ -23,9 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import context_opt  # noqa: E402
 import eval as evaluation  # noqa: E402
-import infra  # noqa: E402
+from plumbing import checkpoints, models  # noqa: E402
+import pool  # noqa: E402
 import fst  # noqa: E402
 import rewards  # noqa: E402
 
@@ -50,21 +50,22 @@ COST_GEPA_STEP = 9.0       # sampling + base pass without the update (estimate: 
 COST_FAST_ROUND = 150.0    # issue 9's target (< 10 RL steps); 293 s measured before its batched waves
 COST_EVAL_SAMPLE = 0.3     # per completion of a validation pass (32 x 4 x 64 tokens: 40 s measured, 1 thread)
 COST_KL_PROBLEM = 0.6      # kl_to_base: one completion + two full-vocabulary passes per problem
-COST_MODEL_LOAD = 3.0      # infra.load_model for one checkpoint
+COST_MODEL_LOAD = 3.0      # models.load_model for one checkpoint
 
 # Study-1 arms: the fst settings each one adds. fst-reuse trains on every rollout of the fast rounds too
 # (fast.reuse=all: with `pool` the first round, whose live pool is the seed prompt alone, gives one
 # rollout per problem, which has no advantage, so it would keep nothing).
 # fst pins fast.reuse=none: the fast loop as the paper has it, whatever the release default (all, since
 # these runs measured it).
-# fst-batch scores contexts on the RL batch itself (fast.scoring=batch): its rounds sample nothing, so there is
-# nothing of theirs to reuse.
 ARMS = {"rl": ["mode=rl"], "fst": ["mode=fst", "fast.reuse=none"], "gepa": ["mode=gepa"],
-        "fst-reuse": ["mode=fst", "fast.reuse=all"], "fst-batch": ["mode=fst", "fast.scoring=batch", "fast.reuse=none"],
-        # one child under test at a time: both groups of a step test it (twice fst-batch's evidence per child)
-        "fst-batch-1c": ["mode=fst", "fast.scoring=batch", "fast.reuse=none", "fast.candidates=1"],
-        # the children's trial rows are evidence only: the KL pass and the update run on the pool's rows
-        "fst-batch-ev": ["mode=fst", "fast.scoring=batch", "fast.reuse=none", "fast.train_on_trials=false"]}
+        "fst-reuse": ["mode=fst", "fast.reuse=all"]}
+# Arms whose code is gone: contexts scored on the RL batch (fast.scoring=batch; one child under test at a
+# time; trial rows as evidence only), at git tag arm/fst-batch. Their records are reported as made, with
+# these settings; no new run of them can start.
+RECORDED_ONLY = {"fst-batch": ["mode=fst", "fast.scoring=batch", "fast.reuse=none"],
+                 "fst-batch-1c": ["mode=fst", "fast.scoring=batch", "fast.reuse=none", "fast.candidates=1"],
+                 "fst-batch-ev": ["mode=fst", "fast.scoring=batch", "fast.reuse=none", "fast.train_on_trials=false"]}
+ALL_ARMS = ARMS | RECORDED_ONLY         # in the report's order
 # The dtype is part of a run's name when it is not float32, so fp32 and bf16 records never mix.
 DTYPES = {"float32": "", "bfloat16": "-bf16", "bfloat16-fixed": "-bf16fix"}
 # What each choice runs with. bfloat16-fixed: bf16 with the fixes bench/behaviour_logp.py --decompose
@@ -179,7 +180,7 @@ def machine() -> dict:
 @dataclass
 class RunSpec:
     study: str
-    arm: str                 # rl / fst / gepa / fst-reuse / fst-batch, or study 3's starting point
+    arm: str                 # a key of ALL_ARMS (study 1), rl / fst (study 2), or study 3's starting point
     seed: int
     steps: int               # total steps, to know when the run is finished
     overrides: list          # --set key=value on top of BASE_CONFIG
@@ -213,9 +214,9 @@ def common_overrides(sizes: Sizes, seed: int) -> list[str]:
 def study1_specs(sizes: Sizes) -> list[RunSpec]:
     specs = []
     for arm in sizes.study1_arms:
-        mode = ARMS[arm][0].removeprefix("mode=")
+        mode = ALL_ARMS[arm][0].removeprefix("mode=")
         for seed in sizes.seeds[:1] if arm == "gepa" else sizes.seeds:
-            specs.append(RunSpec("1", arm, seed, sizes.study1_steps, common_overrides(sizes, seed) + ARMS[arm] + [
+            specs.append(RunSpec("1", arm, seed, sizes.study1_steps, common_overrides(sizes, seed) + ALL_ARMS[arm] + [
                 f"task.name={STUDY1_TASK}", "task.system_prompt=''", f"train.steps={sizes.study1_steps}"],
                 [STUDY1_TASK], sizes.dtype, mode, two_by_two=mode == "fst"))
     return specs
@@ -263,7 +264,7 @@ def machine_paths_in(text: str, *folders: Path) -> list[str]:
 
 
 def last_step_saved(run_dir: Path) -> int | None:
-    ckpt = infra.latest_checkpoint(run_dir)
+    ckpt = checkpoints.latest_checkpoint(run_dir)
     return int(ckpt.name.removeprefix("step_")) if ckpt and ckpt.is_dir() else None
 
 
@@ -421,6 +422,9 @@ def obtain(spec: RunSpec, sizes: Sizes, places: Places) -> Path:
     if record.is_dir():
         check_record(spec, record, places)
         return record
+    if spec.arm in RECORDED_ONLY:
+        raise SystemExit(f"{spec.name}: arm {spec.arm} is reported from its records only (its code is at git tag "
+                         "arm/fst-batch) and has no record for this seed; leave it out with --study1-arms")
     if spec.start:  # study 3: the study-1 checkpoint it starts from (its KL at step 0 too)
         starts = study1_specs(dataclasses.replace(sizes, study1_arms=("rl", "fst"), seeds=(spec.seed,)))
         ensure_run(next(s for s in starts if s.name == spec.start), places.runs_dir)
@@ -474,14 +478,14 @@ def measure_kl(run_dir: Path, tasks: list[str], kl_n: int) -> dict:
             cache["kl"][str(step)] = {t: 0.0 for t in tasks}
             continue
         if step == 0:
-            ckpt, prompt = infra.find_checkpoint(cfg.init_from), None  # None: the run's seed prompt
+            ckpt, prompt = checkpoints.find_checkpoint(cfg.init_from), None  # None: the run's seed prompt
         else:
             ckpt = run_dir / "checkpoints" / f"step_{step - 1:06d}"  # eval step s = the weights after s updates
             if not ckpt.is_dir():
                 raise SystemExit(f"{ckpt} missing: validation at step {step} has no checkpoint "
                                  "(train.save_every must equal eval.every)")
-            prompt = context_opt.best_context(ckpt)
-        model, tok = infra.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
+            prompt = pool.best_context(ckpt)
+        model, tok = models.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
         kl = {}
         for name in tasks:
             task = made.setdefault(name, evaluation.make_task(name, cfg))
@@ -508,13 +512,13 @@ def measure_two_by_two(run_dir: Path, task_name: str) -> dict:
     if "two_by_two" not in cache:
         t0 = time.perf_counter()
         cfg = fst.load_config(str(run_dir / "config.yaml"))
-        ckpt = infra.latest_checkpoint(run_dir)
+        ckpt = checkpoints.latest_checkpoint(run_dir)
         rows = [r for r in evaluation.read_metrics(run_dir) if r.get("kind") == "eval" and r["task"] == task_name]
         last = max(r["step"] for r in rows)
         logged = {(r["step"], r["prompt"]): r for r in rows}
-        model, tok = infra.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
+        model, tok = models.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
         task = evaluation.make_task(task_name, cfg)
-        evolved = context_opt.best_context(ckpt)
+        evolved = pool.best_context(ckpt)
         base_evolved = evaluation.evaluate(
             model, tok, task, task.load("test")[:cfg.eval.n], evolved, k=cfg.eval.k, use_adapter=False,
             max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
@@ -625,7 +629,7 @@ def build_tiny_model(folder: Path) -> str:
     if (folder / "config.json").exists():
         return str(folder)
     from transformers import LlamaConfig, LlamaForCausalLM
-    tok = infra.load_tokenizer(infra.resolve_model_path("smollm2-135m"))
+    tok = models.load_tokenizer(models.resolve_model_path("smollm2-135m"))
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -640,9 +644,9 @@ def build_tiny_model(folder: Path) -> str:
 
 
 def recorded_arms(records_dir: Path, dtype: str) -> list[str]:
-    """Study-1 arms with at least one record in `dtype`, in ARMS order."""
+    """Study-1 arms with at least one record in `dtype`, in ALL_ARMS order."""
     found = {m["arm"] for p in (records_dir.glob("s1-*") if records_dir.is_dir() else [])
              if (m := NAME.match(p.name)) and (m["dtype"] or "") == DTYPES[dtype]}
-    return [a for a in ARMS if a in found]
+    return [a for a in ALL_ARMS if a in found]
 SPECS = {"1": lambda sizes, runs_dir: study1_specs(sizes), "2": lambda sizes, runs_dir: study2_specs(sizes),
          "3": study3_specs}

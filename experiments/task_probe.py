@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as evaluation  # noqa: E402
-import infra  # noqa: E402
+from plumbing import models  # noqa: E402
 import fst  # noqa: E402
 import rewards  # noqa: E402
 
@@ -82,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "miniature" / "base_accuracy.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, tok = infra.load_model(infra.ModelConfig(name=args.model, dtype="float32"), torch.device("cpu"))
+    model, tok = models.load_model(models.ModelConfig(name=args.model, dtype="float32"), torch.device("cpu"))
     extra = {}
     if args.config_prompt:
         cfg = fst.load_config(args.config_prompt)

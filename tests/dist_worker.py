@@ -26,11 +26,11 @@ sys.path[:0] = [str(TESTS.parent), str(TESTS)]
 
 import torch  # noqa: E402
 
-import infra  # noqa: E402
+from plumbing import dist as torchrun, guards, models, seeds  # noqa: E402
 import fst  # noqa: E402
 import rollout  # noqa: E402
 
-LOSSES = ["cispo", "grpo", "dr_grpo", "dapo"]
+LOSSES = sorted(fst.LOSSES)  # every registered loss
 
 
 def fixed_batch(vocab: int):
@@ -46,9 +46,9 @@ def fixed_batch(vocab: int):
     return prompts, completions, group, advantage
 
 
-def lora_gradients(model_dir: str, loss: str, dist: infra.Dist) -> dict:
-    infra.seed_everything(0)
-    model, tok = infra.load_model(infra.ModelConfig(name=model_dir, dtype="float32", lora_r=4, lora_alpha=8),
+def lora_gradients(model_dir: str, loss: str, dist: torchrun.Dist) -> dict:
+    seeds.seed_everything(0)
+    model, tok = models.load_model(models.ModelConfig(name=model_dir, dtype="float32", lora_r=4, lora_alpha=8),
                                 torch.device("cpu"))
     with torch.no_grad():  # non-zero B, so A gets a gradient too
         gen = torch.Generator().manual_seed(1)
@@ -70,12 +70,12 @@ def lora_gradients(model_dir: str, loss: str, dist: infra.Dist) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def idle_rank_update(model_dir: str, out_dir: str, dist: infra.Dist) -> None:
+def idle_rank_update(model_dir: str, out_dir: str, dist: torchrun.Dist) -> None:
     """One update where rank 1 holds only groups of equal rewards: it must join the sums and take the
     same optimiser step without a forward pass (it used to raise on an empty micro-batch)."""
-    infra.seed_everything(0)
-    model, tok = infra.load_model(infra.ModelConfig(name=model_dir, dtype="float32", lora_r=4, lora_alpha=8),
-                                  torch.device("cpu"))
+    seeds.seed_everything(0)
+    model, tok = models.load_model(models.ModelConfig(name=model_dir, dtype="float32", lora_r=4, lora_alpha=8),
+                                   torch.device("cpu"))
     prompts, completions, _, _ = fixed_batch(len(tok))
     rows = [0, 1, 2, 3] if dist.rank == 0 else [4, 5, 6, 7]
     rewards = [1.0, 0.0, 0.0, 1.0] if dist.rank == 0 else [1.0, 1.0, 0.0, 0.0]  # groups of two
@@ -88,7 +88,7 @@ def idle_rank_update(model_dir: str, out_dir: str, dist: infra.Dist) -> None:
     tc = fst.TrainConfig(lr=0.01, warmup_steps=0)
     optimizer, scheduler = fst.make_optimizer(model, tc)
     base_logp = fst.base_logprobs(model, exp.batch, tc.micro_batch, tc.logprob_chunk)
-    stats = fst.update(model, optimizer, scheduler, exp, base_logp, tc, 8, infra.UpdateGuard(), 0, dist)
+    stats = fst.update(model, optimizer, scheduler, exp, base_logp, tc, 8, guards.UpdateGuard(), 0, dist)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.save({"weights": weights, "rows": stats.rows, "skipped": stats.skipped},
                Path(out_dir) / f"idle_rank{dist.rank}.pt")
@@ -98,14 +98,14 @@ def train(out_dir: str, diverge: bool, fst_args: list[str]) -> None:
     import conftest
     import rewards
     rewards.get_task = conftest.parity_get_task
-    check_same = infra.Dist.check_same
+    check_same = torchrun.Dist.check_same
 
     def recorded(self, what, fingerprint):
         value = fingerprint()
         with open(Path(out_dir) / f"fingerprints_rank{self.rank}.jsonl", "a") as f:
             f.write(json.dumps({"what": what, "fingerprint": value}) + "\n")
         return check_same(self, what, lambda: value)
-    infra.Dist.check_same = recorded
+    torchrun.Dist.check_same = recorded
     if diverge:
         update = fst.update
 
@@ -124,7 +124,7 @@ def main():
     if command == "train":
         rest = sys.argv[4:]
         return train(out_dir, rest[0] == "diverge", rest[rest.index("--") + 1:])
-    dist = infra.init_distributed()
+    dist = torchrun.init_distributed()
     if "grads" in command.split("+"):
         grads = {loss: lora_gradients(model_dir, loss, dist) for loss in LOSSES}
         if dist.is_main:

@@ -4,15 +4,15 @@ import pytest
 import torch
 
 import fst
-import infra
 import rollout
+from plumbing import guards, models
 
 
 def test_float32_head_gives_float32_logits_and_the_gradient_of_the_upcast_head():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 70, bias=False).to(torch.bfloat16).requires_grad_(False)
     h = torch.randn(3, 5, 16, dtype=torch.bfloat16, requires_grad=True)
-    wrapped = infra.Float32Head(head, block=32)  # 70 rows: blocks of 32, 32 and 6
+    wrapped = models.Float32Head(head, block=32)  # 70 rows: blocks of 32, 32 and 6
     logits = wrapped(h)
     h32 = h.detach().float().requires_grad_()
     reference = h32 @ head.weight.float().T
@@ -27,17 +27,17 @@ def test_float32_head_gives_float32_logits_and_the_gradient_of_the_upcast_head()
 
 
 def test_fp32_head_is_installed_after_lora_and_keeps_the_tie(tiny_model_dir):
-    model, _ = infra.load_model(infra.ModelConfig(name=tiny_model_dir, dtype="bfloat16", lora_r=4, lora_alpha=8,
-                                                  fp32_head=True), torch.device("cpu"))
+    model, _ = models.load_model(models.ModelConfig(name=tiny_model_dir, dtype="bfloat16", lora_r=4, lora_alpha=8,
+                                                    fp32_head=True), torch.device("cpu"))
     head = model.get_output_embeddings()
-    assert isinstance(head, infra.Float32Head)
+    assert isinstance(head, models.Float32Head)
     assert head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()  # tied as before
     assert not any("lora" in n for n, _ in head.named_parameters())
     ids = torch.tensor([[5, 6, 7, 8]])
     assert model(input_ids=ids).logits.dtype == torch.float32
-    plain, _ = infra.load_model(infra.ModelConfig(name=tiny_model_dir, dtype="float32", fp32_head=True),
-                                torch.device("cpu"))
-    assert not isinstance(plain.get_output_embeddings(), infra.Float32Head)  # float32: nothing to fix
+    plain, _ = models.load_model(models.ModelConfig(name=tiny_model_dir, dtype="float32", fp32_head=True),
+                                 torch.device("cpu"))
+    assert not isinstance(plain.get_output_embeddings(), models.Float32Head)  # float32: nothing to fix
 
 
 def test_truncated_is_by_hand():
@@ -48,7 +48,6 @@ def test_truncated_is_by_hand():
     # fresh row: ratio against the trainer's own log-probs, weight min(exp(logp - sampler), cap)
     assert torch.equal(old[0], logp.detach()[0]) and torch.equal(old[1], sampler[1])
     assert torch.allclose(weight, torch.tensor([[1.2, torch.exp(torch.tensor(-1.0)).item()], [1.0, 1.0]]))
-    assert fst.truncated_is(logp, sampler, fresh, cap=0.0) == (sampler, None)
 
 
 def test_tis_cispo_gradient_is_the_weighted_policy_gradient():
@@ -66,8 +65,8 @@ def test_tis_cispo_gradient_is_the_weighted_policy_gradient():
 
 @pytest.mark.parametrize("cap", [0.0, 2.0])
 def test_update_logs_the_truncated_weight(tiny_model_dir, tokenizer, cap):
-    model, tok = infra.load_model(infra.ModelConfig(name=tiny_model_dir, dtype="float32", lora_r=4, lora_alpha=8),
-                                  torch.device("cpu"))
+    model, tok = models.load_model(models.ModelConfig(name=tiny_model_dir, dtype="float32", lora_r=4, lora_alpha=8),
+                                   torch.device("cpu"))
     prompts = [rollout.encode_chat(tok, [{"role": "user", "content": "Hi"}])]
     ro = rollout.sample(model, tok, prompts, [4], max_new_tokens=4, temperature=1.0,
                         generator=torch.Generator().manual_seed(0))
@@ -77,7 +76,7 @@ def test_update_logs_the_truncated_weight(tiny_model_dir, tokenizer, cap):
     tc = fst.TrainConfig(lr=0.01, warmup_steps=0, tis_cap=cap)
     optimizer, scheduler = fst.make_optimizer(model, tc)
     base_logp = fst.base_logprobs(model, exp.batch, 16, 64)
-    stats = fst.update(model, optimizer, scheduler, exp, base_logp, tc, 4, infra.UpdateGuard(), 0)
+    stats = fst.update(model, optimizer, scheduler, exp, base_logp, tc, 4, guards.UpdateGuard(), 0)
     if cap == 0:
         assert stats.tis_weight is None and stats.tis_capped is None
     else:  # every other token's sampler log-prob is 0.3 lower: weight exp(0.3) = 1.35 there, ~1 elsewhere

@@ -9,9 +9,9 @@ import typing
 import pytest
 import torch
 
-import infra
 import fst
 from conftest import GSM8K_TEST, ROOT
+from plumbing import config
 
 
 def start(tmp_path, *sets, config="tiny.yaml"):
@@ -67,7 +67,6 @@ def start(tmp_path, *sets, config="tiny.yaml"):
     ("fast.minibatch=0", "fast.minibatch", ">= 1"),
     ("fast.budget=0", "fast.budget", "> 0"),
     ("fast.budget=.inf", "fast.budget", "> 0"),
-    ("fast.demo_buffer=0", "fast.demo_buffer", ">= 1"),
     ("fast.max_prompt_chars=0", "fast.max_prompt_chars", ">= 1"),
     ("fast.reflector_max_new_tokens=0", "fast.reflector_max_new_tokens", ">= 1"),
     ("fast.reflector_temperature=-0.5", "fast.reflector_temperature", ">= 0"),
@@ -94,7 +93,7 @@ def test_values_on_the_allowed_side_of_each_bound_load(override):
 
 def test_load_config_checks_ranges_for_every_entry_point():
     # eval.py and the tests build configs with load_config alone: the ranges apply there too.
-    with pytest.raises(infra.ConfigError, match=r"'sampling.top_p' must be in \(0, 1\], got 0"):
+    with pytest.raises(config.ConfigError, match=r"'sampling.top_p' must be in \(0, 1\], got 0"):
         fst.load_config(None, ["sampling.top_p=0"])
 
 
@@ -121,16 +120,16 @@ def test_every_numeric_key_has_a_range_and_every_range_a_key():
         assert not missing, f"{cls.__name__}: no range for {missing}"
         assert set(ranges) <= set(hints), f"{cls.__name__}.ranges names no field: {set(ranges) - set(hints)}"
         for spec in ranges.values():
-            infra.in_range(0.5, spec)  # every spec parses
+            config.in_range(0.5, spec)  # every spec parses
 
 
 def test_in_range_bounds():
-    assert infra.in_range(0, ">= 0") and not infra.in_range(-1e-9, ">= 0")
-    assert not infra.in_range(0, "> 0") and infra.in_range(1e-9, "> 0")
-    assert infra.in_range(1, "(0, 1]") and not infra.in_range(0, "(0, 1]")
-    assert infra.in_range(0, "[0, 1)") and not infra.in_range(1, "[0, 1)")
-    assert not infra.in_range(float("nan"), ">= 0") and not infra.in_range(float("inf"), "> 0")
-    assert infra.in_range(float("-inf"), "any")
+    assert config.in_range(0, ">= 0") and not config.in_range(-1e-9, ">= 0")
+    assert not config.in_range(0, "> 0") and config.in_range(1e-9, "> 0")
+    assert config.in_range(1, "(0, 1]") and not config.in_range(0, "(0, 1]")
+    assert config.in_range(0, "[0, 1)") and not config.in_range(1, "[0, 1)")
+    assert not config.in_range(float("nan"), ">= 0") and not config.in_range(float("inf"), "> 0")
+    assert config.in_range(float("-inf"), "any")
 
 
 # --- missing files, unknown tasks, folders that are not runs ----------------------------------------
@@ -240,5 +239,5 @@ def test_a_reflector_model_that_cannot_exist_stops_at_start_up(tmp_path):
 
 def test_an_empty_override_is_the_empty_string():
     assert fst.load_config("tiny.yaml", ["task.system_prompt="]).task.system_prompt == ""
-    with pytest.raises(infra.ConfigError, match="'train.steps' must be int, got str ''"):
+    with pytest.raises(config.ConfigError, match="'train.steps' must be int, got str ''"):
         fst.load_config("tiny.yaml", ["train.steps="])

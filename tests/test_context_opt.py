@@ -4,7 +4,6 @@ import hashlib
 import json
 import math
 import random
-import sys
 import types
 import zlib
 from collections import Counter
@@ -13,10 +12,11 @@ from contextlib import contextmanager
 import pytest
 
 import context_opt as co
-import infra
 import rewards
 from conftest import GSM8K_TEST
-from context_opt import Prompt, PromptPool, fast_round
+from context_opt import fast_round
+from plumbing import config
+from pool import Context, Prompt, PromptPool, as_context, dominates
 
 SEED = "Solve the problem step by step."
 
@@ -40,7 +40,7 @@ def scorer(reward_fn, log: list | None = None):
     (a context's text: its instruction, then its demos as "Example: ..." blocks)."""
     def evaluate(contexts, probs):
         assert len(contexts) == len(probs)
-        texts = [co.as_context(c).text() for c in contexts]
+        texts = [as_context(c).text() for c in contexts]
         if log is not None:
             log.extend(zip(texts, probs))
         return [(f"output of {p['id']}", reward_fn(t, p), f"feedback on {p['id']}") for t, p in zip(texts, probs)]
@@ -82,8 +82,8 @@ def test_pareto_front_keeps_all_ties():
 def test_nondominated_drops_dominated_but_keeps_equal_prompts():
     pool, i = pool_from(MATRIX)
     assert {p.id for p in pool.nondominated()} == {i["A"], i["B"], i["D"]}
-    assert co.dominates(pool[i["A"]], pool[i["C"]], ["q1", "q2", "q3"])
-    assert not co.dominates(pool[i["A"]], pool[i["D"]], ["q1", "q2", "q3"])
+    assert dominates(pool[i["A"]], pool[i["C"]], ["q1", "q2", "q3"])
+    assert not dominates(pool[i["A"]], pool[i["D"]], ["q1", "q2", "q3"])
     assert pool.coverage() == {i["A"]: 2, i["B"]: 2, i["D"]: 2}
 
 
@@ -245,7 +245,7 @@ def test_garbage_reflector_leaves_pool_unchanged_and_counts_reasons(wave):
                fenced(problems(4)[2]["question"] + " is the kind of problem.")]
     replies = iter(garbage * 10)
     pool = PromptPool(SEED)
-    before = co.PromptPool.from_json(pool.to_json())
+    before = PromptPool.from_json(pool.to_json())
     stats = fast_round(pool, problems(4), settings(4, 100, max_prompt_chars=2000, patience=12, wave=wave),
                        evaluate=scorer(magic), reflect=each(lambda _: next(replies)), step=6, rng=random.Random(0))
     assert [p.text for p in pool] == [p.text for p in before] and stats["accepted"] == 0
@@ -342,7 +342,7 @@ def test_operators_cycle_and_are_counted():
                        reflect=each(lambda _: fenced("Plain prompt.")), step=6, rng=random.Random(0),
                        demo_buffer=buffer)
     assert stats["proposals_by_operator"]["reflect"] >= 1 and stats["proposals_by_operator"]["demo"] >= 1
-    with pytest.raises(ValueError, match="unknown operators"):
+    with pytest.raises(ValueError, match=r"'fast.operators\[0\]' must be one of .*got 'crossover'"):
         fast_round(pool, problems(6), settings(6, 40, operators=["crossover"]), evaluate=scorer(magic),
                    reflect=str, step=6, rng=random.Random(0))
 
@@ -380,7 +380,7 @@ def test_an_operator_proposal_without_text_or_reflection_prompt_cannot_reach_sco
 
 def test_config_check_names_an_unknown_operator():
     co.FastConfig(operators=["reflect", "demo"]).check("fast.")
-    with pytest.raises(infra.ConfigError) as error:
+    with pytest.raises(config.ConfigError) as error:
         co.FastConfig(operators=["reflect", "crossover"]).check("fast.")
     assert str(error.value) == ("config key 'fast.operators[1]' must be one of "
                                 f"{list(co.OPERATORS)}, got 'crossover'")   # ['reflect', 'demo', ...]
@@ -533,11 +533,10 @@ def fake_stack(monkeypatch):
                                      finish_reasons=finish, prompt_ids=[prompts[i] for i in index],
                                      logprobs=[[-0.5, -float(k)] for i, c in enumerate(counts) for k in range(c)])
 
-    import rollout                                  # the real adapter switch, rollout.weights, is kept
-    monkeypatch.setitem(sys.modules, "rollout", types.SimpleNamespace(
+    monkeypatch.setattr(co, "rollout", types.SimpleNamespace(   # the real adapter switch, rollout.weights, is kept
         encode_chat=lambda tok, messages: [" | ".join(m["content"] for m in messages)], sample=sample,
-        weights=rollout.weights))
-    monkeypatch.setitem(sys.modules, "rewards", types.SimpleNamespace(
+        weights=co.rollout.weights))
+    monkeypatch.setattr(co, "rewards", types.SimpleNamespace(
         score_completion=lambda task, problem, text: (float(text.endswith("#0")), f"graded {problem['id']}")))
     return calls
 
@@ -636,15 +635,15 @@ def test_a_context_renders_for_every_task_as_turns_or_in_the_system_message(name
                                      {"train_path": str(GSM8K_TEST), "test_path": str(GSM8K_TEST)}))
     problem = task.load("test")[0]
     own = task.messages(problem, "Be brief.")
-    turns = co.Context("Be brief.", DEMOS, "turns").messages(task, problem)
+    turns = Context("Be brief.", DEMOS, "turns").messages(task, problem)
     assert turns[0] == own[0] and turns[-len(own) + 1:] == own[1:]           # system first; the task's turns last
     assert turns[1:5] == [{"role": "user", "content": DEMOS[0][0]}, {"role": "assistant", "content": DEMOS[0][1]},
                           {"role": "user", "content": DEMOS[1][0]}, {"role": "assistant", "content": DEMOS[1][1]}]
-    system = co.Context("Be brief.", DEMOS, "system").messages(task, problem)
+    system = Context("Be brief.", DEMOS, "system").messages(task, problem)
     assert system[1:] == own[1:] and system[0]["content"] == (
         "Be brief.\n\nExample:\nProblem: What is 2 + 2?\nSolution: 2 + 2 = 4.\nAnswer: 4"
         "\n\nExample:\nProblem: What is 3 + 5?\nSolution: 3 + 5 = 8.\nAnswer: 8")
-    assert co.Context("Be brief.").messages(task, problem) == own                # no demos: the plain prompt
+    assert Context("Be brief.").messages(task, problem) == own                # no demos: the plain prompt
 
 
 def test_pool_json_round_trip_keeps_demos_and_the_format(tmp_path):
@@ -653,9 +652,9 @@ def test_pool_json_round_trip_keeps_demos_and_the_format(tmp_path):
     pool.save(tmp_path / "pool.json")
     loaded = PromptPool.load(tmp_path / "pool.json")
     assert loaded.demo_format == "system" and loaded[child.id] == child
-    assert loaded.context(loaded[child.id]) == co.Context(SEED, DEMOS, "system") == pool.context(child)
+    assert loaded.context(loaded[child.id]) == Context(SEED, DEMOS, "system") == pool.context(child)
     old = {"next_id": 1, "prompts": [{k: v for k, v in vars(pool[0]).items() if k != "demos"}]}  # saved before demos
-    assert PromptPool.from_json(old).context(pool[0]) == co.Context(SEED, (), "system")
+    assert PromptPool.from_json(old).context(pool[0]) == Context(SEED, (), "system")
 
 
 def test_demos_are_cut_at_the_answer_line():

@@ -8,8 +8,8 @@ import pytest
 
 import torch
 
-import infra
 from conftest import ROOT
+from plumbing import dist
 
 sys.path.insert(0, str(ROOT / "tests"))
 import dist_worker  # noqa: E402
@@ -26,9 +26,9 @@ def torchrun(nproc: int, *args, timeout=600, check=True):
 
 def test_dist_shard_and_map_keep_order():
     items = list(range(7))
-    shards = [infra.Dist(rank, 3).shard(items) for rank in range(3)]
+    shards = [dist.Dist(rank, 3).shard(items) for rank in range(3)]
     assert shards == [[0, 1, 2], [3, 4], [5, 6]]
-    assert infra.Dist().map(lambda xs: [x * x for x in xs], items) == [x * x for x in items]
+    assert dist.Dist().map(lambda xs: [x * x for x in xs], items) == [x * x for x in items]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_summed_gradients_over_two_ranks_equal_one_process(two_rank_updates, tin
     the gradients summed once, every loss's LoRA gradient is the one-process gradient."""
     two = torch.load(two_rank_updates / "grads_world2.pt")
     for loss in dist_worker.LOSSES:
-        one = dist_worker.lora_gradients(tiny_model_dir, loss, infra.Dist())
+        one = dist_worker.lora_gradients(tiny_model_dir, loss, dist.Dist())
         assert one.keys() == two[loss].keys()
         for name in one:
             assert torch.allclose(one[name], two[loss][name], rtol=1e-4, atol=1e-7), (loss, name)

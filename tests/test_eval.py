@@ -1,5 +1,6 @@
 """eval.py: exact chunked KL against a full-logits reference, mean@k / accuracy / pass@k against hand counts,
 the 2x2 table on a stub, plots from synthetic run folders, and the CLI end to end on a tiny model."""
+import dataclasses
 import json
 
 import pytest
@@ -7,11 +8,11 @@ import torch
 import yaml
 
 import eval as ev
-import context_opt
-import infra
 import fst
 import rewards
 import rollout
+from plumbing import checkpoints, dist, models
+from pool import PromptPool
 
 
 class StubTask:
@@ -251,16 +252,16 @@ def test_cli_report_on_a_tiny_run(tmp_path, tiny_model_dir, monkeypatch, capsys)
                                  "eval.n=2", "eval.k=2", "mode=fst"])
     run = tmp_path / "run"
     ckpt = run / "checkpoints" / "step_000003"
-    model, _ = infra.load_model(cfg.model, torch.device("cpu"))
+    model, _ = models.load_model(cfg.model, torch.device("cpu"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
     run.mkdir(exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(infra.config_to_dict(cfg)))
+    (run / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg)))
     optimizer, scheduler = fst.make_optimizer(model, cfg.train)
-    infra.save_checkpoint(run, 3, model, optimizer, scheduler, context_opt.PromptPool("Evolved: answer fast."),
-                          {"streams": [], "totals": {}, "demo_buffer": [], "world": 1})
+    checkpoints.save_checkpoint(run, 3, model, optimizer, scheduler, PromptPool("Evolved: answer fast."),
+                                {"streams": [], "totals": {}, "demo_buffer": [], "world": 1, "kept_rollouts": []})
     (run / "checkpoints" / "latest").write_text(ckpt.name)
     (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 0, "task": "arithmetic"}) + "\n")
 
@@ -307,7 +308,7 @@ def test_forgetting_defaults_to_the_named_subset_and_skips_unreachable_data_at_o
     measured = []
     monkeypatch.setattr(rewards, "hub_reachable", lambda: False)  # the hub is not asked, nor retried
     out = {name: ev.forgetting_on(name, cfg, 2, lambda task, problems, adapter: measured.append(task.name) or
-                                  {"mean_at_k": 0.5 if adapter else 0.25}, infra.Dist())
+                                  {"mean_at_k": 0.5 if adapter else 0.25}, dist.Dist())
            for name in ev.FORGETTING_TASKS if name != cfg.task.name}
     assert list(out) == ["gsm8k", "arithmetic"] and set(ev.FORGETTING_TASKS) < set(rewards.TASKS)
     assert "unreachable" in out["gsm8k"]["skipped"] and out["arithmetic"]["delta_mean_at_k"] == 0.25

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import context_opt
 import eval as ev
-import infra
 import fst
 import rewards
 import rollout
+from plumbing import checkpoints, models
+from pool import PromptPool, best_context
 from test_fst import _run
 
 # Quotes, Jinja delimiters, a backslash, unicode and newlines: the prompt must reach the model verbatim.
@@ -25,9 +25,9 @@ def fst_greedy(run, question):
     """fst's own greedy generation: the checkpoint's adapter on, the pool's best context (its instruction as
     system message, its worked examples as turns) before the question."""
     cfg = fst.load_config(str(run / "config.yaml"))
-    ckpt = infra.latest_checkpoint(run)
-    model, tok = infra.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
-    best = context_opt.best_context(ckpt)
+    ckpt = checkpoints.latest_checkpoint(run)
+    model, tok = models.load_model(cfg.model, torch.device("cpu"), adapter_path=str(ckpt))
+    best = best_context(ckpt)
     prompt = rollout.encode_chat(tok, best.messages(rewards.Task(), {"question": question}))
     ro = rollout.sample(model, tok, [prompt], [1], max_new_tokens=NEW_TOKENS, temperature=0)
     with model.disable_adapter():  # the base alone: shows that the adapter changes the answer
@@ -77,8 +77,8 @@ def test_export_adapter_and_merged_generate_like_fst(tmp_path, tiny_model_dir, p
              "--set", f"task.system_prompt={json.dumps(TRICKY, ensure_ascii=False)}"]
     _run(tmp_path, "run", tiny_model_dir, 2, extra)
     run = tmp_path / "run"
-    pool_file = infra.latest_checkpoint(run) / "pool.json"   # a best context with worked examples, for sure
-    pool = context_opt.PromptPool.load(pool_file)
+    pool_file = checkpoints.latest_checkpoint(run) / "pool.json"   # a best context with worked examples, for sure
+    pool = PromptPool.load(pool_file)
     pool.best().demos = [["What is 1 + 1?", "1 + 1 = 2.\nAnswer: 2"], ["Say {{ x }} \"é\"", "Said.\nAnswer: 0"]]
     pool.save(pool_file)
     question = rewards.get_task("arithmetic").load("test")[0]["question"]
@@ -116,7 +116,7 @@ def test_export_adapter_and_merged_generate_like_fst(tmp_path, tiny_model_dir, p
     with pytest.raises(SystemExit, match="not empty"):
         ev.export(run, merged_dir)
     no_system = tmp_path / "no_system"  # a base whose template refuses system messages (Gemma does)
-    tok = infra.load_tokenizer(tiny_model_dir)
+    tok = models.load_tokenizer(tiny_model_dir)
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role "
                          "not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
     tok.save_pretrained(no_system)

@@ -1,7 +1,6 @@
-"""fst.py: config checking, group advantages, the four losses against hand computations,
-context mixing, GPU-recipe guard, QLoRA on CPU, and a short end-to-end run that resumes exactly."""
+"""fst.py: config checking, group advantages (the losses: test_losses.py), context mixing, GPU-recipe
+guard, QLoRA on CPU, and a short end-to-end run that resumes exactly."""
 import json
-import math
 import random
 import subprocess
 import sys
@@ -9,10 +8,9 @@ import sys
 import pytest
 import torch
 
-import infra
-import context_opt
 import fst
 from conftest import ROOT
+from plumbing import checkpoints, config, dist, guards, models, seeds
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -22,7 +20,7 @@ def test_config_defaults_and_overrides():
     assert cfg.train.steps == 7 and cfg.mode == "fst"
     assert isinstance(cfg.sampling.temperature, float)  # ints widen to floats
     assert cfg.train.lr == 2e-4  # YAML 1.1 reads '2e-4' as a string; a float key takes it as the number
-    assert infra.find_config("gsm8k.yaml") == ROOT / "configs" / "gsm8k.yaml"
+    assert config.find_config("gsm8k.yaml") == ROOT / "configs" / "gsm8k.yaml"
 
 
 @pytest.mark.parametrize("override, named", [
@@ -34,7 +32,16 @@ def test_config_defaults_and_overrides():
     ("bogus.x=1", "bogus"),                        # unknown section
 ])
 def test_config_errors_name_the_key(override, named):
-    with pytest.raises(infra.ConfigError, match=f"'{named}'"):
+    with pytest.raises(config.ConfigError, match=f"'{named}'"):
+        fst.load_config("tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("override", ["fast.scoring=batch", "fast.train_on_trials=false", "fast.candidates=1",
+                                      "fast.trial_rollouts=2", "fast.demo_buffer=64", "fast.reuse_max_age=2"])
+def test_removed_fast_loop_keys_are_refused_as_unknown(override):
+    """Batch scoring and the keys no config used are gone: a config that still sets one stops, naming it."""
+    key = override.split("=")[0]
+    with pytest.raises(config.ConfigError, match=f"unknown config key '{key}'"):
         fst.load_config("tiny.yaml", [override])
 
 
@@ -47,10 +54,10 @@ def test_gpu_recipe_refuses_cpu_and_points_to_tiny(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = fst.load_config("gsm8k.yaml")
     with pytest.raises(SystemExit, match="configs/tiny.yaml"):
-        infra.pick_device(cfg, "configs/gsm8k.yaml")
+        models.pick_device(cfg, "configs/gsm8k.yaml")
 
 
-# --- advantages and losses ----------------------------------------------------------------------
+# --- advantages (the losses: test_losses.py) ---------------------------------------------------
 
 def test_group_advantages_drop_zero_variance_groups():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
@@ -63,115 +70,9 @@ def test_group_advantages_drop_zero_variance_groups():
     assert adv_dr[2].tolist() == pytest.approx([-0.25, -0.25, -0.25, 0.75])
 
 
-# A hand-sized batch: 3 rollouts (group 0: rows 0, 1; group 1: row 2), up to 2 tokens each.
-MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
-GROUP = torch.tensor([0, 0, 1])
-ADV = torch.tensor([1.0, -1.0, 2.0])
-LOGP = [[-1.0, -2.0], [-0.5, -3.0], [-1.5, -0.2]]
-# log ratios: row 0 token 1 has rho = e^2 (> 1 + eps, < tau); row 2 token 0 has rho = e^1.5 = 4.48 > tau.
-OLD = [[-1.0, -4.0], [-0.5, -3.0], [-3.0, -0.2]]
-
-
-def _weights_by_hand(kind):
-    if kind == "cispo":  # group 0 has 3 tokens, group 1 has 2; 2 groups
-        return [[1 / 3 / 2, 1 / 3 / 2], [1 / 3 / 2, 0], [1 / 2 / 2, 1 / 2 / 2]]
-    if kind == "grpo":
-        return [[1 / 2 / 3, 1 / 2 / 3], [1 / 1 / 3, 0], [1 / 2 / 3, 1 / 2 / 3]]
-    if kind == "dr_grpo":  # max_new_tokens = 4
-        return [[1 / 4 / 3] * 2, [1 / 4 / 3, 0], [1 / 4 / 3] * 2]
-    return [[1 / 5, 1 / 5], [1 / 5, 0], [1 / 5, 1 / 5]]  # dapo: 5 tokens
-
-
-def settings(kind, **kw):
-    """The TrainConfig a loss reads its settings from; no KL term unless asked."""
-    return fst.TrainConfig(loss=kind, **({"kl_coef": 0.0} | kw))
-
-
-def _token_loss_and_grad(kind, lp, old, a):
-    """One token by hand: (loss, d loss / d logp)."""
-    rho = math.exp(lp - old)
-    if kind == "cispo":
-        w = min(rho, 4.0)
-        return -w * a * lp, -w * a
-    high = 0.28 if kind == "dapo" else 0.2
-    clipped = min(max(rho, 0.8), 1 + high)
-    unclipped_val, clipped_val = rho * a, clipped * a
-    if unclipped_val <= clipped_val:  # min picks the unclipped term: gradient flows
-        return -unclipped_val, -rho * a
-    return -clipped_val, 0.0
-
-
-@pytest.mark.parametrize("kind", ["cispo", "grpo", "dr_grpo", "dapo"])
-def test_loss_value_and_gradient_match_hand_computation(kind):
-    weights = fst.token_weights(kind, MASK, GROUP, max_new_tokens=4)
-    assert weights.tolist() == [pytest.approx(r) for r in _weights_by_hand(kind)]
-    logp = torch.tensor(LOGP, requires_grad=True)
-    loss = fst.policy_loss(settings(kind), logp, torch.tensor(OLD), ADV, MASK, weights)
-    loss.backward()
-    want_loss, want_grad = 0.0, [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
-    hand_w = _weights_by_hand(kind)
-    for r in range(3):
-        for t in range(2):
-            value, grad = _token_loss_and_grad(kind, LOGP[r][t], OLD[r][t], ADV[r].item())
-            want_loss += hand_w[r][t] * value
-            want_grad[r][t] = hand_w[r][t] * grad
-    assert loss.item() == pytest.approx(want_loss, rel=1e-5)
-    assert logp.grad.tolist() == [pytest.approx(g, rel=1e-5, abs=1e-7) for g in want_grad]
-
-
-def test_kl_penalty_gradient_matches_hand_computation():
-    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    base = torch.tensor([[-1.5, -1.0]])
-    w = torch.tensor([[0.5, 0.5]])
-    loss = fst.policy_loss(settings("cispo", kl_coef=0.1), logp, logp.detach(), torch.tensor([0.0]), w > 0, w,
-                           base_logp=base)
-    loss.backward()
-    # k3 = exp(b - l) - (b - l) - 1;  d/dl = -exp(b - l) + 1
-    for t, (l, b) in enumerate([(-1.0, -1.5), (-2.0, -1.0)]):
-        assert logp.grad[0, t].item() == pytest.approx(0.1 * 0.5 * (1 - math.exp(b - l)), rel=1e-5)
-    assert loss.item() == pytest.approx(0.05 * sum(math.exp(b - l) - (b - l) - 1 for l, b in [(-1.0, -1.5), (-2.0, -1.0)]), rel=1e-5)
-
-
-@pytest.mark.parametrize("kind", ["cispo", "grpo", "dr_grpo", "dapo"])
-def test_on_policy_ratio_is_one_and_gradient_is_advantage_weighted(kind):
-    """With old = current (detached), every loss reduces to -sum w * A * logp in value of gradient."""
-    logp = torch.tensor(LOGP, requires_grad=True)
-    w = fst.token_weights(kind, MASK, GROUP, 4)
-    assert torch.all(torch.exp(logp - logp.detach()) == 1)
-    fst.policy_loss(settings(kind), logp, logp.detach(), ADV, MASK, w).backward()
-    assert torch.allclose(logp.grad, -w * ADV[:, None])
-
-
-def test_zero_variance_group_contributes_nothing():
-    """Adding a group whose rollouts all scored the same leaves the update unchanged."""
-    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    adv, keep = fst.group_advantages(rewards)
-    logp = torch.tensor([[-1.0], [-2.0], [-0.5], [-0.7]], requires_grad=True)
-    group = torch.tensor([0, 0, 1, 1])
-    rows = keep[group].nonzero().view(-1)
-    mask = torch.ones(4, 1)
-    w = fst.token_weights("cispo", mask[rows], group[rows], 1)
-    fst.policy_loss(settings("cispo"), logp[rows], logp[rows].detach(), adv.view(-1)[rows], mask[rows], w).backward()
-    assert logp.grad[2:].abs().sum() == 0 and logp.grad[:2].abs().sum() > 0
-
-
-@pytest.mark.parametrize("kind", ["cispo", "grpo", "dr_grpo", "dapo"])
-def test_micro_batches_add_up_to_the_full_batch_loss(kind):
-    torch.manual_seed(0)
-    mask = (torch.rand(6, 5) > 0.3).float()
-    mask[:, 0] = 1
-    group = torch.tensor([0, 0, 0, 1, 1, 1])
-    logp, old, adv = -torch.rand(6, 5), -torch.rand(6, 5), torch.randn(6)
-    w = fst.token_weights(kind, mask, group, 5)
-    full = fst.policy_loss(settings(kind), logp, old, adv, mask, w)
-    parts = sum(fst.policy_loss(settings(kind), logp[s:s + 4], old[s:s + 4], adv[s:s + 4], mask[s:s + 4], w[s:s + 4])
-                for s in (0, 4))
-    assert parts.item() == pytest.approx(full.item(), rel=1e-6)
-
-
 @pytest.mark.parametrize("k, g", [(4, 8), (4, 6), (4, 2), (1, 8), (3, 3)])
 def test_assign_contexts_spreads_the_group_over_the_pool(k, g):
-    choice = context_opt.assign_contexts(k, g, random.Random(0))
+    choice = fst.assign_contexts(k, g, random.Random(0))
     assert len(choice) == g
     counts = [choice.count(i) for i in range(k)]
     if g >= k:
@@ -180,23 +81,23 @@ def test_assign_contexts_spreads_the_group_over_the_pool(k, g):
         assert sorted(counts, reverse=True)[:g] == [1] * g and sum(counts) == g
 
 
-def test_config_table_is_made_from_the_dataclasses_and_the_readme_shows_it():
-    table = infra.config_table(fst.Config)
+def test_config_table_is_made_from_the_dataclasses_and_the_config_reference_shows_it():
+    table = config.config_table(fst.Config)
     rows = {line.split(" | ")[0].strip("| `"): line for line in table.splitlines()[2:]}
     assert len(rows) == len(table.splitlines()) - 2  # one row per key
     assert "Continual learning" in rows["schedule"] and "Plasticity probe" in rows["init_from"]  # comments above
     assert "steps on this stage" in rows["schedule[i].steps"] and "`100`" in rows["schedule[i].steps"]
     assert r"KL(pi \|\| base)" in rows["train.kl_coef"] and "`1e-5`" in rows["train.lr"]
-    readme = (ROOT / "README.md").read_text()
+    reference = (ROOT / "docs" / "config.md").read_text()
     marker = "<!-- config-table: generated by `python fst.py --help-config` -->\n"
-    assert readme.count(marker) == 1
-    shown = readme.split(marker, 1)[1].split("\n\n", 1)[0]
-    assert shown == table, "README.md's config table differs from the dataclasses: paste `python fst.py --help-config`"
+    assert reference.count(marker) == 1
+    shown = reference.split(marker, 1)[1].split("\n\n", 1)[0].rstrip("\n")
+    assert shown == table, "docs/config.md's table differs from the dataclasses: paste `python fst.py --help-config`"
 
 
 def test_seeds_of_every_purpose():
     """Exact resume depends on these numbers: a change must be deliberate (it changes every run)."""
-    assert [infra.seed_for(p, 3, step=5, index=2) for p in ("init", "stream", "step", "contexts", "fast",
+    assert [seeds.seed_for(p, 3, step=5, index=2) for p in ("init", "stream", "step", "contexts", "fast",
                                                           "fast_choices", "validation")] == \
         [3, 5, 3_000_014, 3_005_011, 3_000_021, 3_000_014, 12348]
 
@@ -210,8 +111,8 @@ def test_qlora_4bit_trains_after_sampling_on_cpu(tiny_model_dir, dtype):
     whose matmul has no autograd; every LoRA B must still get a gradient afterwards."""
     pytest.importorskip("bitsandbytes")
     import rollout
-    cfg = infra.ModelConfig(name=tiny_model_dir, dtype=dtype, quant="4bit", lora_r=4, lora_alpha=8)
-    model, tok = infra.load_model(cfg, torch.device("cpu"))
+    cfg = models.ModelConfig(name=tiny_model_dir, dtype=dtype, quant="4bit", lora_r=4, lora_alpha=8)
+    model, tok = models.load_model(cfg, torch.device("cpu"))
     linear = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert type(linear).__name__ == "Linear4bit"
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -228,7 +129,7 @@ def test_qlora_4bit_trains_after_sampling_on_cpu(tiny_model_dir, dtype):
     b_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
     dead = [n for n, g in b_grads.items() if g is None or not g.abs().sum() > 0]
     assert len(b_grads) == 2 * 7 and dead == []  # 2 layers x (q, k, v, o, gate, up, down)
-    assert infra.lora_gradient_problems(model) == []
+    assert guards.lora_gradient_problems(model) == []
 
 
 # --- end to end: a few steps on a tiny random model, then resume == uninterrupted ---------------
@@ -280,25 +181,19 @@ def test_one_process_never_fingerprints_the_adapter(tmp_path, tiny_model_dir, pa
     """The ranks' drift check hashes every trainable weight after each step; in one process there are no
     ranks to compare, so it must cost nothing there."""
     calls = []
-    monkeypatch.setattr(infra, "fingerprint", lambda *a, **k: calls.append(1) or "x")
+    monkeypatch.setattr(dist, "fingerprint", lambda *a, **k: calls.append(1) or "x")
     _run(tmp_path, "one-process", tiny_model_dir, 2, extra=["--set", "mode=fst", "--set", "fast.every=1",
                                                             "--set", "fast.budget=1", "--set", "fast.operators=[demo]"])
     assert calls == []
 
 
-@pytest.mark.parametrize("mode", ["rl", "fst", "fst-reuse", "fst-batch", "fst-batch-evidence"])
+@pytest.mark.parametrize("mode", ["rl", "fst", "fst-reuse"])
 def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity_rewards, mode):
     """fst-reuse: the checkpoint after step 1 lies between a fast round and the step that trains on its
-    rollouts, so the resumed run must carry them over to replay the uninterrupted one. fst-batch: it lies
-    between a round and the steps that test its children (fast.scoring batch), which must go on alike."""
+    rollouts, so the resumed run must carry them over to replay the uninterrupted one."""
     reuse = ["--set", "fast.reuse=all"] if mode == "fst-reuse" else []
     no_reuse = [] if reuse else ["--set", "fast.reuse=none"]
-    batch, evidence = mode.startswith("fst-batch"), mode.endswith("-evidence")
-    if batch:  # 2 of the 4 rollouts of a group test a child: the other 2 are the pool's (at most 2 prompts)
-        no_reuse += ["--set", "fast.scoring=batch", "--set", "fast.pool_size=2"]
-    if evidence:  # ...and those 2 are evidence only: the update trains on the pool's 2
-        no_reuse += ["--set", "fast.train_on_trials=false"]
-    mode = mode.removesuffix("-evidence").removesuffix("-reuse").removesuffix("-batch")
+    mode = mode.removesuffix("-reuse")
     extra = ["--set", f"mode={mode}", "--set", "fast.every=2", "--set", "fast.budget=2",
              "--set", "fast.reflector_max_new_tokens=8", "--set", "fast.operators=[demo, reflect]",
              "--set", "eval.every=2", "--set", "eval.n=2", "--set", "eval.k=2", *reuse, *no_reuse]
@@ -312,17 +207,7 @@ def test_end_to_end_resume_equals_uninterrupted(tmp_path, tiny_model_dir, parity
     assert any(m["loss"] != 0 for m in train_rows) and all(m["kl_to_base"] >= 0 for m in train_rows)
     assert train_rows[-1]["kl_to_base"] > 0  # the adapter moved away from the base
     fast_rows = [m for m in full if m["kind"] == "fast"]
-    if batch:  # the rounds sample nothing; the children proposed at step 1 took their share of steps 2-3
-        assert [m["step"] for m in fast_rows] == [1, 3] and train_rows[-1]["rollouts_fast"] == 0
-        under_test = fast_rows[0]["under_test"]
-        assert under_test and fast_rows[-1]["reflector_tokens"] == train_rows[-1]["reflector_tokens"]
-        pool = json.loads((tmp_path / "full" / "pool" / "step_000003.json").read_text())
-        tested = {c["id"]: {s["step"] for s in c["strata"]} for c in pool.get("candidates", [])}
-        ended = {v["id"] for v in fast_rows[1]["verdicts"]}
-        assert all(i in ended or tested.get(i) == {2, 3} for i in under_test), (under_test, tested, ended)
-        if evidence:  # B = 2 problems x (4 - 2 trial) rows at most while children are under test
-            assert all(m["rows_trained"] <= 4 for m in train_rows[2:]) and train_rows[-1]["rollouts_rl"] == 4 * 8
-    elif mode == "fst":
+    if mode == "fst":
         assert [m["step"] for m in fast_rows] == [1, 3]
         assert train_rows[-1]["rollouts_fast"] == sum(m["metric_calls"] for m in fast_rows) > 0
         assert (tmp_path / "full" / "pool" / "step_000003.json").exists()
@@ -350,7 +235,7 @@ def test_one_step_through_the_phase_functions_is_the_loops_step(tmp_path, tiny_m
     cfg = fst.load_config(str(tmp_path / "loop" / "config.yaml"))
     run = fst.start_run(cfg, tmp_path / "by-hand")
     task, stream = run.stage(0)
-    infra.seed_everything(infra.seed_for("step", cfg.train.seed, 0))
+    seeds.seed_everything(seeds.seed_for("step", cfg.train.seed, 0))
     lr = run.optimizer.param_groups[0]["lr"]
     exp = fst.make_experience(cfg, run, task, stream.next_batch(), 0)
     base_logp = fst.base_logprobs(run.model, exp.batch, cfg.train.micro_batch, cfg.train.logprob_chunk)
@@ -358,7 +243,7 @@ def test_one_step_through_the_phase_functions_is_the_loops_step(tmp_path, tiny_m
     upd = fst.update(run.model, run.optimizer, run.scheduler, exp, base_logp, cfg.train,
                      cfg.sampling.max_new_tokens, run.guard, 0)
     assert upd.rows > 0 and upd.skipped is None  # the step trained
-    row = json.loads(json.dumps(infra.train_row(cfg, 0, task, exp, kl, upd, lr, {"seconds_base_kl": 0.0,
+    row = json.loads(json.dumps(fst.train_row(cfg, 0, task, exp, kl, upd, lr, {"seconds_base_kl": 0.0,
                                                                               "seconds_training": 0.0})))
     assert {k: v for k, v in row.items() if k not in TIMING} == {k: logged[k] for k in row if k not in TIMING}
     saved = load_file(tmp_path / "loop" / "checkpoints" / "step_000000" / "adapter_model.safetensors")
@@ -380,13 +265,13 @@ def test_continual_schedule_validation_and_init_from(tmp_path, tiny_model_dir, p
     assert evals == {(s, t) for s in (0, 2, 3) for t in ("arithmetic", "countdown")}
 
     cfg = fst.load_config(str(tmp_path / "cont" / "config.yaml"))
-    trained, tok = infra.load_model(cfg.model, torch.device("cpu"), adapter_path=str(infra.find_checkpoint(str(tmp_path / "cont"))))
+    trained, tok = models.load_model(cfg.model, torch.device("cpu"), adapter_path=str(checkpoints.find_checkpoint(str(tmp_path / "cont"))))
     probe = _run(tmp_path, "probe", tiny_model_dir, 1, ["--set", f"init_from={tmp_path / 'cont'}",
                                                          "--set", "task.name=countdown", "--set", "task.options={}",
                                                          "--set", "mode=gepa"])
     assert probe[0]["kl_to_base"] > 0  # it starts away from the base: the trained adapter is in
-    started, _ = infra.load_model(cfg.model, torch.device("cpu"),
-                                adapter_path=str(infra.find_checkpoint(str(tmp_path / "probe"))))
+    started, _ = models.load_model(cfg.model, torch.device("cpu"),
+                                adapter_path=str(checkpoints.find_checkpoint(str(tmp_path / "probe"))))
     ids = torch.tensor([rollout.encode_chat(tok, [{"role": "user", "content": "hello"}])])
     with torch.no_grad():  # gepa never updates the weights: the probe's adapter is the source checkpoint's
         assert torch.allclose(trained(ids).logits, started(ids).logits, atol=1e-5)
@@ -414,7 +299,7 @@ def test_ctrl_c_saves_the_last_completed_step_and_resume_continues(tmp_path, tin
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()[-2000:]
     done = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
-    ckpt = infra.latest_checkpoint(run_dir)
+    ckpt = checkpoints.latest_checkpoint(run_dir)
     assert ckpt is not None and ckpt.name == f"step_{done[-1]:06d}"
     assert b"resume with" in err
     assert b"[fst] summary of" in err                                   # an interrupted run is summarised too
@@ -428,7 +313,7 @@ def test_a_reflector_model_is_loaded_once_writes_the_proposals_and_is_never_trai
         tmp_path, tiny_model_dir, parity_rewards, monkeypatch):
     import context_opt
     loaded, reflectors = [], []
-    real_load, real_make = infra.load_frozen_model, context_opt.make_reflector
+    real_load, real_make = models.load_frozen_model, context_opt.make_reflector
 
     def load(*args, **kwargs):
         loaded.append(real_load(*args, **kwargs))
@@ -437,7 +322,7 @@ def test_a_reflector_model_is_loaded_once_writes_the_proposals_and_is_never_trai
     def make(model, tok, **kwargs):
         reflectors.append(model)
         return real_make(model, tok, **kwargs)
-    monkeypatch.setattr(infra, "load_frozen_model", load)
+    monkeypatch.setattr(models, "load_frozen_model", load)
     monkeypatch.setattr(context_opt, "make_reflector", make)
     _run(tmp_path, "critic", tiny_model_dir, 4, extra=["--set", "mode=fst", "--set", "fast.every=2",
                                                        "--set", "fast.budget=2", "--set", "fast.operators=[reflect]",

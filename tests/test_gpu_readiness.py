@@ -14,8 +14,8 @@ import torch
 
 import context_opt
 import fst
-import infra
 import rollout
+from plumbing import guards, models, seeds
 
 TC = dict(lr=0.01, warmup_steps=0, micro_batch=3)
 
@@ -51,9 +51,9 @@ def test_every_normaliser_sums_on_the_masks_device(loss):
 
 @pytest.fixture()
 def lora_model(tiny_model_dir):
-    infra.seed_everything(0)
-    model, tok = infra.load_model(infra.ModelConfig(name=tiny_model_dir, dtype="float32", lora_r=4, lora_alpha=8),
-                                  torch.device("cpu"))
+    seeds.seed_everything(0)
+    model, tok = models.load_model(models.ModelConfig(name=tiny_model_dir, dtype="float32", lora_r=4, lora_alpha=8),
+                                   torch.device("cpu"))
     with torch.no_grad():  # a non-zero B: the policy differs from the base, so KL and every gradient are non-zero
         gen = torch.Generator().manual_seed(1)
         for name, p in model.named_parameters():
@@ -64,7 +64,7 @@ def lora_model(tiny_model_dir):
 
 def kept_rollouts(ro: rollout.Rollouts, rewards: list[float]) -> list:
     """Two fast-round rollouts of one problem (a group of its own), as fast.reuse keeps them."""
-    return [context_opt.KeptRollout(problem={"id": "kept"}, prompt_id=0, prompt_ids=ro.prompt_ids[i],
+    return [fst.KeptRollout(problem={"id": "kept"}, prompt_id=0, prompt_ids=ro.prompt_ids[i],
                             completion_ids=ro.completion_ids[i], logprobs=ro.logprobs[i], finish_reason="length",
                             text=ro.texts[i], reward=r, feedback="", sampled_at=0, due=1)
             for i, r in zip(range(2), rewards)]
@@ -90,8 +90,8 @@ def test_a_training_step_makes_nothing_on_the_default_device(lora_model, tokeniz
         for loss in sorted(fst.LOSSES):
             tc = fst.TrainConfig(loss=loss, **TC)
             optimizer, scheduler = fst.make_optimizer(model, tc)
-            stats[loss] = fst.update(model, optimizer, scheduler, exp, base_logp, tc, 5, infra.UpdateGuard(), 0)
-        row = infra.train_row(fst.Config(), 0, types.SimpleNamespace(name="parity"), exp, kl, stats["cispo"], 0.01,
+            stats[loss] = fst.update(model, optimizer, scheduler, exp, base_logp, tc, 5, guards.UpdateGuard(), 0)
+        row = fst.train_row(fst.Config(), 0, types.SimpleNamespace(name="parity"), exp, kl, stats["cispo"], 0.01,
                               {"seconds_base_kl": 0.0, "seconds_training": 0.0})
     for t in (exp.group, exp.reward, exp.advantage, exp.keep, exp.sampler_logp, exp.batch.input_ids, base_logp):
         assert t.device.type == "cpu"

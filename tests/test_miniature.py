@@ -147,7 +147,7 @@ def test_quick_records_runs_and_a_fresh_clone_reports_from_them(mini, study_runs
     def no_model(*a, **kw):
         raise AssertionError("--report-only trained or loaded a model")
     monkeypatch.setattr(study_runs.fst, "main", no_model)
-    monkeypatch.setattr(study_runs.infra, "load_model", no_model)
+    monkeypatch.setattr(study_runs.models, "load_model", no_model)
     mini.main(argv + ["--report-only"])
     rebuilt = json.loads((out / "summary.json").read_text())
     assert all(numbers(rebuilt, s) == numbers(before, s) for s in ("1", "2", "3"))

@@ -1,4 +1,4 @@
-"""The memory plan (infra's "Memory plan" section, `fst.py --plan`): its exact parts (weights, LoRA state,
+"""The memory plan (plumbing/plan.py, `fst.py --plan`): its exact parts (weights, LoRA state,
 KV cache) against the bytes of real tensors on the tiny model; the verdicts on the configs' own models
 with no network and no GPU; a CUDA card too small for the plan stopping the run at start-up."""
 import argparse
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fst
-import infra
+from plumbing import config, dist, models, plan as memory, startup
 
 GIB = 2 ** 30
 
@@ -27,20 +27,20 @@ def test_kv_bytes_per_token_equal_a_real_cache(tiny_model_dir, dtype):
     with torch.no_grad():
         cache = model(input_ids=ids, use_cache=True).past_key_values
     real = tensor_bytes([t for layer in cache.layers for t in (layer.keys, layer.values)])
-    shape = infra.model_shape(tiny_model_dir)
-    assert real == rows * tokens * infra.kv_bytes_per_token(shape, getattr(torch, dtype).itemsize)
+    shape = memory.model_shape(tiny_model_dir)
+    assert real == rows * tokens * memory.kv_bytes_per_token(shape, getattr(torch, dtype).itemsize)
 
 
 @pytest.mark.parametrize("dtype,targets", [("float32", "all-linear"), ("bfloat16", r".*\.(q_proj|v_proj|down_proj)")])
 def test_weight_and_lora_bytes_equal_the_real_parameters_after_an_optimizer_step(tiny_model_dir, dtype, targets):
     r = 4
-    mc = infra.ModelConfig(name=tiny_model_dir, dtype=dtype, quant="none", lora_r=r, lora_targets=targets)
-    model, _ = infra.load_model(mc, torch.device("cpu"))
-    shape = infra.model_shape(tiny_model_dir)
+    mc = models.ModelConfig(name=tiny_model_dir, dtype=dtype, quant="none", lora_r=r, lora_targets=targets)
+    model, _ = models.load_model(mc, torch.device("cpu"))
+    shape = memory.model_shape(tiny_model_dir)
     base = [p for p in model.parameters() if not p.requires_grad]
-    assert tensor_bytes(base) == infra.weight_bytes(shape, "none", getattr(torch, dtype).itemsize)
+    assert tensor_bytes(base) == memory.weight_bytes(shape, "none", getattr(torch, dtype).itemsize)
     lora = [p for p in model.parameters() if p.requires_grad]
-    assert sum(p.numel() for p in lora) == infra.lora_params(shape, r, targets) > 0
+    assert sum(p.numel() for p in lora) == memory.lora_params(shape, r, targets) > 0
     optimizer = torch.optim.AdamW(lora, lr=1e-3)
     ids = torch.randint(0, shape.vocab, (2, 5))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -48,15 +48,15 @@ def test_weight_and_lora_bytes_equal_the_real_parameters_after_an_optimizer_step
     # AdamW's moments (its 1-element step counters aside) beside the weights and their gradients
     moments = [t for state in optimizer.state.values() for k, t in state.items() if k != "step"]
     real = tensor_bytes(lora) + tensor_bytes(p.grad for p in lora) + tensor_bytes(moments)
-    plan = infra.memory_plan(plan_config(tiny_model_dir, dtype=dtype, lora_r=r, lora_targets=targets), 24 * GIB)
+    plan = memory.memory_plan(plan_config(tiny_model_dir, dtype=dtype, lora_r=r, lora_targets=targets), 24 * GIB)
     assert real == plan.phases[1].bytes and plan.phases[1].key == "model.lora_r"
     assert plan.phases[0].bytes == tensor_bytes(base)
 
 
 def test_nf4_weight_bytes_equal_bitsandbytes_storage(tiny_model_dir):
     pytest.importorskip("bitsandbytes")
-    mc = infra.ModelConfig(name=tiny_model_dir, dtype="bfloat16", quant="4bit")
-    model, _ = infra.load_model(mc, torch.device("cpu"))
+    mc = models.ModelConfig(name=tiny_model_dir, dtype="bfloat16", quant="4bit")
+    model, _ = models.load_model(mc, torch.device("cpu"))
     real = 0
     for p in model.parameters():
         if not p.requires_grad:
@@ -64,7 +64,7 @@ def test_nf4_weight_bytes_equal_bitsandbytes_storage(tiny_model_dir):
             qs = getattr(p, "quant_state", None)
             if qs is not None:  # double quantisation: 8-bit absmax, its fp32 absmax and both code tables
                 real += tensor_bytes([qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code])
-    assert real == infra.weight_bytes(infra.model_shape(tiny_model_dir), "4bit", 2)
+    assert real == memory.weight_bytes(memory.model_shape(tiny_model_dir), "4bit", 2)
 
 
 def plan_config(name, **model_keys):
@@ -103,18 +103,18 @@ def test_qwen3_8b_does_not_fit_24_gib_names_the_key_and_fits_80(offline_cpu, cap
 
 def test_the_advised_value_fits_and_one_more_does_not(offline_cpu):
     cfg = fst.load_config("configs/gsm8k-qwen3-8b.yaml", ["mode=fst"])
-    plan = infra.memory_plan(cfg, 24 * GIB)
-    advice = infra.plan_advice(cfg, plan)
+    plan = memory.memory_plan(cfg, 24 * GIB)
+    advice = memory.plan_advice(cfg, plan)
     value = int(advice[0].split("sampling.max_rows=")[1])
     cfg.sampling.max_rows = value
-    assert infra.memory_plan(cfg, 24 * GIB).fits
+    assert memory.memory_plan(cfg, 24 * GIB).fits
     cfg.sampling.max_rows = value + 1
-    assert not infra.memory_plan(cfg, 24 * GIB).fits
+    assert not memory.memory_plan(cfg, 24 * GIB).fits
 
 
 def test_training_that_does_not_fit_names_micro_batch(offline_cpu):
     cfg = fst.load_config("configs/gsm8k.yaml", ["model.gradient_checkpointing=false", "train.micro_batch=64"])
-    advice = infra.plan_advice(cfg, infra.memory_plan(cfg, 24 * GIB))
+    advice = memory.plan_advice(cfg, memory.memory_plan(cfg, 24 * GIB))
     assert any(a.startswith("set train.micro_batch=") for a in advice), advice
 
 
@@ -131,8 +131,8 @@ def test_an_unknown_model_is_one_line(offline_cpu, capsys):
 
 def test_a_card_too_small_for_the_plan_stops_at_start_up(monkeypatch, tmp_path):
     cfg = fst.load_config("configs/gsm8k.yaml")
-    assert infra.plan_refusal(cfg, 24 * GIB) is None
-    line = infra.plan_refusal(cfg, 8 * GIB)
+    assert memory.plan_refusal(cfg, 24 * GIB) is None
+    line = memory.plan_refusal(cfg, 8 * GIB)
     assert line.startswith("memory plan: validation") and "set sampling.max_rows=" in line and "\n" not in line
     # The same through start_up, on a simulated 8 GiB CUDA card.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -142,16 +142,16 @@ def test_a_card_too_small_for_the_plan_stops_at_start_up(monkeypatch, tmp_path):
     args = argparse.Namespace(trust_old_checkpoint=False, resume=None, config="configs/gsm8k.yaml",
                               set=[f"out_dir={tmp_path}"])
     with pytest.raises(SystemExit) as e:
-        infra.start_up(args, infra.Dist(), fst.load_config, fst.make_task)
+        startup.start_up(args, dist.Dist(), fst.load_config, fst.make_task)
     assert str(e.value) == line
     assert not list(tmp_path.iterdir())  # stopped before a run folder exists
 
 
 def test_an_endpoint_reflector_reflects_off_this_card():
     cfg = fst.load_config("configs/gsm8k.yaml", ["mode=fst", "fast.reflector=openai:some-model"])
-    plan = infra.memory_plan(cfg, 24 * GIB)
+    plan = memory.memory_plan(cfg, 24 * GIB)
     assert plan.fits and not any(p.name.startswith(("reflection", "reflector")) for p in plan.phases)
-    local = infra.memory_plan(fst.load_config("configs/gsm8k.yaml", ["mode=fst"]), 24 * GIB)
+    local = memory.memory_plan(fst.load_config("configs/gsm8k.yaml", ["mode=fst"]), 24 * GIB)
     assert any(p.name.startswith("reflection") for p in local.phases)
 
 
@@ -159,12 +159,12 @@ def test_a_plan_that_fits_only_with_the_seed_prompt_warns_and_runs(capsys):
     """tiny.yaml's bound (contexts as long as fast.max_prompt_chars and max_demos allow, no checkpointing)
     is over 24 GiB, its start is not: the run starts, with one warning line naming the key."""
     cfg = fst.load_config("configs/tiny.yaml", ["mode=fst"])
-    assert not infra.memory_plan(cfg, 24 * GIB).fits and infra.memory_plan(cfg, 24 * GIB, at_start=True).fits
-    assert infra.plan_refusal(cfg, 24 * GIB) is None
+    assert not memory.memory_plan(cfg, 24 * GIB).fits and memory.memory_plan(cfg, 24 * GIB, at_start=True).fits
+    assert memory.plan_refusal(cfg, 24 * GIB) is None
     warning = capsys.readouterr().err.strip()
     assert warning.startswith("[fst] memory plan: fits with the seed prompt") and "train.micro_batch" in warning
     assert "\n" not in warning
-    assert infra.plan_refusal(cfg, 2 * GIB) is not None  # a card too small even for the start
+    assert memory.plan_refusal(cfg, 2 * GIB) is not None  # a card too small even for the start
 
 
 @pytest.mark.parametrize("name,published", [("Qwen/Qwen2.5-1.5B-Instruct", 1.54e9), ("Qwen/Qwen3-8B", 8.19e9),
@@ -173,23 +173,23 @@ def test_the_built_in_shapes_count_the_real_architectures_parameters(name, publi
     """The table's shapes, built as the real architecture on the meta device (no memory): the plan's
     arithmetic counts every parameter (Qwen2's q/k/v biases, Qwen3's q/k norms, an untied head)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
-    s = infra.KNOWN_SHAPES[name]
+    s = memory.KNOWN_SHAPES[name]
     kind = Qwen3Config if s.qk_norm else Qwen2Config if s.qkv_bias else LlamaConfig
     config = kind(num_hidden_layers=s.layers, hidden_size=s.hidden, num_attention_heads=s.heads,
                   num_key_value_heads=s.kv_heads, head_dim=s.head_dim, intermediate_size=s.intermediate,
                   vocab_size=s.vocab, tie_word_embeddings=s.tied)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    assert infra.weight_bytes(s, "none", 1) == sum(p.numel() for p in model.parameters())
-    assert abs(infra.weight_bytes(s, "none", 1) / published - 1) < 0.005
+    assert memory.weight_bytes(s, "none", 1) == sum(p.numel() for p in model.parameters())
+    assert abs(memory.weight_bytes(s, "none", 1) / published - 1) < 0.005
 
 
 def test_the_built_in_smollm2_shape_is_the_dequantised_checkpoints(tokenizer):
     # the tokenizer fixture has dequantised the alias's GGUF into a folder with its config.json
-    assert infra.model_shape(infra.resolve_model_path("smollm2-135m")) == infra.KNOWN_SHAPES["smollm2-135m"]
+    assert memory.model_shape(models.resolve_model_path("smollm2-135m")) == memory.KNOWN_SHAPES["smollm2-135m"]
 
 
 def test_plan_of_a_resumed_run_reads_its_config(offline_cpu, capsys, tmp_path):
-    (tmp_path / "config.yaml").write_text((infra.ROOT / "configs" / "gsm8k.yaml").read_text())
+    (tmp_path / "config.yaml").write_text((config.ROOT / "configs" / "gsm8k.yaml").read_text())
     out = plan_output(capsys, "--resume", str(tmp_path), "--set", "sampling.max_rows=100")
     assert f"{tmp_path / 'config.yaml'} (mode rl)" in out and "   100  " in out

@@ -17,8 +17,9 @@ pytest.importorskip("openai")
 
 import context_opt as co  # noqa: E402
 import fst  # noqa: E402
-import infra  # noqa: E402
-from context_opt import PromptPool, fast_round  # noqa: E402
+from plumbing import config, runlog  # noqa: E402
+from context_opt import fast_round  # noqa: E402
+from pool import PromptPool, as_context  # noqa: E402
 
 SEED = "Solve the problem step by step."
 MODEL = "scripted-7b"
@@ -124,8 +125,8 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-def client(url: str, *, timeout=1.0, retries=0, max_in_flight=8) -> infra.ChatEndpoint:
-    return infra.ChatEndpoint(MODEL, url, timeout=timeout, retries=retries, max_in_flight=max_in_flight)
+def client(url: str, *, timeout=1.0, retries=0, max_in_flight=8) -> co.ChatEndpoint:
+    return co.ChatEndpoint(MODEL, url, timeout=timeout, retries=retries, max_in_flight=max_in_flight)
 
 
 def anchors(n: int) -> list[dict]:
@@ -135,7 +136,7 @@ def anchors(n: int) -> list[dict]:
 
 def magic_scorer(contexts, problems):
     """evaluate(): MAGIC in the context solves everything; the seed fails every third problem."""
-    texts = [co.as_context(c).text() for c in contexts]
+    texts = [as_context(c).text() for c in contexts]
     return [(f"output of {p['id']}", 1.0 if "MAGIC" in t or int(p["id"][1:]) % 3 else 0.0, f"feedback on {p['id']}")
             for t, p in zip(texts, problems)]
 
@@ -232,7 +233,7 @@ def test_a_wrong_model_or_url_stops_fst_before_the_run_folder(serve, tmp_path, c
         fst.main(base + ["--set", f"fast.reflector=openai:{MODEL}",
                          "--set", f"fast.reflector_url={endpoint.url[:-3]}/nothing"])
     assert not (tmp_path / "runs").exists()
-    with pytest.raises(infra.ConfigError, match="config key 'fast.reflector' must name the endpoint's model"):
+    with pytest.raises(config.ConfigError, match="config key 'fast.reflector' must name the endpoint's model"):
         co.FastConfig(reflector="openai:").check("fast.")
     co.FastConfig(reflector="openai:llama3.1:8b").check("fast.")  # an Ollama tag, colon and all
 
@@ -267,7 +268,7 @@ def test_an_endpoint_run_checkpoints_resumes_and_never_records_the_key(serve, tm
     summary = json.loads((run / "summary.json").read_text())
     assert summary["reflector"]["reflector"] == f"openai:{MODEL}" and summary["reflector"]["models"] == [MODEL]
     assert f"reflector: openai:{MODEL} (answered as {MODEL})" in capsys.readouterr().err
-    used = infra.reflector_used(run)  # what eval.py's report names too
+    used = runlog.reflector_used(run)  # what eval.py's report names too
     assert (used["calls"], used["tokens"], used["failed_calls"]) == (len(calls), sum(c["tokens"] for c in calls), 0)
     # the key reached the server and nothing in the run folder
     assert set(endpoint.auth) == {f"Bearer {KEY}"}

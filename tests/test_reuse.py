@@ -8,12 +8,13 @@ import torch
 
 import context_opt as co
 import fst
-import infra
 import rollout
+from plumbing import config, guards
+from pool import Context, PromptPool
 
 
-def _kept(problem_id: str, reward: float, prompt_id: int = 0, due: int = 3, sampled_at: int = 3) -> co.KeptRollout:
-    return co.KeptRollout(problem={"id": problem_id, "question": f"q{problem_id}"}, prompt_id=prompt_id,
+def _kept(problem_id: str, reward: float, prompt_id: int = 0, due: int = 3, sampled_at: int = 3) -> fst.KeptRollout:
+    return fst.KeptRollout(problem={"id": problem_id, "question": f"q{problem_id}"}, prompt_id=prompt_id,
                            prompt_ids=[5, 6, 7], completion_ids=[8, 9], logprobs=[-0.5, -1.5],
                            finish_reason="eos", text="t", reward=reward, feedback="f", sampled_at=sampled_at, due=due)
 
@@ -59,7 +60,7 @@ def test_update_trains_against_the_samplers_logprobs(tiny_model, tokenizer):
                               pad_id=tokenizer.pad_token_id, device="cpu")
     tc = fst.TrainConfig(lr=0.05, warmup_steps=0, micro_batch=4, kl_coef=0.0)
     optimizer, scheduler = fst.make_optimizer(model, tc)
-    guard = infra.UpdateGuard(None)
+    guard = guards.UpdateGuard(None)
     base = torch.zeros_like(exp.sampler_logp)
     fresh = fst.update(model, optimizer, scheduler, exp, base, tc, 6, guard, step=0)
     assert fresh.rows == 4 and fresh.ratio_dev < 1e-3
@@ -81,28 +82,28 @@ def test_a_reused_group_has_group_advantages_numbers():
 
 
 def test_kept_rollouts_train_once_and_never_past_max_age():
-    pool = co.PromptPool("Seed.")
+    pool = PromptPool("Seed.")
     scored = [(pool.context(pool[0]), {"id": str(i)},
                co.Scored("t", float(i % 2), "f", co.Sampled([1], [2], [-0.1], "eos"))) for i in range(5)]
-    scored.append((co.Context("A child."), {"id": "0"}, co.Scored("t", 1.0, "f", None)))  # no tokens: not kept
-    kept = co.keep_round_rollouts(scored, pool, step=5, max_age=1)
+    scored.append((Context("A child."), {"id": "0"}, co.Scored("t", 1.0, "f", None)))  # no tokens: not kept
+    kept = fst.keep_round_rollouts(scored, pool, step=5, max_age=1)
     assert len(kept) == 5 and {k.sampled_at for k in kept} == {6} and [k.due for k in kept] == [6, 7, 6, 7, 6]
     trained = []
     for step in range(6, 10):
-        now, kept = co.due_rollouts(kept, step, max_age=1)
+        now, kept = fst.due_rollouts(kept, step, max_age=1)
         trained += [(step, k.problem["id"]) for k in now]
     assert sorted(p for _, p in trained) == ["0", "1", "2", "3", "4"]  # each once
     assert all(step - 6 <= 1 for step, _ in trained)
-    late = co.keep_round_rollouts(scored, pool, step=5, max_age=1)
-    assert co.due_rollouts(late, 8, max_age=1) == ([], [])         # past due: dropped, never trained
+    late = fst.keep_round_rollouts(scored, pool, step=5, max_age=1)
+    assert fst.due_rollouts(late, 8, max_age=1) == ([], [])         # past due: dropped, never trained
     stale = [_kept("p", 1.0, due=9, sampled_at=6)]
-    assert co.due_rollouts(stale, 9, max_age=1)[0] == []            # due, but 3 updates old
-    assert [k.due for k in co.keep_round_rollouts(scored, pool, step=5, max_age=0)] == [6] * 5
+    assert fst.due_rollouts(stale, 9, max_age=1)[0] == []            # due, but 3 updates old
+    assert [k.due for k in fst.keep_round_rollouts(scored, pool, step=5, max_age=0)] == [6] * 5
 
 
 def test_the_round_shows_every_scored_rollout_by_phase():
     """on_rollouts sees each evaluate call's pairs under their phase; together they are the round's metric calls."""
-    pool = co.PromptPool("Solve it.")
+    pool = PromptPool("Solve it.")
     anchors = [{"id": str(i), "question": f"What is {i} + {i}?"} for i in range(4)]
     seen = []
 
@@ -120,6 +121,6 @@ def test_the_round_shows_every_scored_rollout_by_phase():
 
 def test_reuse_is_a_checked_choice():
     """fast.reuse is one of none|pool|all (rl and gepa accept it and keep nothing: no fast round, or no update)."""
-    with pytest.raises(infra.ConfigError, match="fast.reuse"):
+    with pytest.raises(config.ConfigError, match="fast.reuse"):
         fst.load_config("tiny.yaml", ["fast.reuse=some"])
     assert fst.load_config("tiny.yaml", ["mode=rl"]).fast.reuse == "all"

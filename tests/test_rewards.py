@@ -10,6 +10,8 @@ import rewards
 from rewards import ProblemStream, get_task, score_completion
 
 PROCEDURAL = ["arithmetic", "countdown", "codeio", "star_graph"]
+# Every registered generated task, the one-step example tasks included: the generic checks loop over these.
+GENERATED = sorted(name for name, cls in rewards.TASKS.items() if issubclass(cls, rewards.GeneratedTask))
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +202,7 @@ def test_final_answer_extraction():
 
 
 # ---------------------------------------------------------------- procedural tasks
-@pytest.mark.parametrize("name", PROCEDURAL)
+@pytest.mark.parametrize("name", GENERATED)
 def test_generator_is_deterministic_unique_and_train_test_disjoint(name):
     train, test = small(name).load("train"), small(name).load("test")
     assert small(name).load("train") == train
@@ -229,10 +231,10 @@ def test_generator_and_checker_agree_on_gold(name):
         assert score_completion(task, problem, f"Answer: {wrong}")[0] == 0.0, (problem, wrong)
 
 
-def test_default_sizes_can_be_generated():
-    for name in PROCEDURAL:
-        task = get_task(name)
-        assert len(task.load("train")) == 5000 and len(task.load("test")) == 500
+@pytest.mark.parametrize("name", GENERATED)
+def test_default_sizes_can_be_generated(name):
+    task = get_task(name)
+    assert len(task.load("train")) == 5000 and len(task.load("test")) == 500
 
 
 def test_arithmetic_hand_made_cases():
@@ -423,11 +425,7 @@ def test_example_task_generator_agrees_with_checker(name):
     """Every generated gold equals the answer recomputed from the question, scores 1 in the forms a
     model writes it, and a wrong answer gets the format credit only, with the rule in the feedback."""
     task = small(name, format_reward=0.1)
-    train, test = task.load("train"), task.load("test")
-    assert small(name).load("test") == test and len(train) == 300 and len(test) == 60
-    questions = [p["question"] for p in train + test]
-    assert len(set(questions)) == len(questions)
-    for problem in train + test:
+    for problem in task.load("train") + task.load("test"):
         gold = problem["answer"]
         assert gold == recompute(name, problem["question"]), problem
         for completion in [f"Let me think.\nAnswer: {gold}", f"\\boxed{{{gold}}}", f"Answer: **{gold}**."]:
@@ -441,8 +439,8 @@ def test_example_task_generator_agrees_with_checker(name):
         assert score_completion(task, problem, "Answer: no idea at all")[0] == 0.0  # malformed: nothing
 
 
-def test_example_tasks_hand_made_cases_and_default_sizes():
-    """Feedback names the expected answer and the reason; the default split sizes can be generated."""
+def test_example_tasks_hand_made_cases():
+    """Feedback names the expected answer and the reason; both directions of `compare` are asked."""
     compare = get_task("compare")
     problem = {"id": "c", "question": "Which number is larger, 47 or 74?", "answer": "74",
                "rule": "74 is larger than 47"}
@@ -453,9 +451,6 @@ def test_example_tasks_hand_made_cases_and_default_sizes():
     assert score_completion(alpha, problem, "Answer: Cloud.")[0] == 1.0  # case and a full stop do not matter
     asks = [p["question"].split(",")[0] for p in compare.load("test")]
     assert 150 < asks.count("Which number is smaller") < 350  # both directions are asked
-    for name in EXAMPLE_TASKS:
-        task = get_task(name)
-        assert len(task.load("train")) == 5000 and len(task.load("test")) == 500
 
 
 @pytest.mark.parametrize("name", EXAMPLE_TASKS)

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-import infra
 import fst
 from conftest import ROOT, run_with_parity_rewards
+from plumbing import checkpoints, guards, models, runlog
 
 
 
@@ -77,7 +77,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(tmp_path, tiny_model_
     assert len(done) < len(read_jsonl(uninterrupted / "metrics.jsonl"))  # it really stopped early
     if where == "checkpoint":  # the second save (step 3) was cut: its half-written folder is left
         assert (run_dir / "checkpoints" / "step_000003.tmp").is_dir()
-        assert infra.latest_checkpoint(run_dir).name == "step_000001"
+        assert checkpoints.latest_checkpoint(run_dir).name == "step_000001"
     if where == "update":  # and a kill in the middle of a log line leaves half a line
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write('{"kind": "train", "step": 3, "rew')
@@ -94,7 +94,7 @@ def test_damaged_checkpoints_are_skipped_and_the_previous_one_used(tmp_path, uni
     state = ckpts / "step_000005" / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:1000])                      # truncated
     (ckpts / "step_000003" / "adapter_model.safetensors").unlink()   # missing adapter
-    assert infra.latest_checkpoint(run_dir).name == "step_000001"
+    assert checkpoints.latest_checkpoint(run_dir).name == "step_000001"
     err = capsys.readouterr().err
     assert "skipping damaged checkpoint" in err and "step_000005" in err and "adapter_model.safetensors is missing" in err
     run_fresh(["--resume", str(run_dir)])
@@ -108,7 +108,7 @@ def test_truncate_jsonl_keeps_eval_rows_written_before_the_checkpoint(tmp_path):
     rows = [{"kind": "eval", "step": 0}, {"kind": "train", "step": 3}, {"kind": "eval", "step": 4},
             {"kind": "train", "step": 4}, {"kind": "eval", "step": 5}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "train", "st')
-    infra.truncate_jsonl(path, 4)
+    runlog.truncate_jsonl(path, 4)
     assert read_jsonl(path) == rows[:3]
 
 
@@ -122,25 +122,25 @@ def test_ctrl_c_inside_interrupt_held_lands_after_the_block():
     """The step's log line and its completion mark are written together: Ctrl-C between them waits."""
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with infra.interrupt_held():
+        with guards.interrupt_held():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("row")       # still runs: the interrupt is held
             done.append("mark")
     assert done == ["row", "mark"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # Ctrl-C acts at once again
-    with infra.interrupt_held():
+    with guards.interrupt_held():
         pass                          # no Ctrl-C: nothing raised
 
 
 def test_gradient_flow_guard_names_a_frozen_layer(tmp_path, tiny_model_dir, parity_rewards, monkeypatch):
-    real_load = infra.load_model
+    real_load = models.load_model
 
     def load_with_a_detached_layer(*args, **kwargs):
         model, tok = real_load(*args, **kwargs)
         q = model.base_model.model.model.layers[1].self_attn.q_proj
         q.lora_B["default"].register_forward_hook(lambda module, inputs, output: output.detach())
         return model, tok
-    monkeypatch.setattr(infra, "load_model", load_with_a_detached_layer)
+    monkeypatch.setattr(models, "load_model", load_with_a_detached_layer)
     with pytest.raises(SystemExit) as e:
         short_run(tmp_path, tiny_model_dir, "frozen", 3)
     message = str(e.value)
@@ -179,8 +179,8 @@ def test_three_non_finite_updates_in_a_row_stop_the_run(tmp_path, tiny_model_dir
 def test_no_bitsandbytes_kernel_warning_without_4bit(tiny_model_dir):
     """bitsandbytes warns about 'kernels-community' on import on AVX512-BF16 CPUs (peft imports it);
     a run that does not use 4-bit must not show it. (On other CPUs it is never printed at all.)"""
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import fst, infra; "
-            "infra.load_model(infra.ModelConfig(name=sys.argv[2], dtype='float32'), torch.device('cpu'))")
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import fst; from plumbing import models; "
+            "models.load_model(models.ModelConfig(name=sys.argv[2], dtype='float32'), torch.device('cpu'))")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT), tiny_model_dir], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -3,8 +3,8 @@ recomputation, finished rows leave the batch, and chunked log-probs equal the fu
 import pytest
 import torch
 
-import infra
 import rollout
+from plumbing import models
 
 QUESTIONS = ["Hi", "What is 2 + 3? Think step by step, then answer.", "Name a colour."]
 
@@ -248,9 +248,9 @@ def test_collate_layout():
 
 
 def test_attn_implementation():
-    assert infra.attn_implementation() in ("sdpa", "flash_attention_2")
+    assert models.attn_implementation() in ("sdpa", "flash_attention_2")
     if not torch.cuda.is_available():
-        assert infra.attn_implementation() == "sdpa"
+        assert models.attn_implementation() == "sdpa"
 
 
 # ------------------------------------------------------------------ shared-prompt log-prob passes

@@ -1,7 +1,6 @@
 """A run folder is data, not code: no reader of a run folder (--resume, init_from, eval.py) unpickles
 anything but tensors and plain containers; a trainer state that does not load safely is refused with
-one line naming the file; states written before this format are refused unless trusted, and even then
-read without code."""
+one line naming the file; a checkpoint saved by an older fst (one pickle) is refused with one line."""
 import json
 import os
 import shutil
@@ -9,14 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import eval as ev
 import fst
-import infra
 from conftest import ROOT, run_with_parity_rewards
+from plumbing import checkpoints
 
 MARKER_NAME = "unpickled-code-ran"
 
@@ -51,7 +49,7 @@ def booby_trapped_copy(run: Path, dest: Path, old_format: bool) -> Path:
     """A copy of `run` whose every trainer_state.pt would run a command when unpickled; old_format also
     drops trainer_state.json, as a checkpoint written before this format has none."""
     shutil.copytree(run, dest)
-    for ckpt in infra.checkpoint_folders(dest):
+    for ckpt in checkpoints.checkpoint_folders(dest):
         torch.save({"step": 2, "optimizer": Booby(dest.parent / MARKER_NAME)}, ckpt / "trainer_state.pt")
         if old_format:
             (ckpt / "trainer_state.json").unlink()
@@ -59,12 +57,10 @@ def booby_trapped_copy(run: Path, dest: Path, old_format: bool) -> Path:
 
 
 def one_line_exit(cmd: list[str]) -> str:
-    """Run a command line as a user would; it must fail with exactly one line on stderr and no traceback
-    (besides --trust-old-checkpoint's own warning)."""
+    """Run a command line as a user would; it must fail with exactly one line on stderr and no traceback."""
     proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = [line for line in proc.stderr.splitlines() if line.strip()
-             and not line.startswith("[fst] warning: --trust-old-checkpoint")]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-2000:]
     return lines[0]
 
@@ -89,24 +85,22 @@ def test_a_booby_trapped_run_folder_runs_no_code(tmp_path, tiny_run, tiny_model_
     assert not marker.exists()
     for reader, line in said.items():
         if old_format:  # refused as an old checkpoint, with what to do
-            assert "before run folders became data" in line and "--trust-old-checkpoint" in line, (reader, line)
+            assert "older fst" in line and "start the run afresh" in line, (reader, line)
         else:  # the pickle holds something that is not plain data: no usable checkpoint
             assert "trainer_state.pt" in line and "not plain data" in line and "posix.system" in line, (reader, line)
-    # Trusting an old folder reads it without code all the same: the foreign object is refused.
-    line = one_line_exit(["fst.py", "--resume", str(trapped), "--trust-old-checkpoint"])
-    assert not marker.exists() and ("not plain data" in line if old_format else "trainer_state.pt" in line)
     assert not (tmp_path / "probe").exists()  # init_from was refused before a run folder was made
 
 
 @pytest.mark.parametrize("damage, said", [
     (lambda s: s.pop("step"), "missing key 'step'"),
     (lambda s: s.update(streams="positions"), "key 'streams' must be list, got str"),
+    (lambda s: s.pop("kept_rollouts"), "missing key 'kept_rollouts'"),  # an older fst's state
 ])
 def test_a_malformed_trainer_state_is_refused_with_one_line_naming_the_file(tmp_path, tiny_run, tiny_model_dir,
                                                                              capsys, damage, said):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run, broken)
-    for ckpt in infra.checkpoint_folders(broken):
+    for ckpt in checkpoints.checkpoint_folders(broken):
         state = json.loads((ckpt / "trainer_state.json").read_text())
         damage(state)
         (ckpt / "trainer_state.json").write_text(json.dumps(state))
@@ -124,30 +118,17 @@ def test_a_malformed_trainer_state_is_refused_with_one_line_naming_the_file(tmp_
         assert capsys.readouterr().err == ""  # nothing else printed: the one line is the exit message
 
 
-def old_format_state(ckpt: Path) -> dict:
-    """The trainer state as fst wrote it before this format: one pickle, NumPy's RNG state as an array."""
-    state = infra.load_trainer_state(ckpt)
-    python, numpy_rng = state["rng"]["python"], state["rng"]["numpy"]
-    rng = {"python": (python[0], tuple(python[1]), python[2]),
-           "numpy": (numpy_rng[0], np.asarray(numpy_rng[1], dtype=np.uint32), *numpy_rng[2:]),
-           "torch": state["rng"]["torch"]}
-    return {k: v for k, v in state.items() if k != "format"} | {"rng": rng, "prompts": ["(unused)"]}
-
-
-def test_an_old_checkpoint_is_refused_then_resumed_exactly_when_trusted(tmp_path, tiny_run, parity_rewards,
-                                                                         monkeypatch):
-    monkeypatch.setattr(infra, "_trust_old_checkpoints", False)  # the flag is process-wide: restored after
+def test_an_old_checkpoint_is_refused_with_one_line_and_the_run_folder_left_alone(tmp_path, tiny_run):
+    """A trainer state as fst saved it before this format (one pickle, no trainer_state.json): even made of
+    plain data, it is refused, and --resume changes nothing in the folder."""
     old = tmp_path / "old"
     shutil.copytree(tiny_run, old)
-    first, *later = sorted(infra.checkpoint_folders(old))
-    for ckpt in later:
-        shutil.rmtree(ckpt)
-    torch.save(old_format_state(first), first / "trainer_state.pt")
-    (first / "trainer_state.json").unlink()
+    for ckpt in checkpoints.checkpoint_folders(old):
+        state = checkpoints.load_trainer_state(ckpt)
+        torch.save({k: v for k, v in state.items() if k != "format"}, ckpt / "trainer_state.pt")
+        (ckpt / "trainer_state.json").unlink()
+    metrics = (old / "metrics.jsonl").read_text()
     with pytest.raises(SystemExit) as e:
         fst.main(["--resume", str(old)])
-    assert "before run folders became data" in str(e.value) and "\n" not in str(e.value)
-    fst.main(["--resume", str(old), "--trust-old-checkpoint"])
-    rows = lambda run: [{k: v for k, v in json.loads(line).items() if not k.startswith("seconds")  # noqa: E731
-                         and k != "tokens_per_s"} for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows(old) == rows(tiny_run)  # the trusted old state replays the uninterrupted run
+    assert "older fst" in str(e.value) and "\n" not in str(e.value)
+    assert (old / "metrics.jsonl").read_text() == metrics

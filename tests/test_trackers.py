@@ -11,8 +11,8 @@ import types
 import pytest
 import yaml
 
-import infra
 import fst
+from plumbing import config, trackers as tracking
 
 TRAIN_ROW = {"kind": "train", "step": 3, "mode": "fst", "task": "gsm8k", "reward_mean": 0.25, "entropy": None,
              "completion_len_max": 17, "reward_by_prompt": {"0": 0.5, "3": 0.0}, "rollouts_rl": 64}
@@ -31,8 +31,8 @@ CONFIG = {"mode": "fst", "train": {"lr": 1e-5, "steps": 5}}
 
 
 def test_rows_become_names_under_their_kind_and_numbers_only():
-    assert infra.tracker_scalars(TRAIN_ROW) | infra.tracker_scalars(FAST_ROW) == WANT[3]
-    assert infra.tracker_scalars(EVAL_ROW) == WANT[4]  # under its task and prompt; strings, None, lists out
+    assert tracking.tracker_scalars(TRAIN_ROW) | tracking.tracker_scalars(FAST_ROW) == WANT[3]
+    assert tracking.tracker_scalars(EVAL_ROW) == WANT[4]  # under its task and prompt; strings, None, lists out
 
 
 def _tensorboard_events(run_dir):
@@ -47,7 +47,7 @@ def _tensorboard_events(run_dir):
 
 def test_tensorboard_event_file_holds_rows_prompts_and_config(tmp_path):
     pytest.importorskip("tensorboard")
-    trackers = infra.Trackers(infra.LogConfig(report_to=["tensorboard"]), tmp_path, CONFIG)
+    trackers = tracking.Trackers(tracking.LogConfig(report_to=["tensorboard"]), tmp_path, CONFIG)
     for row in (TRAIN_ROW, FAST_ROW, EVAL_ROW):
         trackers.log(row)
     trackers.close()
@@ -65,12 +65,12 @@ def test_tensorboard_after_resume_shows_the_replayed_steps_once(tmp_path):
     that metrics.jsonl kept at the resume step (validation after the checkpoint's update) stays."""
     pytest.importorskip("tensorboard")
     kept_eval = {"kind": "eval", "step": 2, "task": "gsm8k", "prompt": "seed", "pass_at_k": 0.5}
-    first = infra.Trackers(infra.LogConfig(report_to=["tensorboard"]), tmp_path, CONFIG)
+    first = tracking.Trackers(tracking.LogConfig(report_to=["tensorboard"]), tmp_path, CONFIG)
     for row in [{"kind": "train", "step": step, "loss": float(step)} for step in range(4)] + [kept_eval]:
         first.log(row)
     first.close()
     (tmp_path / "metrics.jsonl").write_text(json.dumps(kept_eval) + "\n")  # as the resume left it
-    resumed = infra.Trackers(infra.LogConfig(report_to=["tensorboard"]), tmp_path, CONFIG, first_step=2)
+    resumed = tracking.Trackers(tracking.LogConfig(report_to=["tensorboard"]), tmp_path, CONFIG, first_step=2)
     for step in (2, 3):
         resumed.log({"kind": "train", "step": step, "loss": 10.0 + step})
     resumed.close()
@@ -116,7 +116,7 @@ def test_wandb_offline_run_holds_rows_prompts_and_config(tmp_path, monkeypatch):
         monkeypatch.setenv(var, str(value))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    trackers = infra.Trackers(infra.LogConfig(report_to=["wandb"], project="fst-test"), run_dir, CONFIG)
+    trackers = tracking.Trackers(tracking.LogConfig(report_to=["wandb"], project="fst-test"), run_dir, CONFIG)
     for row in (TRAIN_ROW, FAST_ROW, EVAL_ROW):
         trackers.log(row)
     trackers.close()
@@ -160,9 +160,9 @@ def test_trackio_gets_rows_text_and_config(tmp_path, monkeypatch):
     fake.init, fake.Markdown = init, lambda text: ("markdown", text)
     fake.__spec__ = types.SimpleNamespace(name="trackio")  # what check_trackers looks for
     monkeypatch.setitem(sys.modules, "trackio", fake)
-    real = infra.importlib.util.find_spec
-    monkeypatch.setattr(infra.importlib.util, "find_spec", lambda name, *a: fake.__spec__ if name == "trackio" else real(name, *a))
-    trackers = infra.Trackers(infra.LogConfig(report_to=["trackio"]), tmp_path / "tiny-fst-1", CONFIG, first_step=3)
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: fake.__spec__ if name == "trackio" else real(name, *a))
+    trackers = tracking.Trackers(tracking.LogConfig(report_to=["trackio"]), tmp_path / "tiny-fst-1", CONFIG, first_step=3)
     for row in (TRAIN_ROW, FAST_ROW, EVAL_ROW):
         trackers.log(row)
     trackers.close()
@@ -188,13 +188,13 @@ def _run(tmp_path, name, model_dir, extra=()):
 
 
 def test_unknown_tracker_is_a_config_error():
-    with pytest.raises(infra.ConfigError, match=r"'log.report_to\[1\]'.*tensorboard"):
+    with pytest.raises(config.ConfigError, match=r"'log.report_to\[1\]'.*tensorboard"):
         fst.load_config("tiny.yaml", ["log.report_to=[tensorboard, mlflow]"])
 
 
 def test_missing_tracker_stops_before_the_run_folder_exists(tmp_path, monkeypatch):
-    real = infra.importlib.util.find_spec
-    monkeypatch.setattr(infra.importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
     with pytest.raises(SystemExit, match=r"log.report_to lists trackio, which is not installed: pip install trackio"):
         _run(tmp_path, "nope", "unused", ["--set", "log.report_to=[trackio]"])
     assert not (tmp_path / "nope").exists()
@@ -218,11 +218,11 @@ def test_tracker_that_cannot_start_stops_with_one_line_and_closes_the_others(tmp
         def __init__(self, *args):
             raise PermissionError("No API key configured.\nRun `wandb login`.")
 
-    monkeypatch.setitem(infra.TRACKERS, "tensorboard", Started)
-    monkeypatch.setitem(infra.TRACKERS, "wandb", NoLogin)
+    monkeypatch.setitem(tracking.TRACKERS, "tensorboard", Started)
+    monkeypatch.setitem(tracking.TRACKERS, "wandb", NoLogin)
     with pytest.raises(SystemExit, match=r"^log.report_to: wandb could not start: PermissionError: No API key "
                                          r"configured.$"):
-        infra.Trackers(infra.LogConfig(report_to=["tensorboard", "wandb"]), tmp_path, CONFIG)
+        tracking.Trackers(tracking.LogConfig(report_to=["tensorboard", "wandb"]), tmp_path, CONFIG)
     assert closed == [True]
 
 
@@ -246,7 +246,7 @@ def test_every_row_reaches_tensorboard_and_a_failing_tracker_warns_once(tmp_path
     """fst mode with validation: train, fast and eval rows all go through the one hook; the failing
     tracker costs one warning, TensorBoard and metrics.jsonl still get every row."""
     pytest.importorskip("tensorboard")
-    monkeypatch.setitem(infra.TRACKERS, "trackio", _FailingTracker)
+    monkeypatch.setitem(tracking.TRACKERS, "trackio", _FailingTracker)
     monkeypatch.setattr(_FailingTracker, "calls", 0)
     rows = _run(tmp_path, "live", tiny_model_dir, [
         "--set", "log.report_to=[trackio, tensorboard]", "--set", "mode=fst", "--set", "fast.every=2",
@@ -257,7 +257,7 @@ def test_every_row_reaches_tensorboard_and_a_failing_tracker_warns_once(tmp_path
     assert _FailingTracker.calls == 1
     assert capsys.readouterr().err.count("trackio failed (ConnectionError: tracker server went away)") == 1
     scalars, texts = _tensorboard_events(tmp_path / "live")
-    want = {(name, r["step"]): value for r in rows for name, value in infra.tracker_scalars(r).items()}
+    want = {(name, r["step"]): value for r in rows for name, value in tracking.tracker_scalars(r).items()}
     assert scalars.keys() == want.keys()
     for key, value in want.items():
         assert scalars[key] == pytest.approx(value, rel=1e-6) or (math.isnan(value) and math.isnan(scalars[key]))
