@@ -5,18 +5,13 @@
     python eval.py export RUN_DIR --out DIR [--step N] [--merge [--dtype bfloat16]]
 
 What the paper measures (docs: fst-method.md), one function each:
-- evaluate():     mean@k (mean reward over k samples per problem), accuracy (share of samples
-                  fully right, reward >= 1: partial credit never counts as skill) and pass@k
-                  (context_opt.measure_accuracy: training's validation measures with it too).
+- evaluate():     mean@k, accuracy (share of samples with reward >= 1: partial credit is not skill) and
+                  pass@k (context_opt.measure_accuracy, which training's validation uses too).
 - two_by_two():   {base, trained weights} x {seed, evolved prompt}: how much each kind of weight adds.
-- kl_to_base():   drift KL(pi_trained || pi_base), exact per token from both full next-token
-                  distributions, in chunks over time (never a full float32 [R, T, V] tensor).
-- report():       all of the above on one checkpoint, plus forgetting: accuracy on other tasks
-                  (FORGETTING_TASKS by default; their own default prompts, never the evolved one),
-                  trained vs base.
+- kl_to_base():   drift KL(pi_trained || pi_base), exact per token, in chunks over time.
+- report():       all of the above on one checkpoint, plus forgetting (other tasks, trained vs base).
 - compare():      paper-style PNG plots across runs and the steps each run needs to reach a target.
-- export():       a folder plain transformers (and so vLLM) loads with no fst code: adapter or merged
-                  weights, tokenizer, chat template whose default system message is the best prompt.
+- export():       a folder plain transformers (and so vLLM) loads with no fst code.
 The base model is always the same weights with the LoRA adapter disabled: never a second copy.
 """
 from __future__ import annotations
@@ -40,15 +35,13 @@ import rollout
 from plumbing import checkpoints, config, dist as torchrun, models, runlog
 
 WEIGHTS, PROMPTS = ("base", "trained"), ("seed", "evolved")
-# Forgetting by default (--forgetting names others): a general benchmark (gsm8k, skipped at once where its
-# data cannot be reached), multi-step arithmetic, and a one-step task a 135M model gets right sometimes.
-# Every registered task took 7 minutes on the tiny run, most of them on tasks it scores 0 on either way.
+# Forgetting by default (--forgetting names others): a general benchmark (gsm8k, skipped where its data
+# cannot be reached), multi-step arithmetic, and a one-step task a 135M model gets right sometimes.
 FORGETTING_TASKS = ("gsm8k", "arithmetic", "compare")
 
 
 # ---------------------------------------------------------------------------------- accuracy
-# The measurement training's validation shares: it lives in context_opt.py, which both import.
-evaluate = context_opt.measure_accuracy
+evaluate = context_opt.measure_accuracy  # training's validation measures with it too
 
 
 def two_by_two(accuracy) -> dict:
@@ -85,9 +78,8 @@ def exact_token_kl(model, batch, chunk_size: int = 64) -> torch.Tensor:
 def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_new_tokens, temperature,
                chunk_size=64, generator=None, top_p=1.0, stop=(), micro_batch=16, max_rows=None,
                dist=None) -> float:
-    """Sample n_samples completions per problem from the TRAINED policy, then average the exact
-    per-token KL(pi_trained || pi_base) over all completion tokens (under torchrun: each rank its
-    slice of the problems, the sums added over ranks)."""
+    """Sample n_samples completions per problem from the TRAINED policy, then average the exact per-token
+    KL(pi_trained || pi_base) over all completion tokens (under torchrun: summed over the ranks' shares)."""
     dist = dist or torchrun.Dist()
     total, tokens = 0.0, 0
     context = pool.as_context(system_prompt)
@@ -109,8 +101,7 @@ def kl_to_base(model, tok, task, problems, system_prompt, *, n_samples=1, max_ne
 
 # ---------------------------------------------------------------------------------- one checkpoint
 def make_task(name: str, cfg):
-    """The run's own task with its config section (paths, seed, options); another task with its
-    defaults and the run's task seed (rewards.task_from_config gives each only what it takes)."""
+    """The run's own task with its config section; another task with its defaults and the run's task seed."""
     return rewards.make_task(cfg.task if name == cfg.task.name else rewards.TaskConfig(name=name, seed=cfg.task.seed))
 
 
@@ -162,15 +153,12 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
                 cache[key] = evaluate(model, tok, task, problems, prompt[p], k=k, generator=gen(),
                                       use_adapter=w == "trained", batch_size=batch_size, dist=dist, **sampling)
             return cache[key]
-        table = two_by_two(lambda w, p: cell(w, p)["mean_at_k"])
-        table_acc = two_by_two(lambda w, p: cell(w, p)["accuracy"])
-        table_pass = two_by_two(lambda w, p: cell(w, p)["pass_at_k"])
-        drift = {p: kl_to_base(model, tok, task, problems, prompt[p], generator=gen(),
-                               chunk_size=cfg.train.logprob_chunk, dist=dist, **sampling) for p in PROMPTS}
+        tables = {f"two_by_two_{m}": two_by_two(lambda w, p, m=m: cell(w, p)[m])
+                  for m in ("mean_at_k", "accuracy", "pass_at_k")}
+        drift = {f"{p}_prompt": kl_to_base(model, tok, task, problems, prompt[p], generator=gen(),
+                                           chunk_size=cfg.train.logprob_chunk, dist=dist, **sampling) for p in PROMPTS}
         out["tasks"][name] = {"seed_prompt": prompt["seed"].instruction, "accuracy": cell("trained", "evolved"),
-                              "two_by_two_mean_at_k": table, "two_by_two_accuracy": table_acc,
-                              "two_by_two_pass_at_k": table_pass,
-                              "kl_to_base": {"seed_prompt": drift["seed"], "evolved_prompt": drift["evolved"]}}
+                              **tables, "kl_to_base": drift}
 
     others = forgetting if forgetting is not None else [t for t in FORGETTING_TASKS if t not in tasks]
     for name in others:
@@ -188,12 +176,11 @@ def report(run: Path, *, step=None, tasks=None, forgetting=None, n=None, k=None,
 
 def forgetting_on(name: str, cfg, n: int, measure, dist) -> dict:
     """Task `name` under its own default prompt, base weights against trained: measure(task, problems,
-    use_adapter) -> evaluate's dict. A task whose data cannot be reached (gsm8k offline without local
-    paths) is skipped at once, said in one line."""
+    use_adapter) -> evaluate's dict. A task whose data cannot be reached is skipped, said in one line."""
     try:
         task = make_task(name, cfg)
         problems = task.load("test")[:n]
-    except Exception as e:  # e.g. gsm8k without a local path and no hub access
+    except Exception as e:
         if dist.is_main:
             print(f"[eval] forgetting on {name} skipped: {e}", file=sys.stderr)
         return {"skipped": f"{type(e).__name__}: {e}"}
@@ -241,19 +228,6 @@ def val_curve(rows, task=None) -> list[dict]:
     return sorted((r for r in ev if r.get("prompt", "seed") == kind), key=lambda r: r["step"])
 
 
-def steps_to_reach(curve, target: float):
-    return next((r["step"] for r in curve if r["mean_at_k"] >= target), None)
-
-
-def _stage_starts(train_rows) -> list[tuple[int, str]]:
-    starts, last = [], None
-    for r in train_rows:
-        if r.get("task") != last:
-            starts.append((r["step"], r.get("task")))
-            last = r.get("task")
-    return starts
-
-
 @dataclass
 class RunCurves:
     """One run folder's rows, as the figures read them."""
@@ -282,14 +256,10 @@ def compare(runs: list[Path], out_dir: Path) -> list[str]:
 
     save(plot_validation(data, task0), "val_accuracy.png")
     save(plot_kl_vs_reward(data), "kl_vs_reward.png")
-    for lab, d in data.items():
-        fig = plot_continual(lab, d)
-        if fig is not None:
-            save(fig, f"continual_{d.folder.name}.png")
-    for lab, d in data.items():
-        fig = plot_lineage(lab, d)
-        if fig is not None:
-            save(fig, f"lineage_{d.folder.name}.png")
+    for kind, plot in (("continual", plot_continual), ("lineage", plot_lineage)):
+        for lab, d in data.items():
+            if (fig := plot(lab, d)) is not None:
+                save(fig, f"{kind}_{d.folder.name}.png")
     return notes + steps_to_reach_notes(data)
 
 
@@ -301,9 +271,8 @@ def _pyplot():
 
 
 def plot_validation(data: dict[str, RunCurves], task0):
-    """Validation accuracy against steps, RL samples, and all samples (RL + fast rollouts); a run
-    without eval rows shows its training reward, dotted; a dashed line is the seed prompt's accuracy
-    with the same weights (what the evolved prompt adds)."""
+    """Validation accuracy against steps, RL samples, and all samples (RL + fast); a run without eval rows
+    shows its training reward, dotted; dashed: the seed prompt's accuracy with the same weights."""
     xs = [("step", "step"), ("rollouts_rl", "RL samples"), ("rollouts_all", "all samples (RL + fast)")]
     fig, axes = _pyplot().subplots(1, 3, figsize=(15, 4))
     for lab, d in data.items():
@@ -340,7 +309,8 @@ def plot_kl_vs_reward(data: dict[str, RunCurves]):
 
 def plot_continual(lab: str, d: RunCurves):
     """A continual run's per-task curves with its stage boundaries; None for a one-task run."""
-    stages = _stage_starts(d.train)
+    tasks = [r.get("task") for r in d.train]
+    stages = [(r["step"], t) for r, t, before in zip(d.train, tasks, [None] + tasks) if t != before]  # (step, task)
     if len(stages) < 2:
         return None
     fig, ax = _pyplot().subplots(figsize=(7, 4))
@@ -398,30 +368,21 @@ def steps_to_reach_notes(data: dict[str, RunCurves]) -> list[str]:
     target = max(r["mean_at_k"] for r in data[first].curve)
     notes = [f"target: {first}'s best validation mean@k = {target:.3f}"]
     for lab, d in data.items():
-        step = steps_to_reach(d.curve, target) if d.curve else None
+        step = next((r["step"] for r in d.curve if r["mean_at_k"] >= target), None)
         notes.append(f"  {lab}: " + ("no eval rows" if not d.curve else "never" if step is None else f"step {step}"))
     return notes
 
 
 # ---------------------------------------------------------------------------------- deployable export
 def with_default_system_prompt(chat_template: str, prompt: str, turns: list[dict] = ()) -> str:
-    """The chat template, preceded by a statement that inserts `prompt` as the system message, and
-    `turns` (a context's worked examples) after it, when a conversation has no system message of its own
-    (a caller's own system message still wins, and then no example turns are added). Done at the template level,
-    before the model's own logic runs, so whatever default that logic injects (SmolLM2's "You are a
-    helpful AI assistant named SmolLM", Qwen2.5's "You are Qwen...") never fires. The prompt goes in
-    as a JSON string literal: Jinja reads \\n, \\", \\\\ and raw unicode in a string the same way, and
-    nothing inside a string literal (%}, {{, quotes) can end it."""
+    """The chat template, preceded by a statement that inserts `prompt` as the system message and `turns`
+    (worked examples) after it when a conversation has no system message of its own. Before the model's
+    own logic runs, so its default system message (SmolLM2's, Qwen2.5's) never fires. The prompt goes in
+    as a JSON string literal: Jinja reads it the same way, and nothing inside it (%}, {{, quotes) ends it."""
     literal = json.dumps([{"role": "system", "content": prompt}, *turns], ensure_ascii=False)
     return ("{%- if not messages or messages[0]['role'] != 'system' %}"
             "{%- set messages = " + literal + " + messages %}"
             "{%- endif %}" + chat_template)
-
-
-# ---------------------------------------------------------------------------------- end of a run
-def summarize(run: Path) -> str:
-    """The end-of-run summary of a run folder (runlog.summarize, with its pool's best context)."""
-    return runlog.summarize(run, pool.best_of_run(run))
 
 
 def final_validation(run: Path, upto_step: int) -> list[dict]:
@@ -490,10 +451,9 @@ def _model_card(cfg, *, run: Path, ckpt: Path, base: str, merge: bool, dtype: st
 
 
 def _tokenizer_with_default_prompt(base: str, context: pool.Context):
-    """The base's tokenizer, its chat template changed so that `context` is the default start of a chat:
-    its system message, then its worked examples as turns ("turns" format). User-only conversations must
-    render exactly as fst prompted the model, and a caller's own system message must still win; checked
-    here, before anything is loaded or written."""
+    """The base's tokenizer, its chat template changed so that `context` is the default start of a chat.
+    Checked before anything is written: user-only chats render exactly as fst prompted the model, and a
+    caller's own system message still wins."""
     tok = models.load_tokenizer(base)
     if not tok.chat_template:
         raise SystemExit(f"{base}: its tokenizer has no chat template to put the best prompt in")
@@ -551,11 +511,10 @@ def _write_weights(cfg, ckpt: Path, base: str, tmp: Path, *, merge: bool, dtype:
 
 def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False, dtype: str = "float32",
            overrides=()) -> list[str]:
-    """Write a folder that plain transformers loads with no fst code: the checkpoint's LoRA adapter
-    (peft) or, with merge, the base with the adapter merged in (`dtype` weights); the tokenizer with a
-    chat template whose default system message is the run's best prompt; system_prompt.txt; README.md.
-    Returns the lines printed. A quantised base (QLoRA) is merged into its DEQUANTISED weights, the
-    ones the run trained and was measured on, so the merged model is the trained policy exactly."""
+    """Write a folder that plain transformers loads with no fst code: the checkpoint's LoRA adapter (peft)
+    or, with merge, the base with the adapter merged in (`dtype` weights; a quantised base is merged
+    DEQUANTISED, so the result is the trained policy exactly); the tokenizer with a chat template whose
+    default system message is the run's best prompt; system_prompt.txt; README.md. Returns the lines printed."""
     cfg = fst.load_config(str(run / "config.yaml"), list(overrides))
     ckpt = checkpoints.find_checkpoint(run, step)
     if out.exists() and any(out.iterdir()):
@@ -593,8 +552,6 @@ def export(run: Path, out: Path, *, step: int | None = None, merge: bool = False
 
 
 # ---------------------------------------------------------------------------------- command line
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:

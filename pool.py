@@ -33,8 +33,7 @@ class Context:
         return own[:1] + turns + own[1:]
 
     def text(self) -> str:
-        """The whole context as one text: the instruction, then each demo as "Example: Problem ...
-        Solution ..." (the "system" format's system message; logs and trackers show this too)."""
+        """The instruction, then each demo as "Example: Problem ... Solution ..." (the "system" format's text)."""
         return self.instruction + "".join(f"\n\nExample:\nProblem: {q}\nSolution: {a}" for q, a in self.demos)
 
 
@@ -174,8 +173,8 @@ def best_context(ckpt: str | Path) -> Context | None:
 
 
 def lineage(run: Path, prompt_id: int) -> list[str]:
-    """The operators that made a pool member, oldest first (seed, demo, reflect, ...), from every pool
-    file the run saved (ancestors a later round pruned are in the earlier files)."""
+    """The operators that made a pool member, oldest first, from every pool file the run saved (a pruned
+    ancestor is in an earlier file)."""
     seen = {}
     for path in sorted((Path(run) / "pool").glob("step_*.json")):
         seen |= {p["id"]: p for p in json.loads(path.read_text())["prompts"]}

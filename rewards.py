@@ -34,8 +34,7 @@ TASKS: dict[str, type] = {}
 
 
 def register_task(cls_or_name):
-    """Class decorator that makes a Task subclass available to get_task: `@register_task` on a class
-    that sets `name`, or `@register_task("name")`, which sets it."""
+    """Makes a Task subclass known to get_task: `@register_task` (the class sets `name`) or `@register_task("name")`."""
     if isinstance(cls_or_name, str):
         def register(cls):
             cls.name = cls_or_name
@@ -49,8 +48,7 @@ def register_task(cls_or_name):
 
 
 class TaskConfigError(ValueError):
-    """A task that cannot be built as asked; `key` is the config key at fault, relative to the task's
-    section ("name", "options.level", "train_path"), so a start-up check can name it."""
+    """A task that cannot be built as asked; `key` is the config key at fault within the task's section."""
 
     def __init__(self, key: str, message: str):
         super().__init__(message)
@@ -90,28 +88,19 @@ class StageConfig(TaskConfig):
 
 
 def make_task(tc: TaskConfig):
-    """The task of a config's task section (or a schedule stage)."""
-    return task_from_config(tc.name, tc.seed, tc.train_path, tc.test_path, tc.options)
-
-
-def task_from_config(name: str, seed: int = 0, train_path: str | None = None, test_path: str | None = None,
-                     options: dict | None = None):
-    """A task from a config's task section: the one place where its keys become constructor arguments.
-    seed, train_path and test_path (keys every section has) go only to a constructor that takes them
-    (gsm8k takes the paths, a procedural task the seed); `options` are the task's own keywords and go
-    as given, overriding those three (get_task names an option the task does not take)."""
-    accepted = inspect.signature(TASKS[name]).parameters if name in TASKS else {}
-    for key, path in (("train_path", train_path), ("test_path", test_path)):
-        if path is not None and name in TASKS and key not in accepted:
-            raise TaskConfigError(key, f"task {name!r} reads no data files (it generates its problems); "
+    """The task of a config's task section (or a schedule stage). seed, train_path and test_path go only
+    to a constructor that takes them (gsm8k the paths, a procedural task the seed); `options` go as given."""
+    accepted = inspect.signature(TASKS[tc.name]).parameters if tc.name in TASKS else {}
+    for key, path in (("train_path", tc.train_path), ("test_path", tc.test_path)):
+        if path is not None and tc.name in TASKS and key not in accepted:
+            raise TaskConfigError(key, f"task {tc.name!r} reads no data files (it generates its problems); "
                                   "remove the key")
-    common = {"seed": seed, "train_path": train_path, "test_path": test_path}
-    return get_task(name, **({k: v for k, v in common.items() if k in accepted} | dict(options or {})))
+    common = {"seed": tc.seed, "train_path": tc.train_path, "test_path": tc.test_path}
+    return get_task(tc.name, **({k: v for k, v in common.items() if k in accepted} | dict(tc.options or {})))
 
 
 def seed_prompt(task, system_prompt: str = "", continual: bool = False) -> str:
-    """The prompt a run starts from: the config's (`system_prompt`), else the task's own; a continual
-    run (a schedule of tasks) starts from the task-agnostic prompt, whatever task it is on."""
+    """The prompt a run starts from: the config's, else the task's own; a continual run's is task-agnostic."""
     return system_prompt or (TASK_AGNOSTIC_PROMPT if continual else task.default_system_prompt)
 
 
@@ -163,8 +152,7 @@ class Task:
         raise NotImplementedError
 
     def example_questions(self) -> list[str]:
-        """The questions of the task's own worked examples, which every chat shows: an evolved instruction
-        must not paste one (context_opt's copies_question guard)."""
+        """The questions of the worked examples every chat shows: an evolved instruction must not paste one."""
         return []
 
 
@@ -338,16 +326,14 @@ class GSM8K(Task):
 
 
 def load_hub_dataset(name: str, config: str, split: str, required: tuple[str, ...] = ()) -> list[dict]:
-    """One split of a `datasets` dataset as a list of dicts: a hub id (downloaded once, then read
-    from the HF cache; HF_DATASETS_OFFLINE=1 reads the cache only) or a local folder laid out like
-    the hub repository (README.md naming the configs, parquet/JSON files). Same call for both."""
+    """One split of a `datasets` dataset as a list of dicts: a hub id (downloaded once, then read from the
+    HF cache) or a local folder laid out like the hub repository."""
     try:
         from datasets import load_dataset
     except ImportError as e:
         raise ImportError(f"loading {name!r} needs the `datasets` package (pip install -r requirements.txt); "
                           "or pass local JSONL paths (task.train_path / task.test_path)") from e
-    # An unreachable hub: read the local cache only, so that a dataset not in it fails at once instead
-    # of after the hub client's retries (half a minute per split).
+    # An unreachable hub: the local cache only, failing at once instead of after the client's retries.
     unreachable = not Path(name).exists() and not hub_reachable()
     try:
         with hub_offline() if unreachable else contextlib.nullcontext():
@@ -365,8 +351,8 @@ def load_hub_dataset(name: str, config: str, split: str, required: tuple[str, ..
 
 @functools.cache
 def hub_reachable(timeout: float = 5.0) -> bool:
-    """Does one request reach the Hugging Face hub (its endpoint, through the hub client's own session and
-    proxies)? Asked once per process; True in offline mode too (`datasets` then reads the cache itself)."""
+    """Does one request reach the Hugging Face hub? Asked once per process; True in offline mode too
+    (`datasets` then reads the cache itself)."""
     import huggingface_hub
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return True
@@ -379,8 +365,7 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 
 @contextlib.contextmanager
 def hub_offline():
-    """`datasets` and the hub client in offline mode (cache only) for the block, as HF_HUB_OFFLINE=1 would
-    have set them at import."""
+    """`datasets` and the hub client in offline mode (cache only) for the block."""
     import datasets.config
     import huggingface_hub
     before = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
@@ -835,21 +820,12 @@ class ProblemStream:
         self.problems, self.batch_size, self.seed = list(problems), batch_size, seed
         self.batches_per_epoch = len(self.problems) // batch_size
         self.position = 0
-        self._orders: dict[int, list[int]] = {}
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            if len(self._orders) > 2:  # only the current and next epochs are ever needed
-                self._orders.pop(min(self._orders))
-            order = list(range(len(self.problems)))
-            random.Random(f"{self.seed}-{epoch}").shuffle(order)
-            self._orders[epoch] = order
-        return self._orders[epoch]
 
     def _batch(self, position: int) -> list[dict]:
         epoch, k = divmod(position, self.batches_per_epoch)
-        order = self._order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
-        return [self.problems[i] for i in order]
+        order = list(range(len(self.problems)))
+        random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        return [self.problems[i] for i in order[k * self.batch_size:(k + 1) * self.batch_size]]
 
     @property
     def epoch(self) -> int:

@@ -1,11 +1,8 @@
 """Checkpoints: save a step, find the newest one that loads, load and restore it, without running its code.
 
-One folder per step, all of it data, none of it code: the adapter (safetensors, loadable by peft), the
-pool (JSON), and the trainer state in two parts: trainer_state.pt holds only tensors and plain containers
-(optimiser and scheduler state, torch's RNG) and is read with torch.load(weights_only=True), which refuses
-any other object; trainer_state.json holds the rest (step, data positions, counters, demo buffer, kept
-rollouts, Python's and NumPy's RNG as numbers). A run folder someone hands you can be resumed, evaluated
-or used as init_from without running a line of its code. A checkpoint in any other form is refused.
+One folder per step, all of it data: the adapter (safetensors), the pool (JSON), trainer_state.pt (tensors
+only, read with weights_only=True) and trainer_state.json (the rest). So a run folder someone hands you can
+be resumed, evaluated or used as init_from without running a line of its code.
 """
 from __future__ import annotations
 
@@ -31,10 +28,8 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, pool, extra: dict):
-    """checkpoints/step_N/: the adapter (peft safetensors), the prompt pool and its best prompt as
-    text, and the trainer state (trainer_state.pt: tensors; trainer_state.json: the rest; `extra` must
-    be JSON). Written into step_N.tmp and renamed, so a kill at any moment leaves the whole folder or
-    none of it."""
+    """checkpoints/step_N/: the adapter, the prompt pool and its best prompt as text, and the trainer state
+    (`extra` must be JSON). Written into step_N.tmp and renamed: a kill leaves the whole folder or none."""
     ckpt = run_dir / "checkpoints" / f"step_{step:06d}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     if tmp.exists():  # left by a run killed while saving this same step
@@ -74,10 +69,9 @@ def _check_types(state: dict, types: dict, path: Path) -> dict:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    """The trainer state of a checkpoint folder as one dict: step, optimizer, scheduler, rng (python,
-    numpy, torch), streams, totals, demo_buffer, world, kept_rollouts. Loads no code: CheckpointError (one
-    line naming the file) for a foreign object, a truncated file, a missing key, a wrong type or another
-    format (a checkpoint from an older fst)."""
+    """The trainer state of a checkpoint folder as one dict (STATE_TYPES, TENSOR_TYPES' keys). Loads no code:
+    CheckpointError (one line naming the file) for a foreign object, a damaged file, a missing key, a
+    wrong type or another format (a checkpoint from an older fst)."""
     ckpt, json_path = Path(ckpt), Path(ckpt) / "trainer_state.json"
     if not json_path.is_file():
         raise CheckpointError(f"{json_path} is missing" + (
@@ -136,8 +130,7 @@ def checkpoint_folders(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path, quiet: bool = False) -> Path | None:
-    """The newest checkpoint that can be resumed from. A damaged one (truncated state, missing adapter, an
-    object that is not plain data) is skipped, with a message once an older one is found and used."""
+    """The newest checkpoint that can be resumed from; damaged ones are skipped, said once an older one is used."""
     skipped = []
     for ckpt in checkpoint_folders(run_dir):
         problem = checkpoint_problem(ckpt)
@@ -150,9 +143,8 @@ def latest_checkpoint(run_dir: Path, quiet: bool = False) -> Path | None:
 
 
 def find_checkpoint(path, step: int | None = None, what: str = "", quiet: bool = False) -> Path:
-    """A checkpoint folder itself, or a run folder's checkpoint of `step` (default: its latest one that
-    can be resumed from), whose trainer state loads safely. None found, or one that does not load:
-    SystemExit with one line, prefixed by `what` (e.g. "init_from: ")."""
+    """A checkpoint folder itself, or a run folder's checkpoint of `step` (default: its latest usable one),
+    whose trainer state loads safely; else SystemExit with one line, prefixed by `what` ("init_from: ")."""
     p = Path(path)
     if step is None:
         ckpt = p if (p / "adapter_config.json").exists() else latest_checkpoint(p, quiet)

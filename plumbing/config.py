@@ -96,8 +96,7 @@ def in_range(value: float, spec: str) -> bool:
 
 
 def check_ranges(node, prefix: str = "") -> None:
-    """Range-check every number of a config tree against its class's `ranges`; the first value out
-    of range raises ConfigError naming its key (`schedule[1].steps`) and the allowed range."""
+    """Range-check every number of a config tree; the first value out of range raises ConfigError naming it."""
     ranges = getattr(type(node), "ranges", {})
     for f in dataclasses.fields(node):
         key, value = prefix + f.name, getattr(node, f.name)
@@ -126,8 +125,7 @@ def find_config(path: str) -> Path:
 
 
 def load_config(cls, path: str | None = None, overrides: list[str] = ()):
-    """YAML file (optional) + `a.b=value` overrides (values parsed as YAML) -> a `cls` (a config
-    dataclass tree) whose keys, types and ranges are checked (ConfigError names the first bad key)."""
+    """YAML file (optional) + `a.b=value` overrides (values parsed as YAML) -> a checked `cls` config tree."""
     data = {}
     if path:
         file = find_config(path)
@@ -157,8 +155,8 @@ def load_config(cls, path: str | None = None, overrides: list[str] = ()):
 
 
 def config_table(cls) -> str:
-    """Every config key as a markdown table (key, default, meaning), made from the dataclasses and the
-    comments beside (or right above) their fields: the README's table is this (python fst.py --help-config)."""
+    """Every config key as a markdown table (key, default, meaning), from the dataclasses and their fields'
+    comments: docs/config.md is this (python fst.py --help-config)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, meaning in _config_rows(cls):
         lines.append(f"| `{key}` | `{default}` | {meaning.replace('|', chr(92) + '|')} |")

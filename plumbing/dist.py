@@ -1,10 +1,9 @@
 """torchrun: `Dist`, the few collectives the loop needs, joining the process group, and fingerprints.
 
-Every rank runs the same loop (SPMD) on its share of each batch's problems, a group never spanning ranks.
-Numbers that depend on the whole batch are summed over ranks; LoRA gradients are summed once per optimiser
-step (an explicit all-reduce, not DDP: sampling, the base pass and the reflector run the model outside any
-wrapper). Lists of independent work are split over ranks and gathered, so every rank takes the same
-decisions: the prompt pool stays identical without being sent.
+Every rank runs the same loop on its share of each batch's problems (a group never spans ranks). LoRA
+gradients are summed once per optimiser step by an explicit all-reduce, not DDP: sampling, the base pass and
+the reflector run the model outside any wrapper. Independent work is split over ranks and gathered, so
+every rank takes the same decisions: the prompt pool stays identical without being sent.
 """
 from __future__ import annotations
 
@@ -34,8 +33,7 @@ class Dist:
         return self.rank == 0
 
     def total(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum of a tensor over ranks (the value itself in one process). Integer tensors are summed as
-        float32; a float64 tensor stays float64, so several numbers can travel in one call."""
+        """Sum over ranks (the value itself in one process); integers are summed as float32, float64 stays."""
         if self.world == 1:
             return value
         out = value.detach().to(self.device, copy=True)
@@ -44,14 +42,12 @@ class Dist:
         return out.to(value.device)
 
     def generator(self, device, seed: int) -> torch.Generator:
-        """A sampling generator on `device` seeded with `seed` on rank 0 (one process is unchanged) and with
-        a seed derived from it on every other rank (else ranks would draw the same tokens)."""
+        """A sampling generator on `device`: `seed` on rank 0, a seed derived from it on every other rank."""
         return torch.Generator(device=device).manual_seed(seeds.seed_for("rank", seed, index=self.rank))
 
     def check_same(self, what: str, fingerprint) -> None:
-        """Stop if ranks disagree: the pool and the adapter must be identical everywhere after a step.
-        `fingerprint()` makes the rank's hash; in one process there is nothing to compare, and it is
-        not computed (hashing every trainable weight is not free on a big adapter)."""
+        """Stop if ranks disagree (the pool and the adapter must be identical everywhere after a step).
+        `fingerprint()` makes the rank's hash; in one process it is not computed (hashing is not free)."""
         if self.world == 1:
             return
         seen = self.gather([fingerprint()])
@@ -87,8 +83,7 @@ class Dist:
         return self.gather(fn(mine) if mine else [])
 
     def split_round(self, evaluate, reflect):
-        """A fast round's two callables with their items split over ranks and the results gathered:
-        evaluate(prompt_texts, problems) by aligned pairs, reflect(prompts) by prompt. Unchanged in one process."""
+        """A fast round's evaluate(prompt_texts, problems) and reflect(prompts), split over ranks by item."""
         if self.world == 1:
             return evaluate, reflect
 
@@ -108,9 +103,8 @@ class Dist:
                   "what the saved world size would have done", file=sys.stderr)
 
     def close(self, finished: bool = True):
-        """Leave the process group (torchrun); nothing in one process. After a normal finish the ranks
-        meet at a barrier first: a rank tearing its gloo connections down while its peer still uses one
-        aborts the peer at exit. After an error there is no barrier: the other rank may never arrive."""
+        """Leave the process group. After a normal finish the ranks meet at a barrier first (a rank tearing its
+        gloo connections down while its peer uses one aborts the peer); after an error the peer may never come."""
         if self.world > 1 and collective.is_initialized():
             if finished:
                 collective.barrier()
@@ -143,8 +137,7 @@ def fingerprint(model=None, pool=None) -> str:
 
 
 def init_distributed() -> Dist:
-    """Dist() in a plain process; under torchrun (WORLD_SIZE > 1) joins the process group: NCCL with one
-    GPU per rank (LOCAL_RANK), gloo on CPU."""
+    """Dist() in a plain process; under torchrun joins the process group: NCCL, a GPU per rank, or gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()

@@ -33,10 +33,8 @@ def logged(run_dir: Path, kind: str, step: int) -> bool:
 
 
 def truncate_jsonl(path: Path, resume_step: int):
-    """On resume, drop the lines written after the checkpoint, so the log reads as one clean run:
-    rows of steps >= resume_step, and a last line that a kill cut in half. An eval row's `step`
-    counts updates done, so the row with step == resume_step was written before that checkpoint.
-    Rewritten through a temporary file: a kill during the rewrite loses nothing."""
+    """On resume, drop the lines written after the checkpoint (steps >= resume_step, and a last line a kill
+    cut in half). An eval row's `step` counts updates done: step == resume_step came before the checkpoint."""
     if not path.exists():
         return
     keep = [line for line, row in _lines(path) if row["step"] - (row.get("kind") == "eval") < resume_step]
@@ -66,8 +64,7 @@ def counted(fn, totals: dict, key: str):
 
 class RunLog:
     """A run's record: metrics.jsonl (a row per step, fast round and validation), samples.jsonl, and the
-    trackers of log.report_to. Rank 0 alone writes; on the other ranks every call does nothing. A
-    resumed run (first_step > 0) first drops the lines written after its checkpoint."""
+    trackers of log.report_to. Rank 0 alone writes; a resumed run (first_step > 0) first truncates."""
 
     def __init__(self, run_dir: Path, log_cfg, config: dict, first_step: int = 0, main: bool = True,
                  on_close=None):
@@ -87,8 +84,7 @@ class RunLog:
             self.trackers.log(row)
 
     def samples(self, exp, step: int, n: int):
-        """samples.jsonl rows of a step's Experience: the first rollout of each of its first n problems
-        (rank 0's own rollouts: the first problems of the batch)."""
+        """samples.jsonl rows of a step's Experience: the first rollout of each of its first n problems."""
         if not self.main:
             return
         group, rows = exp.group.tolist(), []
@@ -118,9 +114,8 @@ def read_metrics(run: Path) -> list[dict]:
 
 
 def reflector_used(run: Path) -> dict | None:
-    """Which reflector wrote the run's proposals (fast.reflector, from its fast rows) and what it cost:
-    calls, tokens, seconds; an endpoint's also the model ids that answered and its failed calls (their
-    proposals skipped, reflector_error). None for a run without fast rounds (rl)."""
+    """Which reflector wrote the run's proposals (from its fast rows) and what it cost: calls, tokens, seconds,
+    the model ids that answered and the failed calls. None for a run without fast rounds (rl)."""
     fast = [r for r in read_metrics(run) if r.get("kind") == "fast"]
     if not fast:
         return None
@@ -132,8 +127,7 @@ def reflector_used(run: Path) -> dict | None:
 
 
 def reflector_line(used: dict) -> str:
-    """reflector_used() in words: openai:qwen (answered as qwen2.5-7b): 24 calls, 3100 tokens, 41 s, 1 failed
-    (reflector_error)."""
+    """reflector_used() in words: openai:qwen (answered as qwen2.5-7b): 24 calls, 3100 tokens, 41 s, 1 failed."""
     models = f" (answered as {', '.join(used['models'])})" if used["models"] else ""
     failed = f", {used['failed_calls']} failed (reflector_error)" if used["failed_calls"] else ""
     return (f"{used['reflector']}{models}: {used['calls']} calls, {used['tokens']} tokens, "
@@ -141,10 +135,9 @@ def reflector_line(used: dict) -> str:
 
 
 def summarize(run: Path, best_context: dict | None = None) -> str:
-    """What a run did, for the end of every run (an interrupted one too): held-out accuracy before ->
-    after (seed prompt and best context), KL to base, the best context and its lineage, where the wall
-    time went, and the commands to go on with. Written as RUN/summary.json; returns the text.
-    `best_context`: the pool's best (pool.best_of_run), None for a run without a pool."""
+    """What a run did: held-out accuracy before -> after (seed prompt and best context), KL to base, the best
+    context (pool.best_of_run; None without a pool), where the time went, the commands to go on with.
+    Written as RUN/summary.json; returns the text."""
     run, rows = Path(run), read_metrics(run)
     train = [r for r in rows if r.get("kind", "train") == "train"]
     if not train:
@@ -155,8 +148,7 @@ def summarize(run: Path, best_context: dict | None = None) -> str:
         cell = held_out.setdefault(r["task"], {}).setdefault(r["prompt"], {"before": r["accuracy"]})
         cell |= {"after": r["accuracy"], "steps": [cell.get("steps", [r["step"]])[0], r["step"]],
                  "n": r["n"], "k": r["k"]}
-    # {task: "seed" / "best" / "tie"}: which prompt did better at the last validation (the same problems
-    # and sampling draws for both); rl validates the seed prompt alone
+    # {task: "seed" / "best" / "tie"}: which prompt did better at the last validation (rl has seed alone)
     better = {task: "best" if c["best"]["after"] > c["seed"]["after"] else
               "seed" if c["seed"]["after"] > c["best"]["after"] else "tie"
               for task, c in held_out.items() if {"seed", "best"} <= set(c)}
@@ -173,8 +165,7 @@ def summarize(run: Path, best_context: dict | None = None) -> str:
 
 
 def print_summary(run: Path, best_of_run) -> None:
-    """The end of every run, an interrupted one too: its summary, printed and saved (summary.json);
-    best_of_run(run) gives the pool's best context (pool.best_of_run)."""
+    """The end of every run, an interrupted one too: its summary, printed and saved (summary.json)."""
     print(summarize(run, best_of_run(run)), file=sys.stderr)
 
 
@@ -208,8 +199,7 @@ def summary_text(out: dict) -> str:
 
 
 class RoundProgress:
-    """A fast round's progress line under the step bar (rank 0 only): proposals, budget spent, accepted so
-    far and the best anchor score, updated after every wave; it disappears when the round ends."""
+    """A fast round's progress line under the step bar: proposals, budget spent, accepted, best anchor score."""
 
     def __init__(self, step: int, show: bool = True):
         from tqdm import tqdm
@@ -230,8 +220,7 @@ class RoundProgress:
 
 
 def make_run_folder(run_dir: Path, config: dict, dist) -> None:
-    """Rank 0 creates the run folder and writes config.yaml (replaced whole: a kill never leaves half a
-    config behind); the other ranks (dist, a dist.Dist) wait until it exists."""
+    """Rank 0 creates the run folder and writes config.yaml (whole, by rename); the other ranks wait for it."""
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / "config.yaml.tmp"

@@ -17,10 +17,8 @@ from plumbing import checkpoints, config, models, plan, trackers
 
 
 def check_paths_and_tasks(cfg, make_task) -> None:
-    """What load_config cannot see in the keys alone, checked before a run folder exists: each task
-    (and schedule stage) can be built from its section (`make_task`, which names the key it refuses:
-    unknown task, unknown option, a bad value) and its data files exist; init_from holds a checkpoint.
-    Raises ConfigError (SystemExit for init_from) naming the key."""
+    """What load_config cannot see in the keys alone: each task (and schedule stage) can be built from its
+    section and its data files exist; init_from holds a checkpoint. ConfigError (SystemExit for init_from)."""
     for key, tc in [("task", cfg.task)] + [(f"schedule[{i}]", s) for i, s in enumerate(cfg.schedule)]:
         for name in ("train_path", "test_path"):
             path = getattr(tc, name)
@@ -37,8 +35,7 @@ def check_paths_and_tasks(cfg, make_task) -> None:
 
 
 def command_line(argv=None, description: str = ""):
-    """fst.py's arguments: a new run (--config, --set) or a resumed one (--resume), or a look at the config
-    (--help-config, --plan [--gpu-gib N]); one of --config and --resume is needed for all but --help-config."""
+    """fst.py's arguments: a new run (--config, --set), a resumed one (--resume), or --help-config / --plan."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML config (a name like gsm8k.yaml also finds configs/gsm8k.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -68,10 +65,8 @@ def answered_without_a_run(args, config_cls, load_config) -> bool:
 
 
 def start_up(args, dist, load_config, make_task):
-    """fst.main's arguments -> (config, run folder, config file name) of a new run (--config, --set) or
-    a resumed one (--resume); `dist` is a dist.Dist. Every check that can fail runs here, before the run
-    folder exists, and stops with one line: keys, types and ranges (load_config), tasks and paths
-    (make_task), the device, the memory plan on a CUDA card, the trackers."""
+    """fst.main's arguments -> (config, run folder, config file name) of a new or resumed run, after every
+    check that can fail (this file's first lines), each stopping with one line."""
     try:
         if args.resume:
             run_dir, config_name = Path(args.resume), str(Path(args.resume) / "config.yaml")

@@ -1,8 +1,7 @@
-"""Live curves: every metrics.jsonl row also goes to the trackers of `log.report_to` (TensorBoard, W&B, trackio).
+"""Live curves: every metrics.jsonl row also goes to the trackers of `log.report_to` (TensorBoard, W&B).
 
 Rows become `<kind>/<key>` numbers, with the fast loop's accepted prompts as text and the run's config.
-metrics.jsonl stays the record: a tracker is an optional install, and one that fails mid-run is dropped
-with one warning while the run goes on.
+metrics.jsonl stays the record: a tracker that fails mid-run is dropped with one warning.
 """
 from __future__ import annotations
 
@@ -19,17 +18,16 @@ import yaml
 @dataclass
 class LogConfig:
     """The config's `log` section (fst.Config.log)."""
-    # Live curves: any of tensorboard, wandb, trackio (optional installs); metrics.jsonl is always written.
-    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = field(default_factory=list)
-    project: str = "fst"  # the W&B / trackio project the run goes to
+    # Live curves: any of tensorboard, wandb (optional installs); metrics.jsonl is always written.
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    project: str = "fst"  # the W&B project the run goes to
 
 
 def tracker_scalars(row: dict) -> dict[str, float]:
     """A metrics row -> {name: number}: `train/kl_to_base`, nested dicts flattened with '/'
     (`train/reward_by_prompt/3`), eval rows under their task and prompt (`eval/gsm8k/best/pass_at_k`).
-    Strings, lists, None and the step itself (the x axis) are left out, and so are an eval row's rollout
-    counters (metrics.jsonl keeps them for the sample-efficiency plots): the train rows' curves have them.
-    """
+    Strings, lists, None, the step (the x axis) and an eval row's rollout counters (the train rows'
+    curves have them) are left out."""
     kind = row.get("kind", "train")
     prefix = f"eval/{row.get('task')}/{row.get('prompt')}" if kind == "eval" else kind
     counters = ("rollouts_rl", "rollouts_fast", "reflector_calls", "rollouts_reused") if kind == "eval" else ()
@@ -103,27 +101,7 @@ class _WandbTracker:
         self.run.finish()
 
 
-class _TrackioTracker:
-    package = "trackio"
-
-    def __init__(self, run_dir: Path, config: dict, first_step: int, project: str):
-        import trackio
-        self.trackio = trackio
-        self.run = trackio.init(project=project, name=run_dir.name, config=config,
-                                resume="allow" if first_step > 0 else "never")
-
-    def log(self, scalars: dict, step: int):
-        self.run.log(scalars, step=step)
-
-    def text(self, name: str, text: str, step: int):
-        if hasattr(self.trackio, "Markdown"):  # text panels arrived in later trackio releases
-            self.run.log({name: self.trackio.Markdown(f"```\n{text}\n```")}, step=step)
-
-    def close(self):
-        self.run.finish()
-
-
-TRACKERS = {"tensorboard": _TensorBoardTracker, "wandb": _WandbTracker, "trackio": _TrackioTracker}
+TRACKERS = {"tensorboard": _TensorBoardTracker, "wandb": _WandbTracker}
 
 
 def check_trackers(names) -> None:
@@ -137,8 +115,7 @@ def check_trackers(names) -> None:
 
 class Trackers:
     """The trackers of `log.report_to` behind one call per metrics row. A tracker that cannot start
-    stops the run at once (better than hours without curves); one that raises later is dropped with
-    one warning, and the run goes on (metrics.jsonl has everything)."""
+    stops the run at once (better than hours without curves); one that raises later is dropped."""
 
     def __init__(self, cfg, run_dir: Path, config: dict, first_step: int = 0):
         check_trackers(cfg.report_to)
@@ -155,10 +132,7 @@ class Trackers:
         step = int(row.get("step", 0))
         self._each("log", tracker_scalars(row), step)
         if row.get("accepted_prompts"):  # a fast round's new prompts, readable next to the curves
-            self.text("fast/accepted_prompts", "\n\n----\n\n".join(row["accepted_prompts"]), step)
-
-    def text(self, name: str, text: str, step: int):
-        self._each("text", name, text, step)
+            self._each("text", "fast/accepted_prompts", "\n\n----\n\n".join(row["accepted_prompts"]), step)
 
     def close(self):
         self._each("close")
@@ -166,12 +140,9 @@ class Trackers:
 
     def _each(self, method: str, *args):
         for name in list(self.active):
-            self._each_one(name, method, *args)
-
-    def _each_one(self, name: str, method: str, *args):
-        try:
-            getattr(self.active[name], method)(*args)
-        except Exception as e:
-            del self.active[name]
-            print(f"[fst] warning: {name} failed ({type(e).__name__}: {e}); it gets nothing more from "
-                  f"this run, which goes on (metrics.jsonl has every row)", file=sys.stderr)
+            try:
+                getattr(self.active[name], method)(*args)
+            except Exception as e:
+                del self.active[name]
+                print(f"[fst] warning: {name} failed ({type(e).__name__}: {e}); it gets nothing more from "
+                      f"this run, which goes on (metrics.jsonl has every row)", file=sys.stderr)

@@ -11,7 +11,7 @@ import eval as ev
 import fst
 import rewards
 import rollout
-from plumbing import checkpoints, dist, models
+from plumbing import checkpoints, dist, models, runlog
 from pool import PromptPool
 
 
@@ -291,7 +291,7 @@ def test_summary_says_which_prompt_did_better_on_each_task_at_the_end(tmp_path):
     evals = [{"step": step, "task": task, "prompt": prompt, "accuracy": a[step > 0], "n": 8, "k": 2}
              for step in (0, 4) for (task, prompt), a in acc.items()]
     run = write_run(tmp_path, "run", train, evals)
-    text = ev.summarize(run)
+    text = runlog.summarize(run)
     assert json.loads((run / "summary.json").read_text())["better_at_end"] == {
         "add": "seed", "compare": "best", "word_count": "tie"}
     lines = {task: next(line for line in text.splitlines() if f"held-out accuracy on {task} " in line)
@@ -300,7 +300,7 @@ def test_summary_says_which_prompt_did_better_on_each_task_at_the_end(tmp_path):
     assert lines["compare"].endswith("at the end the best context did better")
     assert lines["word_count"].endswith("at the end: a tie")
     rl = write_run(tmp_path, "rl", train, [e for e in evals if e["prompt"] == "seed"])  # one prompt: no verdict
-    assert "did better" not in ev.summarize(rl) and "tie" not in ev.summarize(rl)
+    assert "did better" not in runlog.summarize(rl) and "tie" not in runlog.summarize(rl)
 
 
 def test_forgetting_defaults_to_the_named_subset_and_skips_unreachable_data_at_once(monkeypatch, capsys):

@@ -1,12 +1,10 @@
 """fst.py's live curves (log.report_to): metrics rows reach TensorBoard (read back from its event
 file) and W&B (offline run folder read back) under metrics.jsonl's names, with the accepted prompts
-as text and the config; trackio through a stand-in module; a missing tracker stops the run before its
-folder exists; a tracker that fails mid-run warns once and the run finishes."""
+as text and the config; a missing tracker stops the run before its folder exists; a tracker that fails
+mid-run warns once and the run finishes."""
 import json
 import math
 import struct
-import sys
-import types
 
 import pytest
 import yaml
@@ -140,43 +138,6 @@ def test_wandb_offline_run_holds_rows_prompts_and_config(tmp_path, monkeypatch):
     assert (run_dir / "wandb" / "fst_run_id").read_text() == run.run_id  # what --resume continues
 
 
-# --- trackio, through a stand-in module (not installed here: it brings a web server) -------------
-
-def test_trackio_gets_rows_text_and_config(tmp_path, monkeypatch):
-    calls = []
-
-    class Run:
-        def log(self, metrics, step=None):
-            calls.append(("log", metrics, step))
-
-        def finish(self):
-            calls.append(("finish",))
-
-    def init(**kwargs):
-        calls.append(("init", kwargs))
-        return Run()
-
-    fake = types.ModuleType("trackio")
-    fake.init, fake.Markdown = init, lambda text: ("markdown", text)
-    fake.__spec__ = types.SimpleNamespace(name="trackio")  # what check_trackers looks for
-    monkeypatch.setitem(sys.modules, "trackio", fake)
-    real = tracking.importlib.util.find_spec
-    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: fake.__spec__ if name == "trackio" else real(name, *a))
-    trackers = tracking.Trackers(tracking.LogConfig(report_to=["trackio"]), tmp_path / "tiny-fst-1", CONFIG, first_step=3)
-    for row in (TRAIN_ROW, FAST_ROW, EVAL_ROW):
-        trackers.log(row)
-    trackers.close()
-    assert calls[0] == ("init", {"project": "fst", "name": "tiny-fst-1", "config": CONFIG, "resume": "allow"})
-    logged = {}
-    for call in calls:
-        if call[0] == "log" and not isinstance(next(iter(call[1].values())), tuple):
-            logged.setdefault(call[2], {}).update(call[1])
-    assert logged == WANT
-    assert ("log", {"fast/accepted_prompts": ("markdown", "```\nThink step by step.\nAnswer: <n>\n\n----\n\n"
-                                                        "Check the units.\n```")}, 3) in calls
-    assert calls[-1] == ("finish",)
-
-
 # --- start-up and failure behaviour, in real runs of the tiny random model ------------------------
 
 def _run(tmp_path, name, model_dir, extra=()):
@@ -194,9 +155,9 @@ def test_unknown_tracker_is_a_config_error():
 
 def test_missing_tracker_stops_before_the_run_folder_exists(tmp_path, monkeypatch):
     real = tracking.importlib.util.find_spec
-    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
-    with pytest.raises(SystemExit, match=r"log.report_to lists trackio, which is not installed: pip install trackio"):
-        _run(tmp_path, "nope", "unused", ["--set", "log.report_to=[trackio]"])
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"log.report_to lists wandb, which is not installed: pip install wandb"):
+        _run(tmp_path, "nope", "unused", ["--set", "log.report_to=[wandb]"])
     assert not (tmp_path / "nope").exists()
 
 
@@ -246,16 +207,16 @@ def test_every_row_reaches_tensorboard_and_a_failing_tracker_warns_once(tmp_path
     """fst mode with validation: train, fast and eval rows all go through the one hook; the failing
     tracker costs one warning, TensorBoard and metrics.jsonl still get every row."""
     pytest.importorskip("tensorboard")
-    monkeypatch.setitem(tracking.TRACKERS, "trackio", _FailingTracker)
+    monkeypatch.setitem(tracking.TRACKERS, "wandb", _FailingTracker)
     monkeypatch.setattr(_FailingTracker, "calls", 0)
     rows = _run(tmp_path, "live", tiny_model_dir, [
-        "--set", "log.report_to=[trackio, tensorboard]", "--set", "mode=fst", "--set", "fast.every=2",
+        "--set", "log.report_to=[wandb, tensorboard]", "--set", "mode=fst", "--set", "fast.every=2",
         "--set", "fast.budget=1", "--set", "fast.reflector_max_new_tokens=8", "--set", "eval.every=2",
         "--set", "eval.n=2", "--set", "eval.k=2"])
     assert [r["step"] for r in rows if r["kind"] == "train"] == [0, 1]
     assert {r["kind"] for r in rows} == {"train", "fast", "eval"}
     assert _FailingTracker.calls == 1
-    assert capsys.readouterr().err.count("trackio failed (ConnectionError: tracker server went away)") == 1
+    assert capsys.readouterr().err.count("wandb failed (ConnectionError: tracker server went away)") == 1
     scalars, texts = _tensorboard_events(tmp_path / "live")
     want = {(name, r["step"]): value for r in rows for name, value in tracking.tracker_scalars(r).items()}
     assert scalars.keys() == want.keys()
