@@ -352,3 +352,59 @@ def test_shared_prompt_logprobs_base_pass_and_checkpointing_fallback(tiny_model,
     torch.testing.assert_close(ckpt[0][m], ref[0][m], atol=1e-5, rtol=0)
     for name in ref[2]:
         assert_grads_close(ckpt[2][name], ref[2][name], name)
+
+
+QWEN_VOCAB = 151_936  # a realistic vocabulary: the inverse CDF's running sum spans all of it
+
+
+def high_entropy_rows(rows: int, generator) -> torch.Tensor:
+    """log-softmax rows [rows, QWEN_VOCAB] whose best token has log-prob about -5: a flat next-token
+    distribution, where low temperatures must still find the few likely tokens."""
+    logits = torch.randn(rows, QWEN_VOCAB, generator=generator) * 2.0
+    return logits.log_softmax(-1)
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.05])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_pick_at_low_temperature_draws_likely_tokens(temperature, top_p):
+    g = torch.Generator().manual_seed(0)
+    logp = high_entropy_rows(4, g)
+    assert (logp.amax(-1) < -3).all()  # the case that underflowed: exp(max / T) is 0 in float32
+    tempered = (logp / temperature).double().softmax(-1)                                     # [4, V]
+    for u in torch.linspace(0.001, 0.999, 9):
+        tok = rollout._pick(logp, temperature, top_p, torch.full((4,), float(u)))
+        assert (tok >= 0).all() and (tok < QWEN_VOCAB).all()
+        p = tempered.gather(-1, tok[:, None]).squeeze(-1)
+        assert (p > 1e-3).all(), (u, tok, p)  # a likely token, not the last id nor an arbitrary one
+
+
+def sampled_distribution(logp, temperature, monkeypatch) -> torch.Tensor:
+    """The distribution _pick draws from, exactly: a uniform u picks the first CDF entry above
+    u * total, so token i has probability (cdf[i] - cdf[i-1]) / total. The CDF is read from the
+    searchsorted call, in whatever precision _pick built it."""
+    seen = []
+    real = torch.searchsorted
+
+    def spy(cdf, values, **kw):
+        seen.append(cdf.clone())
+        return real(cdf, values, **kw)
+
+    monkeypatch.setattr(torch, "searchsorted", spy)
+    rollout._pick(logp, temperature, 1.0, torch.rand(logp.shape[0]))
+    monkeypatch.setattr(torch, "searchsorted", real)
+    cdf = seen[0].double()                                                                    # [B, V]
+    return torch.diff(cdf, dim=-1, prepend=cdf.new_zeros(cdf.shape[0], 1)) / cdf[:, -1:]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_pick_samples_the_recorded_distribution_exactly(temperature, monkeypatch):
+    """The loss reads the sampler's recorded log-probs as the behaviour policy: the distribution the
+    inverse CDF draws from must be softmax(logp / T) to 1e-6 in total variation, at a real vocabulary
+    size, and every token of non-negligible probability must be reachable."""
+    g = torch.Generator().manual_seed(1)
+    logp = torch.cat([high_entropy_rows(2, g), (torch.randn(2, QWEN_VOCAB, generator=g) * 5).log_softmax(-1)])
+    want = (logp.double() / temperature).log_softmax(-1).exp()                                # [4, V]
+    got = sampled_distribution(logp, temperature, monkeypatch)
+    tv = 0.5 * (got - want).abs().sum(-1)                                                     # [4]
+    assert (tv < 1e-6).all(), tv
+    assert not ((got == 0) & (want > 1e-9)).any()  # no reachable-in-theory token is cut off
