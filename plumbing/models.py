@@ -104,22 +104,34 @@ class _Float32Logits(torch.autograd.Function):
         return grad_h.to(ctx.h_dtype), None, None, None
 
 
-class Float32Head(torch.nn.Module):
-    """The output head (lm_head) computing float32 logits from its bf16 weights (model.fp32_head). It keeps
-    the original Linear (a tied head stays tied to the embedding); `weight` reads through to it."""
+class Float32Head(torch.nn.Linear):
+    """The output head (lm_head) computing float32 logits from its bf16 weights (model.fp32_head). It takes
+    over the head Linear's own parameters (no copy: a tied head stays tied to the embedding) and is itself a
+    Linear, so the state dict keeps the key `lm_head.weight`: save_pretrained, tie_weights and a merged
+    export see the plain model. A LoRA on the head stays around it (install_float32_head)."""
 
     def __init__(self, head: torch.nn.Linear, block: int = 16384):
-        super().__init__()
-        self.head, self.block = head, block
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.head.weight
+        torch.nn.Module.__init__(self)  # not Linear.__init__: that would allocate a second [V, H] weight
+        self.in_features, self.out_features, self.block = head.in_features, head.out_features, block
+        self.weight = head.weight
+        self.register_parameter("bias", head.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.head.weight.requires_grad:  # a trained head: plain autograd through the upcast blocks
-            return _blockwise_logits(h, self.head.weight, self.head.bias, self.block)
-        return _Float32Logits.apply(h, self.head.weight, self.head.bias, self.block)
+        if self.weight.requires_grad:  # a trained head: plain autograd through the upcast blocks
+            return _blockwise_logits(h, self.weight, self.bias, self.block)
+        return _Float32Logits.apply(h, self.weight, self.bias, self.block)
+
+
+def install_float32_head(model) -> None:
+    """model.fp32_head on a peft model: the head's Linear becomes a Float32Head. A LoRA on the head
+    (lora_targets naming lm_head) keeps running around it: peft adds its float32 update to the float32
+    logits, so the adapter is trained and merged as without the option."""
+    base = model.get_base_model()
+    head = base.get_output_embeddings()
+    if hasattr(head, "base_layer"):  # a peft LoRA layer: replace the Linear it wraps
+        head.base_layer = Float32Head(head.base_layer)
+    else:
+        base.set_output_embeddings(Float32Head(head))
 
 
 def attn_implementation() -> str:
@@ -176,9 +188,8 @@ def load_model(cfg, device: torch.device, adapter_path: str | None = None):
             p.data = p.data.float()
     if cfg.quant == "4bit":
         keep_4bit_layers_differentiable(model)
-    if cfg.fp32_head and cfg.dtype != "float32":  # after peft: LoRA must not see the wrapper's inner Linear
-        base = model.get_base_model()
-        base.set_output_embeddings(Float32Head(base.get_output_embeddings()))
+    if cfg.fp32_head and cfg.dtype != "float32":  # after peft, which wraps Linear layers it targets
+        install_float32_head(model)
     return model, tok
 
 

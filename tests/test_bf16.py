@@ -40,6 +40,37 @@ def test_fp32_head_is_installed_after_lora_and_keeps_the_tie(tiny_model_dir):
     assert not isinstance(plain.get_output_embeddings(), models.Float32Head)  # float32: nothing to fix
 
 
+def test_fp32_head_keeps_the_heads_key_and_its_tie(tiny_model_dir):
+    """The head stays a Linear under `lm_head.weight`: save_pretrained, tie_weights and merges see the plain
+    model (a wrapper submodule renamed the key to lm_head.head.weight, which none of them know)."""
+    model, _ = models.load_model(models.ModelConfig(name=tiny_model_dir, dtype="bfloat16", lora_r=4, lora_alpha=8,
+                                                    fp32_head=True), torch.device("cpu"))
+    base = model.get_base_model()
+    assert "lm_head.weight" in base.state_dict() and not any(".head." in k for k in base.state_dict())
+    base.tie_weights()
+    head = base.get_output_embeddings()
+    assert isinstance(head, models.Float32Head) and head.weight is base.get_input_embeddings().weight
+
+
+def test_fp32_head_trains_a_lora_on_the_head(tiny_model_dir):
+    """lora_targets naming lm_head with model.fp32_head: the logits are the float32 head plus the LoRA's
+    update, and the LoRA gets its gradient (it was bypassed: no update in the logits, no gradient)."""
+    model, _ = models.load_model(models.ModelConfig(name=tiny_model_dir, dtype="bfloat16", lora_r=4, lora_alpha=8,
+                                                    lora_targets="lm_head", fp32_head=True), torch.device("cpu"))
+    lora = {n[n.index("lora_"):]: p for n, p in model.named_parameters() if "lm_head." in n and "lora_" in n}
+    a, b = lora["lora_A.default.weight"], lora["lora_B.default.weight"]
+    torch.nn.init.normal_(b, std=0.5)  # a trained LoRA: B != 0
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    out = model(input_ids=ids, output_hidden_states=True)
+    h = out.hidden_states[-1].detach().float()                                                 # [1, 5, H]
+    weight = model.get_input_embeddings().weight.float()  # the tied head
+    want = h @ weight.T + (h @ a.T @ b.T) * (8 / 4)  # lora_alpha / lora_r
+    assert out.logits.dtype == torch.float32
+    torch.testing.assert_close(out.logits, want.detach(), atol=1e-4, rtol=1e-4)
+    out.logits.logsumexp(-1).sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
 def test_truncated_is_by_hand():
     logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
     sampler = torch.tensor([[-1.5, -1.0], [-0.5, -2.0]])

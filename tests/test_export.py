@@ -143,3 +143,53 @@ def test_merge_of_a_4bit_run_is_the_trained_policy(tmp_path, tiny_model_dir, par
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     prompt, got = plain_greedy(merged, tmp_path / "merged", question)
     assert prompt == fst_prompt and got == want
+
+
+def tiny_qwen2_dir(path: Path, tokenizer, tied: bool) -> str:
+    """A 2-layer Qwen2 (hidden 64) with SmolLM2's vocabulary, its output head tied to the embedding or not."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_merge_of_a_float32_head_run_reloads_to_the_trained_logits(tmp_path, tokenizer, parity_rewards, tied):
+    """model.fp32_head on a bf16 4-bit run (the GPU recipes): the merged export keeps the head under its own
+    key (tied or not), and plain transformers reloads it to the logits of the trained policy."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+    model_dir = tiny_qwen2_dir(tmp_path / "base", tokenizer, tied)
+    _run(tmp_path, "h", model_dir, 2, ["--set", "model.quant=4bit", "--set", "model.dtype=bfloat16",
+                                       "--set", "model.fp32_head=true", "--set", "train.lr=0.05"])
+    ev.export(tmp_path / "h", tmp_path / "merged", merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert merged.config.tie_word_embeddings == tied
+    ids = torch.tensor([[5, 17, 300, 41, 9, 1200]])
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    cfg = fst.load_config(str(tmp_path / "h" / "config.yaml"))
+    trained, _ = models.load_model(cfg.model, torch.device("cpu"),
+                                   adapter_path=str(checkpoints.latest_checkpoint(tmp_path / "h")))
+    head = trained.get_output_embeddings()
+    assert isinstance(head, models.Float32Head)
+    # the head's weights themselves, under the key plain transformers reads (a random head otherwise)
+    assert torch.equal(merged.get_output_embeddings().weight, head.weight.float())
+    assert (merged.get_output_embeddings().weight is merged.get_input_embeddings().weight) == tied
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+        with trained.disable_adapter():
+            without_adapter = trained(input_ids=ids).logits
+    # the run computes in bf16, the merged model in float32: close, and far closer than without the adapter
+    torch.testing.assert_close(got, want, atol=0.2, rtol=0.05)
+    assert (got - want).abs().mean() < 0.1 * (want - without_adapter).abs().mean()
