@@ -85,16 +85,46 @@ def _blockwise_logits(h, weight, bias, block: int) -> torch.Tensor:
     return logits if bias is None else logits + bias.float()
 
 
+_FLOAT32_OUT_MM: dict = {}
+
+
+def float32_out_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(a, b, out_dtype=torch.float32) runs on `device` for `dtype` inputs: half-precision
+    operands, float32 accumulation and output on the tensor cores (CUDA builds); the CPU build has no such
+    kernel. Asked once per (device type, dtype)."""
+    key = (device.type, dtype)
+    if key not in _FLOAT32_OUT_MM:
+        try:
+            one = torch.ones(1, 1, dtype=dtype, device=device)
+            _FLOAT32_OUT_MM[key] = torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, NotImplementedError, TypeError):
+            _FLOAT32_OUT_MM[key] = False
+    return _FLOAT32_OUT_MM[key]
+
+
+def float32_logits(h, weight, bias, block: int) -> torch.Tensor:
+    """h [..., H] @ weight [V, H].T (+ bias) -> [..., V] float32. Where the build multiplies half-precision
+    operands into a float32 result (float32_out_mm), the products of two bf16 numbers are exact in
+    float32 and the sums accumulate in float32: the upcast's logits without a float32 copy of the head,
+    on the tensor cores. Elsewhere the upcast, a block of the vocabulary at a time. (TF32 is left as the
+    user set it: off by default, and bf16 operands are exact in TF32 anyway.)"""
+    if h.dtype == weight.dtype != torch.float32 and float32_out_mm(h.device, h.dtype):
+        flat = torch.mm(h.reshape(-1, h.shape[-1]), weight.T, out_dtype=torch.float32)       # [N, V]
+        logits = flat.reshape(*h.shape[:-1], weight.shape[0])
+        return logits if bias is None else logits + bias.float()
+    return _blockwise_logits(h, weight, bias, block)
+
+
 class _Float32Logits(torch.autograd.Function):
-    """h [..., H] (any dtype) -> logits [..., V] in float32 from a frozen head weight [V, H], upcast a block
-    of `block` vocabulary rows at a time: never a whole float32 copy of the head, in the forward or in
-    the backward (which recasts each block to give h its gradient; the head itself gets none)."""
+    """h [..., H] (any dtype) -> logits [..., V] in float32 from a frozen head weight [V, H]: never a whole
+    float32 copy of the head, in the forward (float32_logits) or in the backward (which recasts a block of
+    `block` vocabulary rows at a time to give h its gradient; the head itself gets none)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, block: int):
         ctx.save_for_backward(weight)
         ctx.block, ctx.h_dtype = block, h.dtype
-        return _blockwise_logits(h, weight, bias, block)
+        return float32_logits(h, weight, bias, block)
 
     @staticmethod
     def backward(ctx, grad):

@@ -26,6 +26,33 @@ def test_float32_head_gives_float32_logits_and_the_gradient_of_the_upcast_head()
     assert torch.allclose(h.grad.float(), h32.grad, rtol=1e-2, atol=1e-2)
 
 
+def test_float32_logits_multiply_bf16_operands_into_float32_where_the_build_can(monkeypatch):
+    """Where torch.mm takes out_dtype=float32 with bf16 operands (CUDA builds), the head multiplies its bf16
+    weight as it is (no float32 copy of it) and returns the upcast's logits; the CPU build has no such
+    kernel and keeps the blockwise upcast. The CPU check of the first path stands in for CUDA's mm with a
+    float32 reference, since bf16 products are exact in float32."""
+    assert not models.float32_out_mm(torch.device("cpu"), torch.bfloat16)
+    assert models.float32_out_mm(torch.device("meta"), torch.bfloat16)  # the kernel's shape rule exists
+    meta = models.float32_logits(torch.empty(2, 3, 16, dtype=torch.bfloat16, device="meta"),
+                                 torch.empty(70, 16, dtype=torch.bfloat16, device="meta"), None, 32)
+    assert meta.shape == (2, 3, 70) and meta.dtype == torch.float32
+    torch.manual_seed(0)
+    h, weight, bias = (torch.randn(*s, dtype=torch.bfloat16) for s in ((2, 3, 16), (70, 16), (70,)))
+    upcast = models.float32_logits(h, weight, bias, 32)
+    operands, real_mm = [], torch.mm
+
+    def cuda_like_mm(a, b, out_dtype=None):
+        operands.append((a.dtype, b.dtype, out_dtype))
+        return real_mm(a.float(), b.float())
+
+    monkeypatch.setattr(models, "float32_out_mm", lambda device, dtype: True)
+    monkeypatch.setattr(torch, "mm", cuda_like_mm)
+    fused = models.float32_logits(h, weight, bias, 32)
+    assert operands == [(torch.bfloat16, torch.bfloat16, torch.float32)]
+    assert fused.dtype == torch.float32 and fused.shape == (2, 3, 70)
+    torch.testing.assert_close(fused, upcast, atol=1e-5, rtol=1e-5)
+
+
 def test_fp32_head_is_installed_after_lora_and_keeps_the_tie(tiny_model_dir):
     model, _ = models.load_model(models.ModelConfig(name=tiny_model_dir, dtype="bfloat16", lora_r=4, lora_alpha=8,
                                                     fp32_head=True), torch.device("cpu"))
