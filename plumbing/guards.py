@@ -9,6 +9,7 @@ import contextlib
 import gc
 import math
 import sys
+import traceback
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,9 +141,12 @@ def checkpoint_on_interrupt(save, run_dir: Path):
               file=sys.stderr)
         raise SystemExit(130)
     except torch.OutOfMemoryError as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else "torch.OutOfMemoryError"
+        # The exception's traceback keeps the failed frames alive, and with them their tensors (KV caches,
+        # logits): clear their locals (those of frames still running stay), then give the memory back.
+        traceback.clear_frames(e.__traceback__)
         gc.collect()
         torch.cuda.empty_cache()  # room to save the step; a no-op without CUDA
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else "torch.OutOfMemoryError"
         raise SystemExit(f"[fst] out of memory ({first}): {save_last_step()}. Lower sampling.max_rows (sampler "
                          f"calls: RL step, fast round, validation) or train.micro_batch (training); `python fst.py "
                          f"--config CONFIG --plan` shows each phase's peak. Then: python fst.py --resume {run_dir} "

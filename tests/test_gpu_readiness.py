@@ -218,3 +218,23 @@ def test_out_of_memory_saves_the_last_whole_step_and_resume_goes_on(tmp_path, ti
     monkeypatch.setattr(context_opt, "measure_accuracy", real)
     resumed = _run(tmp_path, tiny_model_dir, 4, resume=True)
     assert strip(resumed) == strip(reference)
+
+
+def test_out_of_memory_frees_the_failed_frames_before_saving(tmp_path):
+    """The tensors of the frames an out-of-memory error unwound (a sampler's KV cache, say) are freed
+    before the save: the traceback held them, and a save on a full card could fail in turn."""
+    import weakref
+    cache = []
+
+    def sample_into_oom():
+        kv = torch.ones(1000)                        # the failed frame's tensor
+        cache.append(weakref.ref(kv))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    alive_when_saved = []
+    with pytest.raises(SystemExit, match="saved step 3"):
+        with guards.checkpoint_on_interrupt(lambda step: alive_when_saved.append(cache[0]() is not None),
+                                            tmp_path) as progress:
+            progress.done = 3
+            sample_into_oom()
+    assert alive_when_saved == [False]
