@@ -727,7 +727,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
     run, val = start_run(cfg, run_dir, resume, config_name, dist), {}
     with runlog.RunLog(run_dir, cfg.log, dataclasses.asdict(cfg), run.start, dist.is_main,
                        on_close=functools.partial(runlog.print_summary, run_dir, best_of_run)) as log, \
-            guards.checkpoint_on_interrupt(run.checkpoint, run_dir) as progress:
+            guards.checkpoint_on_interrupt(run.checkpoint, run_dir, (rollout.NonFiniteLogits,)) as progress:
         # Before the first step; on resume, the validation a crash cut off after its step's checkpoint.
         if validation_due(cfg, run.start, run.total_steps) and not runlog.logged(run_dir, "eval", run.start):
             val = validate(cfg, run, run.start, log.row)

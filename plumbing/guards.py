@@ -120,9 +120,10 @@ def interrupt_held():
 
 
 @contextlib.contextmanager
-def checkpoint_on_interrupt(save, run_dir: Path):
+def checkpoint_on_interrupt(save, run_dir: Path, stop_errors: tuple = ()):
     """Ctrl-C inside the block saves the last completed step and exits with 130; running out of GPU
-    memory saves it too and exits with one line naming the keys to lower. The loop sets
+    memory saves it too and exits with one line naming the keys to lower; an error of `stop_errors`
+    (the sampler's non-finite logits) saves it and goes on up to the caller. The loop sets
     `progress.done` (the last whole step) and `progress.undo` (un-reads the batch of an unfinished
     step: it has changed no weights unless Ctrl-C landed inside optimizer.step() itself)."""
     progress = types.SimpleNamespace(done=None, undo=None)
@@ -151,3 +152,7 @@ def checkpoint_on_interrupt(save, run_dir: Path):
                          f"calls: RL step, fast round, validation) or train.micro_batch (training); `python fst.py "
                          f"--config CONFIG --plan` shows each phase's peak. Then: python fst.py --resume {run_dir} "
                          f"--set sampling.max_rows=N") from e
+    except stop_errors as e:
+        traceback.clear_frames(e.__traceback__)
+        print(f"\n[fst] stopped: {save_last_step()}; resume with: python fst.py --resume {run_dir}", file=sys.stderr)
+        raise

@@ -15,7 +15,7 @@ import torch
 import context_opt
 import fst
 import rollout
-from plumbing import guards, models, seeds
+from plumbing import checkpoints, guards, models, seeds
 
 TC = dict(lr=0.01, warmup_steps=0, micro_batch=3)
 
@@ -238,3 +238,24 @@ def test_out_of_memory_frees_the_failed_frames_before_saving(tmp_path):
             progress.done = 3
             sample_into_oom()
     assert alive_when_saved == [False]
+
+
+def test_non_finite_logits_save_the_last_whole_step_and_resume_goes_on(tmp_path, tiny_model_dir, parity_rewards,
+                                                                       monkeypatch, capsys):
+    """Non-finite logits in step 2's sampling (no checkpoint due since the start) stop the run with one
+    line, after saving step 1, the last whole one; --resume finishes as an uninterrupted run does."""
+    reference = _run(tmp_path / "ref", tiny_model_dir, 4, ["--set", "eval.every=0", "--set", "mode=rl"])
+    real = fst.make_experience
+
+    def nan_at_step_2(cfg, run, task, batch, step):
+        if step == 2:
+            raise rollout.NonFiniteLogits("non-finite logits in 1 of 8 rows at new token 3 of a sampler call")
+        return real(cfg, run, task, batch, step)
+    monkeypatch.setattr(fst, "make_experience", nan_at_step_2)
+    with pytest.raises(SystemExit, match="training error: non-finite logits"):
+        _run(tmp_path, tiny_model_dir, 4, ["--set", "eval.every=0", "--set", "mode=rl"])
+    assert "saved step 1" in capsys.readouterr().err
+    assert checkpoints.latest_checkpoint(tmp_path / "oom").name == "step_000001"
+    monkeypatch.setattr(fst, "make_experience", real)
+    resumed = _run(tmp_path, tiny_model_dir, 4, resume=True)
+    assert strip(resumed) == strip(reference)
