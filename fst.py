@@ -29,6 +29,7 @@ import bisect
 import dataclasses
 import functools
 import itertools
+import os
 import random
 import sys
 import time
@@ -788,7 +789,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
 # ----------------------------------------------------------------------------------------------
 # Command line.
 
+def expandable_segments() -> None:
+    """CUDA's caching allocator in expandable segments unless the user chose its settings: a run grows and
+    frees KV caches of many sizes every step, which strands memory in fixed-size segments. CUDA reads
+    the setting when it starts, so main calls this before anything touches the card."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
 def main(argv=None):
+    expandable_segments()
     args = startup.command_line(argv, description=__doc__)  # --config/--resume, --set, --plan, --help-config
     if startup.answered_without_a_run(args, Config, load_config):
         return

@@ -10,7 +10,7 @@ import torch
 
 import fst
 from conftest import ROOT
-from plumbing import checkpoints, config, dist, guards, models, seeds
+from plumbing import checkpoints, config, dist, guards, models, seeds, startup
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -55,6 +55,27 @@ def test_gpu_recipe_refuses_cpu_and_points_to_tiny(monkeypatch):
     cfg = fst.load_config("gsm8k.yaml")
     with pytest.raises(SystemExit, match="configs/tiny.yaml"):
         models.pick_device(cfg, "configs/gsm8k.yaml")
+
+
+@pytest.mark.parametrize("user", [None, "garbage_collection_threshold:0.8", "PYTORCH_ALLOC_CONF"])
+def test_main_sets_expandable_segments_first_unless_the_user_chose(monkeypatch, user):
+    """Before anything can start CUDA (torchrun's set-up, the model), unless the user set the allocator."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    if user == "PYTORCH_ALLOC_CONF":
+        env["PYTORCH_ALLOC_CONF"] = "expandable_segments:False"
+    elif user:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = user
+    monkeypatch.setattr(os, "environ", env)
+    seen = []
+
+    def command_line(argv, description):
+        seen.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        raise SystemExit(0)
+    monkeypatch.setattr(startup, "command_line", command_line)
+    with pytest.raises(SystemExit):
+        fst.main([])
+    assert seen == [None if user == "PYTORCH_ALLOC_CONF" else user or "expandable_segments:True"]
 
 
 # --- advantages (the losses: test_losses.py) ---------------------------------------------------
