@@ -223,10 +223,13 @@ def token_weights(loss: str, mask: torch.Tensor, group: torch.Tensor, max_new_to
     return LOSSES[loss].normaliser(mask.float(), group, max_new_tokens, batch_total)
 
 
-def policy_loss(tc: TrainConfig, logp, old_logp, adv, mask, weights, base_logp=None):
-    """logp, old_logp, base_logp, mask, weights: [R, T]; adv: [R]. The scalar loss to minimise:
-    tc.loss's per-token loss, plus kl_coef x k3 KL to base when kl_coef > 0, weighted and summed."""
+def policy_loss(tc: TrainConfig, logp, old_logp, adv, mask, weights, base_logp=None, tis_weight=None):
+    """logp, old_logp, base_logp, mask, weights, tis_weight: [R, T]; adv: [R]. The scalar loss to minimise:
+    tc.loss's per-token loss times tis_weight (train.tis_cap; the KL term has no sampler in it to correct:
+    verl, TRL), plus kl_coef x k3 KL to base when kl_coef > 0, weighted and summed."""
     per_token = LOSSES[tc.loss].per_token(logp, old_logp, adv[:, None], mask, tc)
+    if tis_weight is not None:
+        per_token = per_token * tis_weight
     if tc.kl_coef > 0:
         per_token = per_token + tc.kl_coef * k3_kl(logp, base_logp)
     return (per_token * weights).sum()
@@ -482,15 +485,14 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
         # is 1 up to the two passes' rounding; on reused rollouts it corrects their lag.
         sampler_logp = exp.sampler_logp[rows].to(mask.device)
         fresh = rows < (len(group) if exp.fresh_rows is None else exp.fresh_rows)
-        # What a loss receives: old_logp = the sampler's log-probs and w = the batch's token weights; with
-        # train.tis_cap > 0, on fresh rows old_logp is the trainer's own (ratio 1) and w is multiplied by
-        # min(pi / pi_sampler, cap) (the whole per-token loss, KL term included); reused rows as without.
-        old_logp, w, tis_weight = sampler_logp, weights[part].to(mask.device), None
+        # What a loss receives: old_logp = the sampler's log-probs; with train.tis_cap > 0, on fresh rows
+        # old_logp is the trainer's own (ratio 1) and the policy term (not the KL term) is multiplied by
+        # min(pi / pi_sampler, cap); reused rows as without.
+        old_logp, tis_weight = sampler_logp, None
         if tc.tis_cap > 0:
             old_logp, tis_weight = truncated_is(logp, sampler_logp, fresh, tc.tis_cap)
-            w = w * tis_weight
-        loss = policy_loss(tc, logp, old_logp, exp.advantage[rows].to(mask.device), mask[rows], w,
-                           base_logp=base_logp[rows])
+        loss = policy_loss(tc, logp, old_logp, exp.advantage[rows].to(mask.device), mask[rows],
+                           weights[part].to(mask.device), base_logp=base_logp[rows], tis_weight=tis_weight)
         loss.backward()
         loss_value += loss.item()
         entropy_sum += (ent * mask[rows]).sum().item()

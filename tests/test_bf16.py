@@ -121,6 +121,24 @@ def test_tis_cispo_gradient_is_the_weighted_policy_gradient():
     assert torch.allclose(logp.grad, expected)
 
 
+def test_tis_weights_the_policy_term_and_not_the_kl_term():
+    """grpo with TIS and a KL penalty, by hand: d/dlogp = (w * d(policy term) + kl_coef * d(k3)) * token
+    weight, with w = min(pi / pi_sampler, cap) on the policy term alone (verl, TRL)."""
+    logp = torch.tensor([[-1.0, -2.0, -0.7]], requires_grad=True)
+    sampler = torch.tensor([[-1.2, -1.0, -0.7]])
+    base = torch.tensor([[-0.9, -2.5, -1.0]])
+    mask, adv, kl_coef = torch.ones(1, 3), 0.5, 0.3
+    tc = fst.TrainConfig(loss="grpo", kl_coef=kl_coef, tis_cap=2.0)
+    old, w = fst.truncated_is(logp, sampler, torch.tensor([True]), tc.tis_cap)
+    weights = fst.token_weights("grpo", mask, torch.tensor([0]), 8)
+    fst.policy_loss(tc, logp, old, torch.tensor([adv]), mask, weights, base_logp=base, tis_weight=w).backward()
+    ratio_one = -adv  # d/dlogp of -rho * A at rho = 1 (old = logp): inside the clip
+    d_k3 = 1 - torch.exp(base - logp.detach())  # d/dlogp of exp(b - l) - (b - l) - 1
+    expected = (w * ratio_one + kl_coef * d_k3) * weights
+    assert torch.allclose(logp.grad, expected)
+    assert not torch.allclose(logp.grad, w * (ratio_one + kl_coef * d_k3) * weights)  # the KL term unweighted
+
+
 @pytest.mark.parametrize("cap", [0.0, 2.0])
 def test_update_logs_the_truncated_weight(tiny_model_dir, tokenizer, cap):
     model, tok = models.load_model(models.ModelConfig(name=tiny_model_dir, dtype="float32", lora_r=4, lora_alpha=8),
