@@ -354,8 +354,7 @@ def _new_stats(step: int, anchor_size: int, budget: int, cfg: FastConfig) -> dic
             "skipped": dict.fromkeys(skips, 0), "proposals_by_operator": dict.fromkeys(operators, 0),
             "accepted_by_operator": dict.fromkeys(operators, 0), "accepted_prompts": [],
             "seconds_reflecting": 0.0, "seconds_scoring": 0.0, "seconds_proposing": 0.0, "reflector_tokens": 0,
-            "reflector": cfg.reflector,
-            "reflector_replies": []}  # an endpoint's calls, each {model, tokens, seconds, error}
+            "reflector": cfg.reflector, "reflector_replies": []}  # an endpoint's calls: {model, tokens, seconds, error}
 
 
 def _failures_first(scores: dict[str, float], problem_ids: list[str], size: int, rng) -> list[int] | None:
@@ -747,8 +746,7 @@ def make_reflector(model, tokenizer, *, use_adapter: bool, max_new_tokens: int, 
                  + prefix for p in prompts]
         with rollout.weights(model, use_adapter):
             out = rollout.sample(model, tokenizer, chats, [1] * len(chats), max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, stop=stop,
-                                 generator=generator)
+                                 temperature=temperature, top_p=top_p, stop=stop, generator=generator)
         replies: list[Reflection | None] = [None] * len(prompts)
         for index, text, tokens, finish in zip(out.prompt_index, out.texts, out.completion_ids,
                                                out.finish_reasons, strict=True):
@@ -763,10 +761,8 @@ def make_reflector(model, tokenizer, *, use_adapter: bool, max_new_tokens: int, 
 
 
 # ---------------------------------------------------------------- a reflector behind an OpenAI-compatible endpoint
-# fast.reflector: openai:<model> (vLLM, SGLang, llama-server, Ollama, a host) through the `openai` client,
-# whose retries (backoff with jitter, Retry-After) cover 429, 5xx, timeouts and dropped connections; a call
-# that still fails comes back as an error, and the round skips that proposal (reflector_error).
-
+# fast.reflector: openai:<model> (vLLM, SGLang, llama-server, Ollama, a host) through the `openai` client, whose
+# retries cover 429, 5xx, timeouts and dropped connections; the round skips a call that still fails (reflector_error).
 ENDPOINT_PREFIX = "openai:"
 
 
@@ -809,18 +805,22 @@ class ChatEndpoint:
                                                       temperature=temperature, top_p=top_p)
         except self.openai.OpenAIError as e:
             return EndpointReply("", "", 0, time.perf_counter() - started, self.model, self._why(e))
-        choice = out.choices[0]
+        # 200 with no choice or message: a failed call (one skipped proposal); usage without a count: 0 tokens
+        choice = (getattr(out, "choices", None) or [None])[0]
+        if getattr(choice, "message", None) is None:
+            return EndpointReply("", "", 0, time.perf_counter() - started, self.model, "EmptyReply: no message")
         return EndpointReply(choice.message.content or "", choice.finish_reason or "stop",
-                             out.usage.completion_tokens if out.usage else 0, time.perf_counter() - started,
-                             out.model or self.model)
+                             getattr(getattr(out, "usage", None), "completion_tokens", None) or 0,
+                             time.perf_counter() - started, getattr(out, "model", None) or self.model)
 
     def complete_many(self, chats: list[list[dict]], **sampling) -> list[EndpointReply]:
         """complete() of every chat, concurrently (at most max_in_flight at once), in the chats' order."""
-        if not chats:
-            return []
         from concurrent.futures import ThreadPoolExecutor   # the client is thread-safe: one for all calls
-        with ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(chats))) as calls:
+        calls = ThreadPoolExecutor(max_workers=max(1, min(self.max_in_flight, len(chats))))
+        try:  # Ctrl-C comes back at once: queued calls dropped, none waited for (timeout x tries each)
             return list(calls.map(lambda chat: self.complete(chat, **sampling), chats))
+        finally:
+            calls.shutdown(wait=False, cancel_futures=True)
 
     def probe(self) -> None:
         """At start-up: does the endpoint answer, and does it serve the model? One line (SystemExit) if not.

@@ -35,11 +35,13 @@ def magic_reply(messages: list[dict]) -> str:
 
 class Endpoint:
     """A chat-completions server on 127.0.0.1 with a script: `statuses` are answered (in turn) before any
-    real reply, `delay` seconds pass before each answer, `reply(messages) -> text` writes the reply. It
-    records every request's body and Authorization header and the most requests it held at once."""
+    real reply, `delay` seconds pass before each answer, `reply(messages) -> text` writes the reply, and
+    `shapes` (in turn) reshape the first replies' bodies. It records every request's body and
+    Authorization header and the most requests it held at once."""
 
-    def __init__(self, reply=magic_reply, *, statuses=(), delay=0.0, models=(MODEL,)):
+    def __init__(self, reply=magic_reply, *, statuses=(), delay=0.0, models=(MODEL,), shapes=()):
         self.reply, self.statuses, self.delay, self.models = reply, list(statuses), delay, list(models)
+        self.shapes = list(shapes)
         self.bodies, self.auth, self.in_flight, self.most_in_flight = [], [], 0, 0
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -83,6 +85,7 @@ class Endpoint:
                     endpoint.bodies.append(body)
                     endpoint.auth.append(self.headers.get("Authorization"))
                     status = endpoint.statuses.pop(0) if endpoint.statuses else 200
+                    shape = endpoint.shapes.pop(0) if endpoint.shapes and status == 200 else (lambda reply: reply)
                     endpoint.in_flight += 1
                     endpoint.most_in_flight = max(endpoint.most_in_flight, endpoint.in_flight)
                 try:
@@ -93,11 +96,12 @@ class Endpoint:
                     if self.path.rstrip("/") != "/v1/chat/completions" or body["model"] not in endpoint.models:
                         return self.send(404, {"error": {"message": "no such model"}})
                     text = endpoint.reply(body["messages"])
-                    self.send(200, {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
-                                    "choices": [{"index": 0, "finish_reason": "stop",
-                                                 "message": {"role": "assistant", "content": text}}],
-                                    "usage": {"prompt_tokens": 50, "completion_tokens": len(text.split()),
-                                              "total_tokens": 50 + len(text.split())}})
+                    self.send(200, shape({"id": "c", "object": "chat.completion", "created": 0,
+                                          "model": body["model"],
+                                          "choices": [{"index": 0, "finish_reason": "stop",
+                                                       "message": {"role": "assistant", "content": text}}],
+                                          "usage": {"prompt_tokens": 50, "completion_tokens": len(text.split()),
+                                                    "total_tokens": 50 + len(text.split())}}))
                 finally:
                     with endpoint.lock:
                         endpoint.in_flight -= 1
@@ -209,6 +213,43 @@ def test_a_hanging_server_times_out_and_its_proposals_are_skipped(serve, capsys)
     assert all(c["error"].startswith("APITimeoutError") for c in stats["reflector_replies"])
     lines = [line for line in capsys.readouterr().err.splitlines() if "reflector_error" in line]
     assert len(lines) == 4 and all("APITimeoutError" in line for line in lines)
+
+
+def test_replies_without_choices_or_token_counts_cost_one_proposal_at_most(serve):
+    """200 with empty choices, a null message or no choices key: a failed call, one skipped proposal; usage
+    without its count, or none at all: the reply stands at 0 tokens. The round finishes either way."""
+    no_count = lambda r: {**r, "usage": {"prompt_tokens": 50}}
+    shapes = [lambda r: {**r, "choices": []}, no_count, lambda r: {k: v for k, v in r.items() if k != "usage"},
+              lambda r: {**r, "choices": [{"index": 0, "finish_reason": "stop", "message": None}]}]
+    endpoint = serve(shapes=shapes)
+    replies = client(endpoint.url, max_in_flight=1).complete_many([[{"role": "user", "content": f"hi {i}"}]
+                                                                   for i in range(5)], max_tokens=8,
+                                                                  temperature=0.0, top_p=1.0)
+    assert [bool(r.error) for r in replies] == [True, False, False, True, False]
+    assert replies[0].error.startswith("EmptyReply") and "\n" not in replies[0].error
+    assert [r.tokens for r in replies[1:3]] == [0, 0] and all("MAGIC" in r.text for r in replies[1:3])
+    endpoint.shapes = [lambda r: {k: v for k, v in r.items() if k != "choices"}, no_count]
+    reflect = co.make_endpoint_reflector(client(endpoint.url, max_in_flight=1), max_new_tokens=16)
+    stats = fast_round(PromptPool(SEED), anchors(9), round_settings(), evaluate=magic_scorer, reflect=reflect,
+                       step=6, rng=random.Random(0))
+    assert stats["skipped"]["reflector_error"] == 1 and stats["proposals"] >= 3 and stats["accepted"] >= 1
+
+
+def test_ctrl_c_during_calls_returns_at_once_and_sends_no_more(serve):
+    """Ctrl-C while calls are in flight (a slow server) and more are queued: complete_many gives the
+    KeyboardInterrupt back at once, so the run saves and stops without waiting for the calls in flight,
+    and no queued call is sent."""
+    import os
+    import signal
+    endpoint = serve(delay=3.0)
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        client(endpoint.url, timeout=10, retries=2, max_in_flight=2).complete_many(
+            [[{"role": "user", "content": str(i)}] for i in range(6)], max_tokens=8, temperature=0.0, top_p=1.0)
+    assert time.perf_counter() - started < 2.0  # the calls in flight answer after 3 s
+    time.sleep(3.5)
+    assert len(endpoint.bodies) == 2  # the two in flight, none of the four queued
 
 
 def test_a_server_that_is_down_stops_the_start_up_and_skips_proposals_mid_run(capsys):
