@@ -272,7 +272,31 @@ def _causal_lm(name: str, cfg, device: torch.device):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.quant == "none":
         model.to(device)
+    keep_pad_rows_finite(model)
     return model, tok
+
+
+def _attend_to_self_if_nothing_else(layer, args, kwargs):
+    """Forward pre-hook of a decoder layer: a query that may attend to no key attends to its own. A left-pad
+    position sees only padding; transformers 5 no longer patches such rows for SDPA, and fused kernels may
+    return NaN there, which the next layer's values carry into every real row (0 x NaN) and the backward
+    into the LoRA gradients. A pad's own key is seen by no other query: real rows are unchanged."""
+    mask = kwargs.get("attention_mask")                                      # [R, 1, Q, K] True: may attend
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.dtype != torch.bool or mask.shape[-2] == 1:
+        return None  # no padding (None), flash-attention's 2D mask, eager's additive mask, a decode step's
+                     # new token (it sees itself): no empty row
+    Q, K = mask.shape[-2:]
+    own = torch.arange(K, device=mask.device) == torch.arange(K - Q, K, device=mask.device)[:, None]  # [Q, K]
+    return args, {**kwargs, "attention_mask": mask | (~mask.any(-1, keepdim=True) & own)}
+
+
+def keep_pad_rows_finite(model) -> None:
+    """Every decoder layer lets a query with nothing to attend to attend to itself
+    (_attend_to_self_if_nothing_else): left-padded batches stay finite in the sampler's prefill and in
+    the training and KL passes, whatever the attention kernel does with an empty row."""
+    for module in model.modules():
+        if type(module).__name__.endswith("DecoderLayer"):
+            module.register_forward_pre_hook(_attend_to_self_if_nothing_else, with_kwargs=True)
 
 
 def keep_4bit_layers_differentiable(model) -> None:

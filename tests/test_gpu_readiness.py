@@ -259,3 +259,46 @@ def test_non_finite_logits_save_the_last_whole_step_and_resume_goes_on(tmp_path,
     monkeypatch.setattr(fst, "make_experience", real)
     resumed = _run(tmp_path, tiny_model_dir, 4, resume=True)
     assert strip(resumed) == strip(reference)
+
+
+def nan_where_nothing_is_attended(monkeypatch):
+    """SDPA as some fused CUDA kernels behave: NaN at a query row whose boolean mask allows no key (the CPU
+    kernel returns 0 there, so a CPU run cannot show the NaN otherwise)."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, **kwargs):
+        out = real(query, key, value, attn_mask=attn_mask, **kwargs)                           # [R, h, Q, D]
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            out = out.masked_fill(~attn_mask.any(-1)[..., None], float("nan"))
+        return out
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_left_padded_rows_stay_finite_when_sdpa_gives_nan_at_pad_queries(tiny_model_dir, monkeypatch, share):
+    """The training pass and the KL pass (adapter off) on left-padded rows: finite log-probs and gradients,
+    equal to the kernel that returns 0 at pad queries, though pad queries come back NaN from attention;
+    the sampler's prefill alike."""
+    model, tok = models.load_model(models.ModelConfig(name=tiny_model_dir, dtype="float32", attn="sdpa", lora_r=4,
+                                                      lora_alpha=8), torch.device("cpu"))
+    prompts = [[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    batch = rollout.collate(prompts, [[20, 21, 22], [23, 24], [25, 26, 27], [28]], tok.pad_token_id, "cpu")
+    m = batch.completion_mask.bool()
+
+    def passes():
+        logp = rollout.sequence_logprobs(model, batch, chunk_size=2, share_prompts=share)
+        grads = torch.autograd.grad(logp[m].sum(), [p for p in model.parameters() if p.requires_grad])
+        with torch.no_grad(), model.disable_adapter():
+            base = rollout.sequence_logprobs(model, batch, chunk_size=2, share_prompts=share)
+        return logp.detach(), base, grads
+    want, greedy = passes(), rollout.sample(model, tok, prompts, [1] * 4, max_new_tokens=4, temperature=0)
+    nan_where_nothing_is_attended(monkeypatch)
+    got = passes()
+    # the sampler's left-padded prefill too (its NaN check would stop the call)
+    assert rollout.sample(model, tok, prompts, [1] * 4, max_new_tokens=4, temperature=0).completion_ids == \
+        greedy.completion_ids
+    for g, w in zip(got[:2], want[:2]):
+        assert torch.isfinite(g[m]).all()
+        torch.testing.assert_close(g[m], w[m], atol=1e-5, rtol=0)
+    assert all(torch.isfinite(g).all() for g in got[2])
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got[2], want[2]))
