@@ -32,6 +32,8 @@ ALLOCATOR_SLACK = 0.10        # shapes change every step: keep a tenth of the re
 DECODE_FP32_COPIES = 3        # decode [rows, V]: float, log-softmax, the sampling probabilities
 CHUNK_FP32_COPIES = 4         # a training chunk [rows, chunk, V]: float, exp, softmax, their gradient
 BASE_FP32_COPIES = 2          # a no-grad chunk: float, exp
+KV_GROW_BLOCK = 128           # rollout._GrowingLayer.block: the spare positions a sampler's cache grows by
+FP32_HEAD_BLOCK = 16384       # Float32Head's block: vocabulary rows upcast to float32 at a time
 
 
 class PlanError(ValueError):
@@ -145,6 +147,25 @@ def kv_bytes_per_token(s: ModelShape, dtype_bytes: int) -> int:
     return 2 * s.layers * s.kv_heads * s.head_dim * dtype_bytes
 
 
+def lora_input_features(s: ModelShape, targets: str) -> int:
+    """The input features of one decoder layer's LoRA-adapted linears: peft casts each one's input to the
+    LoRA's float32 (a copy per adapted linear when the compute dtype is not float32) and backward keeps it."""
+    return sum(n_in for name, (n_in, _) in layer_linears(s).items()
+               if targets == "all-linear" or re.fullmatch(targets, f"model.layers.0.{name}"))
+
+
+def eager_scores_bytes(s: ModelShape, dtype_bytes: int, queries: int, keys: int, grad: bool) -> int:
+    """model.attn=eager, one layer of one row: the [heads, queries, keys] scores in the compute dtype, their
+    float32 softmax and its cast back (what backward keeps: the probabilities), where SDPA materialises none."""
+    return s.heads * queries * keys * (2 * dtype_bytes + 4 + (dtype_bytes if grad else 0))
+
+
+def fp32_head_bytes(s: ModelShape, positions: int) -> int:
+    """model.fp32_head, one head call on `positions` hidden states: a vocabulary block upcast to float32 (the
+    forward without a bf16-in float32-out matmul, and the backward) and the hidden states' float32 copy."""
+    return FP32_HEAD_BLOCK * s.hidden * 4 + positions * s.hidden * 4
+
+
 def _layer_bytes_per_token(s: ModelShape, dtype_bytes: int, grad: bool) -> int:
     """An estimate of one decoder layer's activations per token (the arithmetic's one guess). Without
     grad: the residual, its norm, the attention and o-projection outputs, the MLP's gate, up and their
@@ -197,16 +218,22 @@ def prompt_lengths(cfg) -> PromptLengths:
 
 
 def _sampler_phase(name: str, s: ModelShape, b: int, *, rows: int, contexts: int, distinct: int,
-                   context_tokens: int, problem_tokens: int, new_tokens: int) -> PhasePlan:
+                   context_tokens: int, problem_tokens: int, new_tokens: int, eager: bool = False,
+                   fp32_head: bool = False) -> PhasePlan:
     """One sampler wave of `rows` rows: the prefill (each shared context once, then each of `distinct`
     prompts' own tokens; its cache rows then repeated for their samples) or the decode (the whole cache
-    at prompt + new tokens, SDPA's repeated K/V of one layer, the [rows, V] logits), the larger."""
+    at prompt + new tokens and the spare block it grows by, the old copy of the one layer growing, SDPA's
+    repeated K/V of one layer, the [rows, V] logits; eager's scores, the fp32 head's copies), the larger."""
     kv, prompt = kv_bytes_per_token(s, b), context_tokens + problem_tokens
     prefilled = contexts * context_tokens + distinct * problem_tokens
     prefill = prefilled * kv + max(prefilled * _layer_bytes_per_token(s, b, grad=False), rows * prompt * kv)
-    cache = rows * (prompt + new_tokens) * kv
+    prefill += max(contexts, distinct) * eager_scores_bytes(s, b, prompt, prompt, False) if eager else 0
+    cache = rows * (prompt + new_tokens + KV_GROW_BLOCK) * kv
     gqa = 2 * s.heads * s.head_dim * b if s.heads > s.kv_heads else 0
-    decode = cache + rows * (prompt + new_tokens) * gqa + rows * s.vocab * (b + 4 * DECODE_FP32_COPIES)
+    decode = (cache + rows * (prompt + new_tokens) * (kv // s.layers + gqa)
+              + rows * s.vocab * (b + 4 * DECODE_FP32_COPIES))
+    decode += rows * eager_scores_bytes(s, b, 1, prompt + new_tokens, False) if eager else 0
+    decode += fp32_head_bytes(s, rows) if fp32_head else 0
     return PhasePlan(name, "sampling.max_rows", max(prefill, decode), rows, prompt + new_tokens,
                      f"KV {cache / GIB:.2f} GiB, prefill {prefill / GIB:.2f}, decode {decode / GIB:.2f}")
 
@@ -215,20 +242,25 @@ def _training_phases(cfg, s: ModelShape, b: int, prompt: int) -> list[PhasePlan]
     """A training micro-batch (forward and backward; under gradient checkpointing each layer keeps its
     input and one layer is recomputed at a time) and the no-grad base pass, each with its logits chunk
     (train.logprob_chunk positions x V, checkpointed one at a time)."""
-    t, new = cfg.train, cfg.sampling.max_new_tokens
+    t, m, new = cfg.train, cfg.model, cfg.sampling.max_new_tokens
     rows, tokens, chunk = t.micro_batch, prompt + new, min(t.logprob_chunk, new)
-    one_layer = rows * tokens * _layer_bytes_per_token(s, b, grad=True)
-    kept = (rows * tokens * s.hidden * b * s.layers + one_layer if cfg.model.gradient_checkpointing
+    eager, fp32_head = m.attn == "eager", m.fp32_head and b < 4
+    lora_fp32 = 4 * lora_input_features(s, m.lora_targets) if b < 4 else 0  # peft's float32 input copies
+    one_layer = rows * tokens * (_layer_bytes_per_token(s, b, grad=True) + lora_fp32)
+    one_layer += rows * eager_scores_bytes(s, b, tokens, tokens, True) if eager else 0
+    kept = (rows * tokens * s.hidden * b * s.layers + one_layer if m.gradient_checkpointing
             else one_layer * s.layers)
     hidden = 2 * rows * new * s.hidden * b                   # the completion's last hidden states and their grad
-    logits = rows * chunk * s.vocab * (b + 4 * CHUNK_FP32_COPIES)
+    head = fp32_head_bytes(s, rows * chunk) if fp32_head else 0
+    logits = rows * chunk * s.vocab * (b + 4 * CHUNK_FP32_COPIES) + head
     train = PhasePlan(f"training micro-batch (checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'})",
                       "train.micro_batch", kept + hidden + logits, rows, tokens,
                       f"activations {kept / GIB:.2f} GiB, logits chunk {logits / GIB:.2f} (train.logprob_chunk)")
     # The base pass prefills each prompt once into a cache, then runs the completions on top of it.
     base_kv = rows * tokens * kv_bytes_per_token(s, b)
-    base_logits = rows * chunk * s.vocab * (b + 4 * BASE_FP32_COPIES)
+    base_logits = rows * chunk * s.vocab * (b + 4 * BASE_FP32_COPIES) + head
     base = base_kv + rows * tokens * _layer_bytes_per_token(s, b, grad=False) + hidden // 2 + base_logits
+    base += rows * eager_scores_bytes(s, b, tokens, tokens, False) if eager else 0
     return [train, PhasePlan("base pass (no grad, KL)", "train.micro_batch", base, rows, tokens,
                              f"KV {base_kv / GIB:.2f} GiB, logits chunk {base_logits / GIB:.2f}")]
 
@@ -238,7 +270,8 @@ def _sampling_phases(cfg, s: ModelShape, reflector: ModelShape | None, b: int, p
     rollouts, the fast round's scoring and reflection, validation's eval.n x eval.k."""
     smp, t, f, e = cfg.sampling, cfg.train, cfg.fast, cfg.eval
     cap, new, fst = smp.max_rows, smp.max_new_tokens, cfg.mode != "rl"
-    common = dict(context_tokens=p.context, problem_tokens=p.problem, new_tokens=new)
+    common = dict(context_tokens=p.context, problem_tokens=p.problem, new_tokens=new, eager=cfg.model.attn == "eager",
+                  fp32_head=cfg.model.fp32_head and b < 4)
     rl_rows, contexts = t.batch_size * smp.group_size, min(f.pool_size, smp.group_size) if fst else 1
     phases = [_sampler_phase(f"RL step sampling (B x G = {rl_rows})", s, b, rows=min(rl_rows, cap),
                              contexts=contexts, distinct=min(t.batch_size * contexts, rl_rows, cap), **common)]
@@ -251,7 +284,8 @@ def _sampling_phases(cfg, s: ModelShape, reflector: ModelShape | None, b: int, p
         if reflector is not None:  # an endpoint reflects on its own machine
             phases.append(_sampler_phase(f"reflection (fast.wave = {f.wave})", reflector, b, rows=rows,
                                          contexts=rows, distinct=0, context_tokens=p.reflection, problem_tokens=0,
-                                         new_tokens=f.reflector_max_new_tokens))
+                                         new_tokens=f.reflector_max_new_tokens, eager=common["eager"],
+                                         fp32_head=common["fp32_head"] and reflector is s))
     rows = min(e.n * e.k, cap)
     phases.append(_sampler_phase(f"validation (eval.n x eval.k = {e.n * e.k})", s, b, rows=rows, contexts=1,
                                  distinct=-(-rows // e.k), **common))

@@ -193,3 +193,57 @@ def test_plan_of_a_resumed_run_reads_its_config(offline_cpu, capsys, tmp_path):
     (tmp_path / "config.yaml").write_text((config.ROOT / "configs" / "gsm8k.yaml").read_text())
     out = plan_output(capsys, "--resume", str(tmp_path), "--set", "sampling.max_rows=100")
     assert f"{tmp_path / 'config.yaml'} (mode rl)" in out and "   100  " in out
+
+
+def test_the_sampler_cache_with_its_spare_block_is_within_the_plan(tiny_model_dir):
+    """rollout's growing cache after a prefill of P tokens and N decode steps holds at most P + N + one
+    spare block a layer: what the plan counts (and more than the tokens alone)."""
+    import rollout
+    from transformers import AutoConfig
+    assert memory.KV_GROW_BLOCK == rollout._GrowingLayer.block
+    assert memory.FP32_HEAD_BLOCK == models.Float32Head(torch.nn.Linear(2, 3)).block
+    shape, rows, P, N = memory.model_shape(tiny_model_dir), 3, 37, 100
+    cache = rollout._new_cache(types.SimpleNamespace(config=AutoConfig.from_pretrained(tiny_model_dir)))
+    kv = lambda n: torch.randn(rows, shape.kv_heads, n, shape.head_dim)
+    for i, layer in enumerate(cache.layers):
+        layer.update(kv(P), kv(P))
+        for _ in range(N):
+            layer.update(kv(1), kv(1))
+    real = tensor_bytes([t for layer in cache.layers for t in (layer.kbuf, layer.vbuf)])
+    per_token = memory.kv_bytes_per_token(shape, 4)
+    assert rows * (P + N) * per_token < real <= rows * (P + N + memory.KV_GROW_BLOCK) * per_token
+
+
+def test_peft_float32_input_copies_are_what_the_plan_adds_per_adapted_linear(tiny_model_dir):
+    """A bf16 base with float32 LoRA: backward keeps a float32 copy of each adapted linear's input. Adding
+    down_proj to the targets adds tokens x its input features x 4 bytes a layer, as the plan says."""
+    def saved_fp32_bytes(targets):
+        mc = models.ModelConfig(name=tiny_model_dir, dtype="bfloat16", lora_r=4, lora_targets=targets)
+        model, _ = models.load_model(mc, torch.device("cpu"))
+        params, seen = {p.data_ptr() for p in model.parameters()}, {}
+
+        def pack(t):  # float32 activations; not the LoRA weights nor their r-wide products
+            if t.dtype == torch.float32 and t.data_ptr() not in params and t.shape[-1] != mc.lora_r:
+                seen[t.data_ptr()] = t.numel() * 4
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(0, 100, (2, 9))).logits.float().sum()
+        return sum(seen.values())
+    shape = memory.model_shape(tiny_model_dir)
+    narrow, wide = r".*\.q_proj", r".*\.(q_proj|down_proj)"
+    added = memory.lora_input_features(shape, wide) - memory.lora_input_features(shape, narrow)
+    assert added == shape.intermediate
+    assert saved_fp32_bytes(wide) - saved_fp32_bytes(narrow) == 2 * 9 * added * 4 * shape.layers
+
+
+def test_eager_attention_the_fp32_head_and_the_lora_copies_raise_the_phases_they_touch(offline_cpu):
+    base = fst.load_config("gsm8k.yaml", ["model.fp32_head=false"])
+    plain = {p.name: p.bytes for p in memory.memory_plan(base, 24 * GIB).phases}
+    touched = ["training", "base pass", "RL step", "validation"]
+    for key in ("model.attn=eager", "model.fp32_head=true"):
+        cfg = fst.load_config("gsm8k.yaml", ["model.fp32_head=false", key])
+        other = {p.name: p.bytes for p in memory.memory_plan(cfg, 24 * GIB).phases}
+        for name, n in plain.items():
+            assert other[name] > n if any(name.startswith(t) for t in touched) else other[name] == n, (key, name)
+    shape = memory.model_shape("Qwen/Qwen2.5-1.5B-Instruct")
+    assert memory.eager_scores_bytes(shape, 2, 700, 700, True) == 12 * 700 * 700 * (2 + 2 + 4 + 2)
