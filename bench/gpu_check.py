@@ -19,7 +19,10 @@ rollout runs to max_new_tokens: the worst case for time and memory. Reported, as
       fst.train calls (rollout.sample, fst.experience_from, fst.base_logprobs, fst.mean_kl, fst.update),
       seconds per phase and peak allocated (and reserved) GPU memory per phase vs the 22 GiB budget;
   validation (--val-problems N > 0): one sampler call of N problems x --val-k samples in waves of
-      --max-rows rows, as fst.validate makes it: seconds, waves, peak allocated and reserved memory.
+      --max-rows rows, as fst.validate makes it: seconds, waves, peak allocated and reserved memory;
+  the memory plan (plumbing/plan.py) of each phase beside its peak reserved memory, and again for one step
+      and one validation wave at --alloc-tokens with the allocator's expandable segments on, then off;
+  the truncated importance weights (train.tis_cap 2, as the recipe) of the step: mean about 1, none capped.
 --prompt-mode contexts: the step's and validation's prompts are one of --contexts shared contexts
 (--context-tokens each, 100+) and then a problem of their own, as FST's rollouts are, so the sampler
 and the training passes run the shared-prefix path (rollout.plan_prefixes).
@@ -43,7 +46,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from plumbing import guards, models  # noqa: E402
+from plumbing import guards, models, plan  # noqa: E402
 import fst  # noqa: E402
 import rollout  # noqa: E402
 
@@ -238,17 +241,54 @@ def rl_step(model, tok, optimizer, scheduler, guard, prompts, G, new_tokens, mb,
     kl = fst.mean_kl(exp, base_logp)
     t["seconds_base_kl"], (peaks["base_kl"], reserved["base_kl"]) = clock() - t0, peak_gib(reset=True)
     t0 = clock()
-    tc = fst.TrainConfig(loss="cispo", micro_batch=mb, logprob_chunk=chunk, kl_coef=kl_coef)
+    tc = fst.TrainConfig(loss="cispo", micro_batch=mb, logprob_chunk=chunk, kl_coef=kl_coef, tis_cap=2.0)
     upd = fst.update(model, optimizer, scheduler, exp, base_logp, tc, new_tokens, guard, step=0)
     t["seconds_training"], (peaks["training"], reserved["training"]) = clock() - t0, peak_gib(reset=True)
     t["seconds_step"] = clock() - t_step
     return {**{k: round(v, 3) for k, v in t.items()}, "tokens_per_s": round(ro.decode_tokens / t["seconds_sampling"], 1),
             "rollouts": len(ro.texts), "trained_rollouts": upd.rows, "update_skipped": upd.skipped,
+            "tis_weight": upd.tis_weight, "tis_capped": upd.tis_capped,
             "mean_completion": sum(map(len, ro.completion_ids)) / len(ro.texts),
             "max_seq": int(exp.batch.input_ids.shape[1]), "kl": kl, "loss": upd.loss, "peak_gib_by_phase": peaks,
             "peak_gib": max(v for v in peaks.values()) if peaks["sampling"] is not None else None,
             "peak_reserved_gib_by_phase": reserved,
             "peak_reserved_gib": max(v for v in reserved.values()) if reserved["sampling"] is not None else None}
+
+
+def plan_gib(a, mcfg, new_tokens: int) -> dict:
+    """The memory plan's peaks (GiB, resident weights included) of the step's phases and of one validation
+    wave, for this script's settings at `new_tokens` (read while the model's folder still exists)."""
+    cfg = fst.load_config("gsm8k.yaml", [
+        f"model.name={mcfg.name}", f"model.quant={mcfg.quant}", f"model.dtype={mcfg.dtype}", "model.fp32_head=false",
+        f"model.lora_r={mcfg.lora_r}", "mode=rl", f"train.batch_size={a.batch}", f"sampling.group_size={a.group}",
+        f"sampling.max_new_tokens={new_tokens}", f"train.micro_batch={a.micro_batch}", "train.logprob_chunk=64",
+        f"sampling.max_rows={a.max_rows}", f"eval.n={max(a.val_problems, 1)}", f"eval.k={a.val_k}"])
+    mp = plan.memory_plan(cfg, 80 * GIB)
+    peaks = {p.name.split(" (")[0]: round(mp.peak(p) / GIB, 3) for p in mp.phases}
+    return {"sampling": peaks["RL step sampling"], "base_kl": peaks["base pass"],
+            "training": peaks["training micro-batch"], "validation_wave": peaks["validation"]}
+
+
+def allocator_check(model, tok, a, optimizer, scheduler, guard, planned: dict, device: str) -> dict:
+    """One RL step and one validation wave at --alloc-tokens new tokens, with the caching allocator's
+    expandable segments on and then off: each phase's peak reserved GiB against the plan (None on a CPU)."""
+    out = {"plan_gib": planned}
+    settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    for label, on in (("expandable_segments", True), ("fixed_segments", False)):
+        if device != "cuda":
+            out[label] = None
+            continue
+        torch.cuda.empty_cache()  # what is allocated from here on takes segments of the new kind
+        settings(f"expandable_segments:{on}")
+        step = rl_step(model, tok, optimizer, scheduler, guard, prompts_for(a, a.batch, 5), a.group, a.alloc_tokens,
+                       a.micro_batch)
+        wave = validation_call(model, tok, prompts_for(a, -(-a.max_rows // a.val_k), 6), a.val_k, a.alloc_tokens,
+                               a.max_rows, device)
+        measured = {**step["peak_reserved_gib_by_phase"], "validation_wave": wave["peak_reserved_gib"]}
+        out[label] = {"reserved_gib": measured, "within_plan": all(v <= planned[k] for k, v in measured.items())}
+    if device == "cuda":  # back to the session's setting
+        settings("expandable_segments:True")
+    return out
 
 
 def check_model(name: str, a, root: Path, device: str, quant: str, res: dict) -> dict:
@@ -258,6 +298,7 @@ def check_model(name: str, a, root: Path, device: str, quant: str, res: dict) ->
     mcfg = models.ModelConfig(name=str(folder), dtype="bfloat16" if device == "cuda" else "float32", quant=quant,
                            lora_r=16, lora_alpha=32, lora_targets="all-linear", gradient_checkpointing=True)
     model, tok = models.load_model(mcfg, torch.device(device))
+    planned = {n: plan_gib(a, mcfg, n) for n in (a.new_tokens, a.alloc_tokens)}
     shutil.rmtree(folder, ignore_errors=True)
     res |= {"model": name, "quant": quant, "attn": model.config._attn_implementation,
             "seconds_build_and_load": round(time.perf_counter() - t0, 1)}
@@ -279,6 +320,7 @@ def check_model(name: str, a, root: Path, device: str, quant: str, res: dict) ->
     if a.val_problems:  # before the step, as fst validates at step 0 (and a failing step cannot hide it)
         res["validation"] = validation_call(model, tok, prompts_for(a, a.val_problems, 4), a.val_k, a.new_tokens,
                                             a.max_rows, device)
+        res["validation"]["plan_gib"] = planned[a.new_tokens]["validation_wave"]
         print(f"[gpu_check] {name}: validation {res['validation']['rows']} rows in {res['validation']['waves']} "
               f"waves, {res['validation']['seconds']}s, peak {res['validation']['peak_gib']} GiB", file=sys.stderr)
     optimizer, scheduler = fst.make_optimizer(model, fst.TrainConfig(lr=1e-5))
@@ -286,6 +328,8 @@ def check_model(name: str, a, root: Path, device: str, quant: str, res: dict) ->
     rl_step(model, tok, optimizer, scheduler, guard, make_prompts(2, 2), 2, 16, a.micro_batch)  # warm-up: kernels, Adam
     res["step"] = rl_step(model, tok, optimizer, scheduler, guard, prompts_for(a, a.batch, 3), a.group, a.new_tokens,
                           a.micro_batch)
+    res["step"]["plan_gib_by_phase"] = {k: planned[a.new_tokens][k] for k in ("sampling", "base_kl", "training")}
+    res["allocator"] = allocator_check(model, tok, a, optimizer, scheduler, guard, planned[a.alloc_tokens], device)
     res["step"]["fraction_of_decode_bound"] = round(
         res["step"]["tokens_per_s"] / res["decode_bound"]["bound_tokens_per_s_weights_kv"], 3)
     if res["step"]["peak_gib"] is not None:
@@ -316,6 +360,7 @@ def main():
     ap.add_argument("--val-problems", type=int, default=0, help="a validation call of N problems (gsm8k.yaml: 200)")
     ap.add_argument("--val-k", type=int, default=4, help="samples per validation problem (gsm8k.yaml: 4)")
     ap.add_argument("--max-rows", type=int, default=256, help="rows per sampler wave (sampling.max_rows)")
+    ap.add_argument("--alloc-tokens", type=int, default=128, help="new tokens of the allocator check's step and wave")
     ap.add_argument("--copy-gib", type=int, default=4)
     ap.add_argument("--budget-gib", type=float, default=22.0)
     ap.add_argument("--time-budget-s", type=float, default=450,
@@ -327,7 +372,7 @@ def main():
         device, models = "cpu", ["smoke"]
         a.batch, a.group, a.new_tokens, a.micro_batch, a.gen_prompts, a.gen_tokens, a.repeats = 2, 2, 8, 2, 2, 8, 1
         # 70 context tokens still pass rollout.MIN_SHARED_PREFIX; 3 x 2 validation rows in waves of 4
-        a.context_tokens, a.max_rows, a.val_problems, a.val_k = 70, 4, min(a.val_problems, 3), 2
+        a.context_tokens, a.max_rows, a.val_problems, a.val_k, a.alloc_tokens = 70, 4, min(a.val_problems, 3), 2, 8
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench/gpu_check.py needs a CUDA GPU and none is visible here "

@@ -3,9 +3,11 @@
 # timeout, each writing into one output folder, the next one running whatever the last one did:
 #   1 versions  python, torch, CUDA, the device, transformers/peft/bitsandbytes/math_verify/flash_attn, the
 #               project's modules; first installs the wheels in .whl/ (bench/gpu_wheels.sh) when there
-#   2 probe     bench/gpu_session_probe.py: device bugs on toy shapes with the real vocabulary (seconds)
+#   2 probe     bench/gpu_session_probe.py: device bugs on toy shapes with the real vocabulary (seconds),
+#               among them a left-padded training pass on SDPA, the sampler at T = 0.05, the fp32 head's cost
 #   3 gpu_check bench/gpu_check.py at Qwen2.5-1.5B shapes: contexts sharing 160 tokens, one RL step,
-#               a 200 x 4 validation call, peak allocated and reserved memory
+#               a 200 x 4 validation call, peak allocated and reserved memory against the memory plan (and
+#               with expandable segments on, then off), the step's TIS weights
 #   4 e2e       bench/gpu_session_e2e.py: fst.py on a random 1.5B-shaped model and synthetic GSM8K, a fast
 #               round, a checkpoint, then --resume
 # and a one-screen summary (stage: ok / failed / skipped, seconds), also written as summary.json.
@@ -106,6 +108,10 @@ missing=$(grep -m1 '^missing: ' "$LOG" || echo "missing: (stage 1 did not say)")
   echo "  $missing"
   for f in "$OUTDIR"/probe.json; do
     [ -f "$f" ] && "$PY" -c 'import json,sys; c=json.load(open(sys.argv[1]))["checks"]; bad=[k for k,v in c.items() if not v["ok"]]; print("  probe: %d/%d checks ok%s" % (len(c)-len(bad), len(c), "; failed: " + "; ".join(k + " (" + c[k]["error"][:90] + " at " + c[k].get("where", "") + ")" for k in bad) if bad else ""))' "$f"
+  done
+  for f in "$OUTDIR"/gpu_check-*.json; do  # plan against reserved memory, TIS weights at step 0
+    [ -f "$f" ] && "$PY" -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]; s=r.get("step", {}); a=r.get("allocator", {})
+print("  gpu_check: TIS weight %s, capped %s; reserved within plan: expandable %s, fixed %s" % (s.get("tis_weight"), s.get("tis_capped"), *((a.get(k) or {}).get("within_plan") for k in ("expandable_segments", "fixed_segments"))))' "$f"
   done
 } | tee -a "$LOG"
 "$PY" - "$OUTDIR" "$SMOKE" "$missing" "${NAMES[@]}" -- "${STATUS[1]}" "${STATUS[2]}" "${STATUS[3]}" "${STATUS[4]}" \

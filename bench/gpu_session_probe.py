@@ -16,6 +16,7 @@ and exits 1 when any failed. Writes one JSON (probe.json) with every check's res
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -237,9 +238,69 @@ def check_save_and_reload(s: Setup) -> dict:
     return {"max_abs_diff": diff, "adapter_bytes": sum(f.stat().st_size for f in adapter.iterdir())}
 
 
+def check_left_pad_training(s: Setup) -> dict:
+    """The training pass (train mode, gradients) of the left-padded rows on SDPA: finite log-probs and LoRA
+    gradients, with models.keep_pad_rows_finite's hooks in place; says whether this device's SDPA itself
+    gives NaN at a query row that may attend to nothing (what the hooks are there for)."""
+    q = torch.randn(1, 1, 3, 8, device=s.device, dtype=torch.bfloat16 if s.device.type == "cuda" else torch.float32)
+    nobody = torch.tensor([[False, False, False], [True, True, False], [True, True, True]], device=s.device)
+    raw = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=nobody)
+    model, _ = models.load_model(dataclasses.replace(s.mcfg, attn="sdpa"), s.device)
+    hooked = sum(bool(m._forward_pre_hooks) for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    model.train()
+    logp = rollout.sequence_logprobs(model, s.exp.batch, chunk_size=16)                          # [R, T]
+    logp[s.mask.bool()].sum().backward()
+    bad = int((~torch.isfinite(logp[s.mask.bool()])).sum()) + sum(
+        int((~torch.isfinite(p.grad)).sum()) for p in model.parameters() if p.grad is not None)
+    del model
+    assert hooked and not bad, f"{hooked} decoder layers hooked; {bad} non-finite log-probs or gradients"
+    return {"sdpa_nan_at_empty_rows": bool(raw[0, 0, 0].isnan().any()), "layers_hooked": hooked,
+            "pad_positions": int((s.exp.batch.attention_mask == 0).sum())}
+
+
+def check_low_temperature(s: Setup) -> dict:
+    """rollout._pick at T = 0.05, with and without top-p, on the model's own next-token log-probs (near
+    uniform over 151,936 ids: every p^(1/T) underflows unless the row's maximum comes off first): every draw
+    is a token the tempered distribution gives probability > 1e-12; rollout.sample at T = 0.05 runs too."""
+    prompts = [list(p) for p in dict.fromkeys(map(tuple, s.ro.prompt_ids))]
+    with torch.no_grad(), rollout.eval_mode(s.model):
+        ids = torch.tensor([p[-70:] for p in prompts], device=s.device)  # equal lengths: no padding
+        logp = torch.log_softmax(s.model(input_ids=ids).logits[:, -1].float(), -1).repeat(16, 1)    # [R, V]
+    tempered, gen = torch.softmax(logp.double() / 0.05, -1), torch.Generator(device=s.device).manual_seed(0)
+    least = {}
+    for top_p in (1.0, 0.9):
+        tok = rollout._pick(logp, 0.05, top_p, torch.rand(len(logp), generator=gen, device=s.device))
+        least[f"top_p={top_p}"] = float(tempered.gather(-1, tok[:, None]).min())
+    out = rollout.sample(s.model, s.tok, prompts, [GROUP] * len(prompts), max_new_tokens=4, temperature=0.05,
+                         generator=gen)
+    assert all(p > 1e-12 for p in least.values()), f"draws the tempered distribution never gives: {least}"
+    return {"mean_max_logprob": float(logp.max(-1).values.mean()), "least_likely_draw": least, "rows": len(out.texts)}
+
+
+def check_fp32_head_cost(s: Setup) -> dict:
+    """The float32 head's time per decode step against the plain bf16 head's: B x G = 64 rows at
+    Qwen2.5-1.5B's head ([151,936, 1536], frozen) on a GPU; toy width on a CPU (there: only that it runs)."""
+    width, dtype = (1536, torch.bfloat16) if s.device.type == "cuda" else (64, torch.float32)
+    head = torch.nn.Linear(width, 151936, bias=False, device=s.device, dtype=dtype).requires_grad_(False)
+    fp32, h = models.Float32Head(head), torch.randn(64, width, device=s.device, dtype=dtype)
+
+    def ms(fn) -> float:
+        fn(h)  # warm-up
+        t0 = gpu_check.clock()
+        for _ in range(10):
+            fn(h)
+        return (gpu_check.clock() - t0) * 100
+    plain, upcast = ms(head), ms(fp32)
+    assert fp32(h).dtype == torch.float32
+    return {"bf16_head_ms": round(plain, 4), "fp32_head_ms": round(upcast, 4), "ratio": round(upcast / plain, 2),
+            "float32_out_mm": models.float32_out_mm(s.device, dtype)}
+
+
 CHECKS = {"layout": check_layout, "normalisers": check_normalisers, "sharing_guard": check_sharing_guard,
           "shared_vs_single_pass": check_shared_vs_single, "finite_at_pads": check_finite_at_pads,
-          "sample": check_sample, "update": check_update, "save_and_reload": check_save_and_reload}
+          "sample": check_sample, "update": check_update, "save_and_reload": check_save_and_reload,
+          "left_pad_training": check_left_pad_training, "low_temperature": check_low_temperature,
+          "fp32_head_cost": check_fp32_head_cost}
 
 
 def probe(a) -> dict:

@@ -40,8 +40,13 @@ def test_gpu_session_smoke_runs_every_stage_ok(tmp_path):
     versions = json.loads((tmp_path / "versions.json").read_text())
     assert set(versions["project"].values()) == {"ok"} and summary["missing"].startswith("missing: ")
     probe = json.loads((tmp_path / "probe.json").read_text())
-    assert len(probe["checks"]) == 8 and all(c["ok"] for c in probe["checks"].values()), probe["checks"]
+    assert len(probe["checks"]) == 11 and all(c["ok"] for c in probe["checks"].values()), probe["checks"]
     assert probe["checks"]["sharing_guard"]["can_share"] == {"train": False, "eval": True}
+    # issue 40's device checks: a left-padded training pass, the sampler at T = 0.05, the fp32 head's cost
+    assert probe["checks"]["left_pad_training"]["layers_hooked"] == 2
+    assert probe["checks"]["left_pad_training"]["pad_positions"] > 0
+    assert probe["checks"]["low_temperature"]["least_likely_draw"]["top_p=1.0"] > 1e-12
+    assert probe["checks"]["fp32_head_cost"]["ratio"] > 0
     # stage 3, gpu_check.py --cpu-smoke: a full step and a validation-sized call in waves
     (check,) = json.loads(next(tmp_path.glob("gpu_check-*.json")).read_text())["results"]
     assert "error" not in check and check["validation"]["waves"] == 2
@@ -49,6 +54,12 @@ def test_gpu_session_smoke_runs_every_stage_ok(tmp_path):
     assert step["rollouts"] == step["trained_rollouts"] == 4 and step["update_skipped"] is None
     assert math.isfinite(step["loss"]) and step["loss"] != 0 and step["seconds_step"] > 0
     assert check["sampler"]["fst_tokens_per_s"] > 0
+    # the plan's peaks beside the measured ones (none on a CPU); TIS weights at step 0: 1, none capped
+    assert check["validation"]["plan_gib"] > 0 and set(step["plan_gib_by_phase"]) == {"sampling", "base_kl", "training"}
+    alloc = check["allocator"]
+    assert min(alloc["plan_gib"].values()) > 0 and alloc["expandable_segments"] is alloc["fixed_segments"] is None
+    assert abs(step["tis_weight"] - 1) < 1e-4 and step["tis_capped"] == 0
+    assert "gpu_check: TIS weight" in proc.stdout
     e2e = json.loads((tmp_path / "e2e.json").read_text())
     assert e2e["problems"] == [] and [r["step"] for r in e2e["runs"]["train"]] == [0, 1, 2]
     assert e2e["first"]["rc"] == e2e["resumed"]["rc"] == 0 and e2e["runs"]["rows_by_kind"]["fast"] == 1
