@@ -485,9 +485,8 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
         # is 1 up to the two passes' rounding; on reused rollouts it corrects their lag.
         sampler_logp = exp.sampler_logp[rows].to(mask.device)
         fresh = rows < (len(group) if exp.fresh_rows is None else exp.fresh_rows)
-        # What a loss receives: old_logp = the sampler's log-probs; with train.tis_cap > 0, on fresh rows
-        # old_logp is the trainer's own (ratio 1) and the policy term (not the KL term) is multiplied by
-        # min(pi / pi_sampler, cap); reused rows as without.
+        # old_logp: the sampler's; with train.tis_cap > 0 on fresh rows the trainer's own (ratio 1), and the
+        # policy term (not the KL term) is weighted by min(pi / pi_sampler, cap); reused rows as without.
         old_logp, tis_weight = sampler_logp, None
         if tc.tis_cap > 0:
             old_logp, tis_weight = truncated_is(logp, sampler_logp, fresh, tc.tis_cap)
@@ -792,9 +791,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "
 # Command line.
 
 def expandable_segments() -> None:
-    """CUDA's caching allocator in expandable segments unless the user chose its settings: a run grows and
-    frees KV caches of many sizes every step, which strands memory in fixed-size segments. CUDA reads
-    the setting when it starts, so main calls this before anything touches the card."""
+    """Expandable segments (KV caches of many sizes strand fixed ones) unless the user set the allocator;
+    read when CUDA starts, so main calls this first."""
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 

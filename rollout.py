@@ -259,9 +259,7 @@ def _pick(logp: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor 
     sort for top-p is worse."""
     if temperature == 0:
         return logp.argmax(-1)
-    # p^(1/T) up to a factor, in float64: the row's maximum comes off first (at T = 0.05 a row whose best
-    # log-prob is -6 underflows to all zeros otherwise), and a float32 running sum over ~150k entries
-    # drifts from the recorded log-probs by up to 1e-3 in total variation and cannot reach the tail.
+    # p^(1/T) in float64, the row's max off first: it underflows at low T, a float32 sum strays from logp
     z = logp * (1.0 / temperature)
     w = (z - z.amax(-1, keepdim=True)).double().exp_()                                       # [B, V]
     idx = None

@@ -143,8 +143,7 @@ def checkpoint_on_interrupt(save, run_dir: Path, stop_errors: tuple = ()):
         raise SystemExit(130)
     except torch.OutOfMemoryError as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else "torch.OutOfMemoryError"
-        # The exception's traceback keeps the failed frames alive, and with them their tensors (KV caches,
-        # logits): clear their locals (those of frames still running stay), then give the memory back.
+        # its traceback keeps the failed frames' tensors (KV caches, logits) alive: free them first
         traceback.clear_frames(e.__traceback__)
         gc.collect()
         torch.cuda.empty_cache()  # room to save the step; a no-op without CUDA

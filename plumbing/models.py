@@ -5,6 +5,7 @@ here, and so does the float32 output head (model.fp32_head).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -85,29 +86,19 @@ def _blockwise_logits(h, weight, bias, block: int) -> torch.Tensor:
     return logits if bias is None else logits + bias.float()
 
 
-_FLOAT32_OUT_MM: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def float32_out_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.mm(a, b, out_dtype=torch.float32) runs on `device` for `dtype` inputs: half-precision
-    operands, float32 accumulation and output on the tensor cores (CUDA builds); the CPU build has no such
-    kernel. Asked once per (device type, dtype)."""
-    key = (device.type, dtype)
-    if key not in _FLOAT32_OUT_MM:
-        try:
-            one = torch.ones(1, 1, dtype=dtype, device=device)
-            _FLOAT32_OUT_MM[key] = torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
-        except (RuntimeError, NotImplementedError, TypeError):
-            _FLOAT32_OUT_MM[key] = False
-    return _FLOAT32_OUT_MM[key]
+    """Does torch.mm(a, b, out_dtype=torch.float32) take `dtype` operands on `device`? (CUDA builds; not the CPU's)"""
+    try:
+        one = torch.ones(1, 1, dtype=dtype, device=device)
+        return torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def float32_logits(h, weight, bias, block: int) -> torch.Tensor:
-    """h [..., H] @ weight [V, H].T (+ bias) -> [..., V] float32. Where the build multiplies half-precision
-    operands into a float32 result (float32_out_mm), the products of two bf16 numbers are exact in
-    float32 and the sums accumulate in float32: the upcast's logits without a float32 copy of the head,
-    on the tensor cores. Elsewhere the upcast, a block of the vocabulary at a time. (TF32 is left as the
-    user set it: off by default, and bf16 operands are exact in TF32 anyway.)"""
+    """h [..., H] @ weight [V, H].T (+ bias) -> [..., V] float32: bf16 operands into a float32 result where the
+    build can (bf16 products are exact in float32: the upcast's logits, no float32 head), else the upcast."""
     if h.dtype == weight.dtype != torch.float32 and float32_out_mm(h.device, h.dtype):
         flat = torch.mm(h.reshape(-1, h.shape[-1]), weight.T, out_dtype=torch.float32)       # [N, V]
         logits = flat.reshape(*h.shape[:-1], weight.shape[0])
@@ -135,10 +126,9 @@ class _Float32Logits(torch.autograd.Function):
 
 
 class Float32Head(torch.nn.Linear):
-    """The output head (lm_head) computing float32 logits from its bf16 weights (model.fp32_head). It takes
-    over the head Linear's own parameters (no copy: a tied head stays tied to the embedding) and is itself a
-    Linear, so the state dict keeps the key `lm_head.weight`: save_pretrained, tie_weights and a merged
-    export see the plain model. A LoRA on the head stays around it (install_float32_head)."""
+    """The output head (lm_head) computing float32 logits from its bf16 weights (model.fp32_head). A Linear
+    owning the head's own parameters (a tied head stays tied), so its key stays `lm_head.weight` for
+    save_pretrained, tie_weights and merged exports; a LoRA on the head stays around it."""
 
     def __init__(self, head: torch.nn.Linear, block: int = 16384):
         torch.nn.Module.__init__(self)  # not Linear.__init__: that would allocate a second [V, H] weight
@@ -153,9 +143,8 @@ class Float32Head(torch.nn.Linear):
 
 
 def install_float32_head(model) -> None:
-    """model.fp32_head on a peft model: the head's Linear becomes a Float32Head. A LoRA on the head
-    (lora_targets naming lm_head) keeps running around it: peft adds its float32 update to the float32
-    logits, so the adapter is trained and merged as without the option."""
+    """model.fp32_head on a peft model: the head's Linear becomes a Float32Head, inside a LoRA on the head
+    (lora_targets naming lm_head), which then trains and merges as without the option."""
     base = model.get_base_model()
     head = base.get_output_embeddings()
     if hasattr(head, "base_layer"):  # a peft LoRA layer: replace the Linear it wraps
@@ -277,23 +266,19 @@ def _causal_lm(name: str, cfg, device: torch.device):
 
 
 def _attend_to_self_if_nothing_else(layer, args, kwargs):
-    """Forward pre-hook of a decoder layer: a query that may attend to no key attends to its own. A left-pad
-    position sees only padding; transformers 5 no longer patches such rows for SDPA, and fused kernels may
-    return NaN there, which the next layer's values carry into every real row (0 x NaN) and the backward
-    into the LoRA gradients. A pad's own key is seen by no other query: real rows are unchanged."""
+    """Forward pre-hook of a decoder layer: a query that may attend to no key (a left pad) attends to its own.
+    Fused SDPA kernels may return NaN at such rows (transformers 5 no longer patches them), which spreads to
+    every real row and gradient; a pad's own key is seen by no other query: real rows are unchanged."""
     mask = kwargs.get("attention_mask")                                      # [R, 1, Q, K] True: may attend
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.dtype != torch.bool or mask.shape[-2] == 1:
-        return None  # no padding (None), flash-attention's 2D mask, eager's additive mask, a decode step's
-                     # new token (it sees itself): no empty row
+        return None  # no padding, flash-attention's 2-D or eager's additive mask, a decode step: no empty row
     Q, K = mask.shape[-2:]
     own = torch.arange(K, device=mask.device) == torch.arange(K - Q, K, device=mask.device)[:, None]  # [Q, K]
     return args, {**kwargs, "attention_mask": mask | (~mask.any(-1, keepdim=True) & own)}
 
 
 def keep_pad_rows_finite(model) -> None:
-    """Every decoder layer lets a query with nothing to attend to attend to itself
-    (_attend_to_self_if_nothing_else): left-padded batches stay finite in the sampler's prefill and in
-    the training and KL passes, whatever the attention kernel does with an empty row."""
+    """Left-padded passes (prefill, training, KL) stay finite: _attend_to_self_if_nothing_else on every layer."""
     for module in model.modules():
         if type(module).__name__.endswith("DecoderLayer"):
             module.register_forward_pre_hook(_attend_to_self_if_nothing_else, with_kwargs=True)
