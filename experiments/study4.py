@@ -16,12 +16,13 @@ are the other studies' (study_runs, study_stats).
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import study_report  # noqa: I001 -- after study_runs has put the repository on sys.path (miniature imports it first)
 import studies
-from study_runs import ARMS, REPORT_FORMAT, SPECS, Places, RunSpec, Sizes, common_overrides, fast_loop_summary, \
-    gather, run_summary
+from study_runs import ARMS, REPORT_FORMAT, ROOT, SPECS, Places, RunSpec, Sizes, common_overrides, \
+    fast_loop_summary, gather, run_summary
 from study_stats import _f, _mean, _ms, by_seed, compare, describe, first_reach, kl_at_accuracy, mean_curve, \
     seed_matched_levels
 import context_opt  # noqa: E402
@@ -45,6 +46,7 @@ FAST_EVERY = 4            # fast rounds after steps 4, 8 and 12: the first one e
 THRESHOLD = 0.2
 QUICK = dict(steps=4, eval_every=2, eval_n=2, eval_k=2, kl_n=2, fast_every=2)   # --quick: the tiny random model
 ARMS4 = ("rl", "fst")
+FLOOR_PROBE = ROOT / "results" / "miniature" / "floor_probe.json"   # how the start was chosen (task_probe.py)
 
 
 @dataclasses.dataclass
@@ -156,6 +158,16 @@ def comparisons4(per_arm: dict, curves: dict) -> list[dict]:
                     better="lower", fmt="{:.5f}")]
 
 
+def start_probe() -> dict | None:
+    """The candidates' base accuracy with each prompt, and the choice, from FLOOR_PROBE."""
+    if not FLOOR_PROBE.exists():
+        return None
+    probe = json.loads(FLOOR_PROBE.read_text())
+    return {"file": FLOOR_PROBE.relative_to(ROOT).as_posix(), "settings": probe["settings"], "chosen": probe["chosen"],
+            "accuracy": {task: {prompt: r["accuracy"] for prompt, r in prompts.items()}
+                         for task, prompts in probe["tasks"].items()}}
+
+
 def study4(sizes: Sizes, places: Places) -> dict | None:
     """Train what has no record (the arms of --study4-arms), then the study's entry once every arm x seed
     has a record; None while one is missing (another invocation is making it)."""
@@ -188,7 +200,7 @@ def study4(sizes: Sizes, places: Places) -> dict | None:
                               for a, n in per_arm.items()},
             "two_by_two_accuracy_mean": {w: {q: _mean([r["two_by_two"]["accuracy"][w][q] for r in fst_runs])
                                              for q in ("seed", "evolved")} for w in ("base", "trained")},
-            "first_lift": {r["seed"]: r["first_lift"] for r in fst_runs},
+            "first_lift": {r["seed"]: r["first_lift"] for r in fst_runs}, "start_probe": start_probe(),
             "fast_loop": {"fst": studies.fast_loop_totals(fst_runs)},
             "comparisons": comparisons, "findings": [c["text"] for c in comparisons]}
 
@@ -240,7 +252,7 @@ def readme_study4(s: dict) -> list[str]:
         f"deployed prompt: fst's best context, rl's seed prompt) reaches {s['threshold']:g}; a seed that never "
         f"reaches it counts as reaching it at step {s['censored_at']} (the last step plus one validation "
         "interval), and its rollouts at its last count plus those of its last interval. Censored values are "
-        "marked `>` below.", "", "![per-seed curves](study4_floor.png)", "",
+        "marked `>` below.", "", *start_lines(s), "![per-seed curves](study4_floor.png)", "",
         f"| arm | seeds | accuracy at step 0 | RL steps to {s['threshold']:g} | all rollouts to {s['threshold']:g} | "
         "final accuracy | final KL | rollouts RL + fast | training time / run |", "|---|" + "---|" * 8]
     for arm in s["arms"]:
@@ -260,6 +272,19 @@ def readme_study4(s: dict) -> list[str]:
               "curves of the seed reach):", "", *study_report._comparison_table(s["comparisons"]), "",
               *verdict_lines(s), *two_by_two_lines(s), *first_lift_lines(s), *study_report._fast_loop_lines(s)]
     return lines + [""]
+
+
+def start_lines(s: dict) -> list[str]:
+    """How the start was chosen: the candidates measured by task_probe.py."""
+    probe = s.get("start_probe")
+    if not probe:
+        return []
+    st = probe["settings"]
+    cells = "; ".join(f"{task} " + ", ".join(f"{_f(a)} ({prompt})" for prompt, a in prompts.items())
+                      for task, prompts in probe["accuracy"].items())
+    return [f"The start ([`{probe['file']}`]({Path(probe['file']).name}): base model, first {st['n']} test problems x "
+            f"{st['k']} samples, T {st['temperature']}, {st['max_new_tokens']} tokens, binary reward): {cells}. "
+            f"Chosen: {probe['chosen']['why']}", ""]
 
 
 def verdict_lines(s: dict) -> list[str]:
