@@ -98,6 +98,22 @@ def to_threshold(curve: list[dict], p: Plan, x: str = "step") -> tuple[float, bo
     return curve[-1][x] + (curve[-1][x] - curve[-2][x] if len(curve) > 1 else 0), False
 
 
+def deployed_at(record: Path, step: int):
+    """The pool member fst deployed at validation step `step` (the best of the last pool saved before it:
+    pool/step_<i>.json is the pool after step index i's fast round); None before the first round."""
+    files = [f for f in sorted((record / "pool").glob("step_*.json")) if int(f.stem.removeprefix("step_")) < step]
+    return context_opt.PromptPool.load(files[-1]).best() if files else None
+
+
+def children_used(record: Path, curve: list[dict]) -> dict:
+    """Where fst's children reached the policy: the validation steps at which a child was the pool's best
+    (deployed), and the fast rounds (step index) after which RL sampled with a child (in the pool's top K)."""
+    sampled = [int(f.stem.removeprefix("step_")) for f in sorted((record / "pool").glob("step_*.json"))
+               if any(m.operator != "seed" and m.in_top_k for m in context_opt.PromptPool.load(f))]
+    return {"deployed_at": [q["step"] for q in curve if (best := deployed_at(record, q["step"])) and
+                            best.operator != "seed"], "sampled_after_round": sampled}
+
+
 def first_lift(record: Path, curve: list[dict]) -> dict | None:
     """The context fst deployed at its first validation at or above THRESHOLD: the best of the last pool
     saved before that step (pool/step_<s-1>.json is the pool after step s-1's fast round), its operator,
@@ -105,9 +121,7 @@ def first_lift(record: Path, curve: list[dict]) -> dict | None:
     point = next((q for q in curve if q["accuracy"] >= THRESHOLD - 1e-12), None)
     if point is None:
         return None
-    files = [f for f in sorted((record / "pool").glob("step_*.json"))
-             if int(f.stem.removeprefix("step_")) < point["step"]]
-    best = context_opt.PromptPool.load(files[-1]).best() if files else None
+    best = deployed_at(record, point["step"])
     out = {"step": point["step"], "accuracy": point["accuracy"], "accuracy_seed_prompt": point["accuracy_seed_prompt"]}
     if best is None or best.operator == "seed":
         return out | {"operator": "seed", "lineage": ["seed"], "instruction": None, "demos": []}
@@ -168,6 +182,13 @@ def start_probe() -> dict | None:
                          for task, prompts in probe["tasks"].items()}}
 
 
+def same_curves(runs: dict) -> dict:
+    """{seed: fst's validation accuracies equal rl's at every step}: the seeds where the fast loop changed nothing
+    the validation saw (same seed, same problems and sampling draws)."""
+    rl = {r["seed"]: [q["accuracy"] for q in r["curves"][TASK]] for r in arm_runs(runs, "rl")}
+    return {r["seed"]: [q["accuracy"] for q in r["curves"][TASK]] == rl.get(r["seed"]) for r in arm_runs(runs, "fst")}
+
+
 def study4(sizes: Sizes, places: Places) -> dict | None:
     """Train what has no record (the arms of --study4-arms), then the study's entry once every arm x seed
     has a record; None while one is missing (another invocation is making it)."""
@@ -185,6 +206,7 @@ def study4(sizes: Sizes, places: Places) -> dict | None:
         if s.arm == "fst":
             runs[s.name]["fast_loop"] = fast_loop_summary(records[s.name])
             runs[s.name]["first_lift"] = first_lift(records[s.name], runs[s.name]["curves"][TASK])
+            runs[s.name]["children_used"] = children_used(records[s.name], runs[s.name]["curves"][TASK])
     per_arm = per_arm_numbers(runs, p)
     curves = {a: [r["curves"][TASK] for r in arm_runs(runs, a)] for a in ARMS4}
     comparisons = comparisons4(per_arm, curves)
@@ -200,7 +222,9 @@ def study4(sizes: Sizes, places: Places) -> dict | None:
                               for a, n in per_arm.items()},
             "two_by_two_accuracy_mean": {w: {q: _mean([r["two_by_two"]["accuracy"][w][q] for r in fst_runs])
                                              for q in ("seed", "evolved")} for w in ("base", "trained")},
-            "first_lift": {r["seed"]: r["first_lift"] for r in fst_runs}, "start_probe": start_probe(),
+            "first_lift": {r["seed"]: r["first_lift"] for r in fst_runs},
+            "children_used": {r["seed"]: r["children_used"] for r in fst_runs},
+            "same_curve_as_rl": same_curves(runs), "start_probe": start_probe(),
             "fast_loop": {"fst": studies.fast_loop_totals(fst_runs)},
             "comparisons": comparisons, "findings": [c["text"] for c in comparisons]}
 
@@ -311,7 +335,16 @@ def two_by_two_lines(s: dict) -> list[str]:
 
 def first_lift_lines(s: dict) -> list[str]:
     """Per fst seed: the context deployed at its first validation at or above the threshold."""
-    lines = [f"What fst deployed at its first validation at or above {s['threshold']:g} (the best context of the "
+    same = [str(seed) for seed, equal in s["same_curve_as_rl"].items() if equal]
+    lines = ["Where fst's children reached the policy, per seed: the validation steps at which a child was the "
+             "pool's best (deployed), and the fast rounds (after step index) whose pool put a child among the "
+             "contexts RL samples with (top K): "
+             + "; ".join(f"seed {seed}: deployed at {', '.join(map(str, u['deployed_at'])) or 'none'}, sampled by RL "
+                         f"after {', '.join(map(str, u['sampled_after_round'])) or 'none'}"
+                         for seed, u in s["children_used"].items())
+             + f". fst's validation accuracies equal rl's at every step (same seed: same problems and draws) in "
+             f"seeds: {', '.join(same) or 'none'}.", "",
+             f"What fst deployed at its first validation at or above {s['threshold']:g} (the best context of the "
              "pool saved before that step; \"seed\" = the seed prompt, so the weights lifted it), beside the same "
              "weights with the seed prompt:", ""]
     for seed, lift in s["first_lift"].items():

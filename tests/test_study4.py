@@ -50,12 +50,16 @@ def test_first_lift_names_the_context_deployed_at_the_first_validation_over_the_
     (tmp_path / "pool").mkdir()
     (tmp_path / "pool" / "step_000003.json").write_text(json.dumps(pool.to_json()))
     later = pool.add("Add the numbers.", parent_id=child.id, step=7, operator="reflect", scores={"a": 1.0, "b": 1.0})
+    later.in_top_k = True  # RL samples with it after the round at step index 7
     (tmp_path / "pool" / "step_000007.json").write_text(json.dumps(pool.to_json()))
     # first at or over 0.2 at step 6: the pool saved after step 3 (step index 3 < 6) is what was deployed
     lift = study4.first_lift(tmp_path, curve([0.0, 0.1, 0.3, 0.5], seed_prompt=[0.0, 0.1, 0.05, 0.2]))
     assert (lift["step"], lift["operator"], lift["lineage"], lift["born"]) == (6, "demo", ["seed", "demo"], 3)
     assert lift["demos"] == [["What is 1 + 2?", "1 + 2 = 3.\nAnswer: 3"]] and lift["accuracy_seed_prompt"] == 0.05
     assert later.id != child.id
+    # the child is the best from the first pool on (validations 6 and 9); RL samples with a child after round 7 only
+    assert study4.children_used(tmp_path, curve([0.0, 0.1, 0.3, 0.5])) == {"deployed_at": [6, 9],
+                                                                          "sampled_after_round": [7]}
     # reached before any round: the seed prompt was deployed, the weights lifted it
     assert study4.first_lift(tmp_path, curve([0.0, 0.25]))["operator"] == "seed"
     assert study4.first_lift(tmp_path, curve([0.0, 0.1, 0.19])) is None
