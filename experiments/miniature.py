@@ -15,6 +15,8 @@ Study 2, continual learning: one run over a schedule of tasks with a task-agnost
 against fst, every task validated throughout: accuracy at the end of each stage and forgetting.
 Study 3, plasticity: fresh rl on a new task from the base model, from study 1's rl checkpoint and
 from study 1's fst checkpoint (init_from), same steps and seeds.
+Study 4, where RL cannot start: rl against fst from a start near zero reward, steps to a threshold fixed
+before the runs (experiments/study4.py).
 
 How it runs: every arm x seed is one ordinary fst run folder under --runs-dir (scratch: checkpoints,
 never committed), started with the arguments a user would type (fst.main, on configs/tiny.yaml plus
