@@ -705,6 +705,9 @@ class StarGraph(GeneratedTask):
 # system prompt, 20-25% as a turn; results/miniature/base_accuracy.json). The example then does not
 # depend on the system prompt, which the fast loop evolves and a continual run keeps task-agnostic.
 
+EXAMPLE_PLACES = ("turn", "system", "none")
+
+
 class ExampleTask(GeneratedTask):
     """A generated task with a one-number or one-word answer and a worked example turn.
     Subclasses set `example` = (question, solution ending 'Answer: ...') and `answer_kind`, and
@@ -712,18 +715,28 @@ class ExampleTask(GeneratedTask):
     example: tuple[str, str] = ("", "")
     answer_kind = "number"  # "number": compared as numbers; "word": compared ignoring case
 
-    def __init__(self, seed: int = 0, n_train: int = 5000, n_test: int = 500, format_reward: float = 0.0):
+    def __init__(self, seed: int = 0, n_train: int = 5000, n_test: int = 500, format_reward: float = 0.0,
+                 example_in: str = "turn"):
         super().__init__(seed, n_train, n_test)
         self.format_reward = format_reward  # partial credit for a well-formed wrong 'Answer: ...'
+        # Where the worked example sits: "turn" (an earlier chat turn), "system" (after the system prompt's
+        # text, where a 135M model rarely follows it: a start near the floor, miniature study 4) or "none".
+        if example_in not in EXAMPLE_PLACES:
+            raise TaskConfigError("options.example_in",
+                                  f"example_in {example_in!r}: one of {', '.join(EXAMPLE_PLACES)}")
+        self.example_in = example_in
 
     def messages(self, problem: dict, system_prompt: str | None = None) -> list[dict]:
         question, solution = self.example
         prompt = self.default_system_prompt if system_prompt is None else system_prompt
-        return [{"role": "system", "content": prompt}, {"role": "user", "content": question},
-                {"role": "assistant", "content": solution}, {"role": "user", "content": problem["question"]}]
+        if self.example_in == "system":  # rendered as a context's demos are with fast.demo_format=system
+            prompt += f"\n\nExample:\nProblem: {question}\nSolution: {solution}"
+        example = ([{"role": "user", "content": question}, {"role": "assistant", "content": solution}]
+                   if self.example_in == "turn" else [])
+        return [{"role": "system", "content": prompt}, *example, {"role": "user", "content": problem["question"]}]
 
     def example_questions(self) -> list[str]:
-        return [self.example[0]]
+        return [] if self.example_in == "none" else [self.example[0]]
 
     def score(self, problem: dict, completion: str) -> tuple[float, str]:
         gold, given = problem["answer"], final_answer(completion)

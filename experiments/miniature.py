@@ -4,6 +4,7 @@
     python experiments/miniature.py --study 1 --seeds 0 1 2 3 4 # adds seeds 2-4; 0 and 1 come from their records
     python experiments/miniature.py --study 1 --report-only     # README, plots, summary.json from the records alone
     python experiments/miniature.py --quick --out /tmp/mini     # the same code on a tiny random model, ~1 min
+    python experiments/miniature.py --study 4 --seeds 0 1 2     # study 4 (not in `all`): experiments/study4.py
 
 Study 1, sample efficiency and drift: arms rl, fst and gepa (and fst-reuse on request) on one task, the
 same data stream and seeds, validated every EVAL_EVERY steps on fixed held-out problems; accuracy
@@ -14,6 +15,8 @@ Study 2, continual learning: one run over a schedule of tasks with a task-agnost
 against fst, every task validated throughout: accuracy at the end of each stage and forgetting.
 Study 3, plasticity: fresh rl on a new task from the base model, from study 1's rl checkpoint and
 from study 1's fst checkpoint (init_from), same steps and seeds.
+Study 4, where RL cannot start: rl against fst from a start near zero reward, steps to a threshold fixed
+before the runs (experiments/study4.py).
 
 How it runs: every arm x seed is one ordinary fst run folder under --runs-dir (scratch: checkpoints,
 never committed), started with the arguments a user would type (fst.main, on configs/tiny.yaml plus
@@ -42,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study_* modules beside this file
 from studies import STUDIES  # noqa: E402
 from study_report import PLOTS, _duration, kept_studies, readme  # noqa: E402
+import study4  # noqa: E402,F401 -- registers study 4 (its specs, numbers, plot and README section)
 from study_runs import (  # noqa: E402
     ALL_ARMS, BASE_CONFIG, DTYPES, ROOT, STUDY1_ARMS, Places, Sizes, _quote, build_tiny_model, check_sizes, cpu_info,
     portable, recorded_arms, recorded_seeds, resolve_dtype, run_cost, runs_to_train)
@@ -58,6 +62,8 @@ def choose_runs(args, sizes: Sizes, records_dir: Path, chosen: list[str]):
         sizes.study1_arms = tuple(a for a in ALL_ARMS if a in recorded or a == "rl")
     else:
         sizes.study1_arms = tuple(a for a in ALL_ARMS if a in STUDY1_ARMS or a in recorded)
+    if args.study4_arms and not args.report_only:
+        sizes.study4_arms = tuple(args.study4_arms)
     for study in chosen:
         have = recorded_seeds(records_dir, study, sizes.dtype)
         if args.seeds:
@@ -72,7 +78,8 @@ def choose_runs(args, sizes: Sizes, records_dir: Path, chosen: list[str]):
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--study", choices=["1", "2", "3", "all"], default="all")
+    ap.add_argument("--study", choices=["1", "2", "3", "4", "all"], default="all",
+                    help="all = 1 2 3; study 4 (a start near zero reward) runs on its own")
     ap.add_argument("--quick", action="store_true", help="tiny random model, a handful of steps (~1 min)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--out", "--results-dir", dest="out", type=Path,
@@ -89,6 +96,9 @@ def parser() -> argparse.ArgumentParser:
                     help="study 1's arms, rl among them (default rl fst gepa plus any arm already recorded; with "
                          "--report-only the recorded arms). fst-reuse = mode fst with fast.reuse=all; the fst-batch "
                          "arms are reported from their records only (study_runs.RECORDED_ONLY)")
+    ap.add_argument("--study4-arms", nargs="+", choices=["rl", "fst"],
+                    help="study 4: train only these arms (two invocations can share the runs); the report "
+                         "is written once every arm x seed has a record")
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "bfloat16-fixed"], default="float32",
                     help="model dtype of every run. Default float32: in the paired check (study 1, seed 0, rl and "
                          "fst; results/miniature/bf16/) bf16 ended 0.13-0.15 lower in final accuracy, outside the "
@@ -131,11 +141,14 @@ def main(argv=None):
                 # seeds and arms are per study (each study's entry has its own): the invocation's choice for
                 # the studies it did not rebuild would contradict the entries kept from other invocations
                 "sizes": {k: v for k, v in vars(sizes).items()
-                          if k not in ("model", "extra", "seeds", "study2_seeds", "study3_seeds", "study1_arms")}}
+                          if k not in ("model", "extra", "seeds", "study2_seeds", "study3_seeds", "study1_arms")
+                          and not k.startswith("study4")}}  # study 4's entry says its own sizes
     base_file = ROOT / "results" / "miniature" / "base_accuracy.json"
     done = {}  # the studies this invocation has rebuilt
     for s in chosen:
         result = STUDIES[s](sizes, places)
+        if result is None:  # study 4 with a record missing (another invocation is making it): no report yet
+            continue
         done[s] = with_run_totals(result, places, dtype)
         result["plots"] = PLOTS[s](result, report_dir)
         # Re-read before writing: another invocation may have written another study meanwhile.

@@ -174,7 +174,7 @@ def readme(summary: dict) -> str:
                          f"| {other} |")
         lines.append("")
     studies = summary["studies"]
-    for n, render in (("1", _readme_study1), ("2", _readme_study2), ("3", _readme_study3)):
+    for n, render in READMES.items():
         if n in studies:
             lines += render(studies[n])
     return "\n".join(lines) + "\n"
@@ -343,6 +343,7 @@ def _readme_study3(s: dict) -> list[str]:
     lines += ["", "Paired by seed:", ""] + _comparison_table(s["comparisons"]) + [""]
     return lines
 PLOTS = {"1": plot_study1, "2": plot_study2, "3": plot_study3}
+READMES = {"1": _readme_study1, "2": _readme_study2, "3": _readme_study3}  # study 4 adds its own (study4.py)
 
 
 def kept_studies(summary_file: Path, settings: dict) -> dict:

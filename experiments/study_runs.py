@@ -101,6 +101,9 @@ class Sizes:
     study2_seeds: tuple = STUDY2_SEEDS
     study3_steps: int = STUDY3_STEPS
     study3_seeds: tuple = SEEDS
+    study4_seeds: tuple = (0, 1, 2, 3, 4)  # study 4 (experiments/study4.py keeps its other sizes)
+    study4_arms: tuple = ("rl", "fst")   # --study4-arms: the arms an invocation trains
+    study4_quick: bool = False           # study 4's --quick sizes
     dtype: str = "float32"               # model.dtype of every run
     model: str = ""                      # "" = the base config's (smollm2-135m)
     extra: list = field(default_factory=list)   # more --set overrides for every run
@@ -108,13 +111,17 @@ class Sizes:
     @classmethod
     def quick(cls, model_dir: str):
         q = {k.lower(): v for k, v in QUICK.items()}
-        return cls(**q, study3_seeds=q["seeds"], model=model_dir, extra=list(QUICK_OVERRIDES))
+        return cls(**q, study3_seeds=q["seeds"], study4_seeds=q["seeds"], study4_quick=True, model=model_dir,
+                   extra=list(QUICK_OVERRIDES))
 
     def study_seeds(self, study: str) -> tuple:
-        return {"1": self.seeds, "2": self.study2_seeds, "3": self.study3_seeds}[study]
+        return getattr(self, SEED_FIELDS[study])
 
     def set_study_seeds(self, study: str, seeds):
-        setattr(self, {"1": "seeds", "2": "study2_seeds", "3": "study3_seeds"}[study], tuple(seeds))
+        setattr(self, SEED_FIELDS[study], tuple(seeds))
+
+
+SEED_FIELDS = {"1": "seeds", "2": "study2_seeds", "3": "study3_seeds", "4": "study4_seeds"}
 
 
 def check_sizes(sizes: Sizes):

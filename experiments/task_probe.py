@@ -2,6 +2,7 @@
 
     python experiments/task_probe.py                                   # registered tasks, SmolLM2-135M
     python experiments/task_probe.py --tasks arithmetic compare --n 32 --k 4
+    python experiments/task_probe.py --tasks add --option example_in=system --out results/miniature/floor_probe.json
 
 The miniature studies (experiments/miniature.py) need tasks the base model gets right sometimes
 (5-40%): at 0% RL sees no reward to learn from, near 100% there is nothing left to learn. Each task is
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,18 +31,25 @@ import rewards  # noqa: E402
 GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"  # local copy; the hub is unreachable
 
 
-def make_task(name: str, n: int):
+def make_task(name: str, n: int, options: dict | None = None):
     if name == "gsm8k":
         return rewards.get_task("gsm8k", train_path=str(GSM8K_TEST), test_path=str(GSM8K_TEST))
     # The test split is generated first from its own seed, so its first n problems are the same
     # whatever the split sizes: generating only what is measured changes nothing.
-    return rewards.get_task(name, seed=0, n_train=1, n_test=n)
+    return rewards.get_task(name, seed=0, n_train=1, n_test=n, **(options or {}))
 
 
-def probe_task(model, tok, name, *, n, k, temperature, max_new_tokens, seed=0, extra_prompts=None) -> dict:
+def variant(name: str, options: dict) -> str:
+    """The result's key for a task built with options: `add[example_in=system]`."""
+    return name + (f"[{','.join(f'{k}={v}' for k, v in options.items())}]" if options else "")
+
+
+def probe_task(model, tok, name, *, n, k, temperature, max_new_tokens, seed=0, extra_prompts=None,
+               options=None) -> dict:
     """{prompt kind: evaluate() dict + seconds} on the first n test problems of one task.
-    extra_prompts: {kind: text} measured besides the default and task-agnostic prompts."""
-    task = make_task(name, n)
+    extra_prompts: {kind: text} measured besides the default and task-agnostic prompts; options: the
+    task's constructor keywords (task.options in a config)."""
+    task = make_task(name, n, options)
     problems = task.load("test")[:n]
     prompts = {"default": task.default_system_prompt, "agnostic": rewards.TASK_AGNOSTIC_PROMPT} | (extra_prompts or {})
     out = {}
@@ -79,8 +88,15 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--config-prompt", metavar="YAML", default="configs/tiny.yaml",
                     help="also measure this config's seed prompt on its own task ('' = skip)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a task option (task.options; YAML value) for every task probed; the result's key "
+                         "names it, e.g. add[example_in=system]")
+    ap.add_argument("--prompt", action="append", default=[], metavar="LABEL=TEXT",
+                    help="one more seed prompt to measure on every task, named LABEL")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "miniature" / "base_accuracy.json")
     args = ap.parse_args(argv)
+    options = {key: yaml.safe_load(value) for key, _, value in (o.partition("=") for o in args.option)}
+    prompts = dict(p.partition("=")[::2] for p in args.prompt)
     torch.set_num_threads(args.threads)
     model, tok = models.load_model(models.ModelConfig(name=args.model, dtype="float32"), torch.device("cpu"))
     extra = {}
@@ -98,9 +114,11 @@ def main(argv=None):
     command = "python experiments/task_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.tasks:  # written after each task: a long probe that is stopped keeps what it measured
-        result["tasks"][name] = probe_task(model, tok, name, n=args.n, k=args.k, temperature=args.temperature,
-                                           max_new_tokens=args.max_new_tokens, extra_prompts=extra.get(name))
-        result["commands"][name] = command
+        key = variant(name, options)
+        result["tasks"][key] = probe_task(model, tok, name, n=args.n, k=args.k, temperature=args.temperature,
+                                          max_new_tokens=args.max_new_tokens, options=options,
+                                          extra_prompts=extra.get(name, {}) | prompts)
+        result["commands"][key] = command
         args.out.write_text(json.dumps(result, indent=1))
     print(markdown(result))
 

@@ -464,3 +464,21 @@ def test_example_turn_comes_before_the_problem_under_any_system_prompt(name):
     assert task.messages(problem)[0]["content"] == task.default_system_prompt
     # the example's own answer is what the example's question asks for, in the form the scorer reads
     assert rewards.final_answer(solution) == recompute(name, question)
+
+
+def test_example_in_moves_the_worked_example_into_the_system_text_or_drops_it():
+    """example_in=system: the example follows whatever system prompt is given (an evolved one too), as a
+    context's demos read with demo_format=system; none: no example anywhere; another place is refused."""
+    task = small("add", example_in="system")
+    problem = task.load("test")[0]
+    question, solution = task.example
+    assert task.messages(problem, "Be brief.") == [
+        {"role": "system", "content": f"Be brief.\n\nExample:\nProblem: {question}\nSolution: {solution}"},
+        {"role": "user", "content": problem["question"]}]
+    assert task.example_questions() == [question]
+    bare = small("add", example_in="none")
+    assert bare.messages(problem, "Be brief.") == [{"role": "system", "content": "Be brief."},
+                                                   {"role": "user", "content": problem["question"]}]
+    assert bare.example_questions() == [] and bare.load("test") == task.load("test")
+    with pytest.raises(rewards.TaskConfigError, match="example_in"):
+        small("add", example_in="prompt")
