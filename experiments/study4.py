@@ -312,17 +312,24 @@ def start_lines(s: dict) -> list[str]:
 
 
 def verdict_lines(s: dict) -> list[str]:
-    """The study's answer in one sentence, from its first comparison's interval."""
-    c = s["comparisons"][0]
+    """The study's answer: direction from the first comparison's interval, size against rl's own steps, per seed
+    how often fst got there earlier, and what it cost in rollouts (the second comparison)."""
+    c, cost = s["comparisons"][0], s["comparisons"][1]
     if c["ci95"] and c["ci95"][1] < 0:
-        said = "fst reaches the threshold in fewer RL steps than rl: the break-out reproduces at this scale"
+        said = "fst reaches the threshold in fewer RL steps than rl: the break-out reproduces in direction"
     elif c["ci95"] and c["ci95"][0] > 0:
         said = "fst needs more RL steps than rl to reach the threshold: the break-out does not reproduce here"
     else:
         said = "no difference in RL steps to the threshold can be called: the break-out is not shown at this scale"
     ci = f"[{c['ci95'][0]:+.1f}, {c['ci95'][1]:+.1f}]" if c["ci95"] else "n/a"
-    return [f"**Answer:** {said} ({c['what']}: fst - rl = {_f(c['mean_diff'], '{:+.1f}')}, 95% interval {ci} "
-            f"over {len(c['seeds'])} seeds).", ""]
+    earlier = sum(d < 0 for d in c["diffs"]), sum(d == 0 for d in c["diffs"]), sum(d > 0 for d in c["diffs"])
+    rl_steps = _mean(s["per_arm"]["rl"]["steps_to_threshold"])
+    never = {a: s["per_arm"][a]["reached"].count(False) for a in s["arms"]}
+    return [f"**Answer:** {said} ({c['what']}: fst - rl = {_f(c['mean_diff'], '{:+.1f}')}, 95% interval {ci} over "
+            f"{len(c['seeds'])} seeds; fst earlier in {earlier[0]} seeds, as early in {earlier[1]}, later in "
+            f"{earlier[2]}). In size: {_f(abs(c['mean_diff'] or 0), '{:.1f}')} of rl's {_f(rl_steps, '{:.1f}')} "
+            f"steps, with {never['rl']} rl and {never['fst']} fst seeds never reaching it; counting the fast "
+            f"rounds' rollouts: {cost['verdict']} ({_f(cost['mean_diff'], '{:+.0f}')} rollouts).", ""]
 
 
 def two_by_two_lines(s: dict) -> list[str]:
