@@ -148,6 +148,8 @@ def summarize(run: Path, best_context: dict | None = None) -> str:
         cell = held_out.setdefault(r["task"], {}).setdefault(r["prompt"], {"before": r["accuracy"]})
         cell |= {"after": r["accuracy"], "steps": [cell.get("steps", [r["step"]])[0], r["step"]],
                  "n": r["n"], "k": r["k"]}
+        if r["accuracy"] >= FLOOR and "left_floor_at" not in cell:  # a start near zero reward: when it got out
+            cell["left_floor_at"] = r["step"]
     # {task: "seed" / "best" / "tie"}: which prompt did better at the last validation (rl has seed alone)
     better = {task: "best" if c["best"]["after"] > c["seed"]["after"] else
               "seed" if c["seed"]["after"] > c["best"]["after"] else "tie"
@@ -169,6 +171,7 @@ def print_summary(run: Path, best_of_run) -> None:
     print(summarize(run, best_of_run(run)), file=sys.stderr)
 
 
+FLOOR = 0.2  # held-out accuracy that counts as having left the floor (results/README.md: study 4's threshold)
 PROMPT_NAMES = {"seed": "seed prompt", "best": "best context"}  # validation rows' "prompt" field, in words
 
 
@@ -183,6 +186,9 @@ def summary_text(out: dict) -> str:
             f"; at the end the {PROMPT_NAMES[better]} did better"
         lines.append(f"  held-out accuracy on {task} ({c['n']} problems x {c['k']}, steps {c['steps'][0]} -> "
                      f"{c['steps'][1]}): {shown}{verdict}")
+        deployed = cells.get("best", c)  # what RL sampled with: the best context in fst, the seed prompt in rl
+        lines.append(f"    first at accuracy >= {FLOOR} (the {PROMPT_NAMES['best' if 'best' in cells else 'seed']}): "
+                     + (f"step {deployed['left_floor_at']}" if "left_floor_at" in deployed else "never"))
     lines.append(f"  KL to base at the end: {out['kl_to_base']:.4f}")
     if out["best_context"]:
         b = out["best_context"]

@@ -327,3 +327,14 @@ def test_the_problem_count_has_a_name_torchrun_does_not_swallow(monkeypatch, tmp
     for flag in ("--problems", "--n"):
         ev.main([str(tmp_path), flag, "7"])
         assert seen["n"] == 7
+
+
+def test_summary_says_at_which_step_the_deployed_prompt_first_left_the_floor(tmp_path):
+    train = [{"step": s, "mode": "fst", "seconds_step": 1.0, "kl_to_base": 0.01} for s in range(9)]
+    curve = {"seed": (0.05, 0.1, 0.25, 0.3), "best": (0.05, 0.2, 0.1, 0.4)}  # best: 0.2 at step 3, a dip after
+    evals = [{"step": 3 * i, "task": "add", "prompt": p, "accuracy": a[i], "n": 8, "k": 2}
+             for i in range(4) for p, a in curve.items()]
+    text = runlog.summarize(write_run(tmp_path, "fst", train, evals))
+    assert f"first at accuracy >= {runlog.FLOOR} (the best context): step 3" in text
+    rl = write_run(tmp_path, "rl", train, [dict(e, accuracy=0.1) for e in evals if e["prompt"] == "seed"])
+    assert f"first at accuracy >= {runlog.FLOOR} (the seed prompt): never" in runlog.summarize(rl)
