@@ -1,14 +1,11 @@
 """context_opt.py -- the fast loop: every T RL steps a round of reflective prompt evolution (GEPA)
 improves the pool of contexts (pool.py) that RL samples with.
 
-Top to bottom: the config's `fast` section; `fast_round`, the round as numbered steps (score the live
-pool on the anchor set, parent from the Pareto fronts, minibatch, operator, guards, child against
-parent, accept, top K); the operators, functions registered with @operator (reflective mutation,
-bootstrapped worked examples): a new operator is one more such function; the guards that reject
-malformed proposals; the model bindings. The round is model-free: it calls two plain callables,
-`evaluate` and `reflect`. The bindings (make_evaluate, make_reflector, the reflector behind an
-OpenAI-compatible endpoint) tie them to a model through rollout.py and rewards.py; measure_accuracy
-there is the held-out measurement that training's validation and eval.py share.
+Top to bottom: the config's `fast` section; `fast_round`, the round as numbered steps; the operators
+(a new one is one more @operator function); the guards that reject malformed proposals; the model
+bindings. The round is model-free: it calls `evaluate` and `reflect`, which the bindings (make_evaluate,
+make_reflector, an OpenAI-compatible endpoint's reflector) tie to a model; measure_accuracy is the
+held-out measurement that training's validation and eval.py share.
 """
 from __future__ import annotations
 
@@ -213,10 +210,8 @@ def fast_round(pool: PromptPool, anchor_problems: Sequence[dict], cfg: FastConfi
 
 @dataclass(kw_only=True)
 class _Round:
-    """What one fast_round and its operators share: its settings, the anchor set, the latest rollout of
-    every (prompt, anchor) pair and the stats it returns. Budget: int(cfg.budget x anchors) metric calls
-    (rollouts) for the proposals; an accepted child is scored on every anchor whatever is left, so
-    metric_calls <= live prompts x anchors + budget + wave x anchors."""
+    """What one fast_round and its operators share. An accepted child is scored on every anchor whatever
+    budget is left, so metric_calls <= live prompts x anchors + budget + wave x anchors."""
     cfg: FastConfig
     pool: PromptPool
     anchors: list[dict]
@@ -398,11 +393,9 @@ def _reflect(r: _Round, proposals: list[Proposal]) -> None:
 
 
 def _minibatch_test(r: _Round, trying: list[Proposal]) -> list[tuple[float, float]]:
-    """Step 6: every child on its minibatch and (cfg.rescore_parent) each parent afresh, once per problem
-    its children are tested on, all in one evaluate call -> per child (its summed reward, its parent's).
-    The minibatch holds the parent's failures, so its anchor scores there are its unlucky draws: judged
-    against those (rescore_parent false) a child no better than its parent passes about twice as often
-    as a fair test lets it."""
+    """Step 6: every child on its minibatch and (cfg.rescore_parent) each parent afresh, in one evaluate call
+    -> per child (its summed reward, its parent's). The minibatch holds the parent's failures, its unlucky
+    draws: judged against those, a child no better than its parent passes about twice as often as fair."""
     if unready := [p.operator for p in trying if p.text is None]:
         raise RuntimeError(f"proposals of operators {unready} reached scoring without a candidate text")
     child_pairs = [(p.context(r.pool.demo_format), i) for p in trying for i in p.batch]
@@ -455,9 +448,8 @@ OPERATORS: dict[str, Operator] = {}     # name (as in FastConfig.operators) -> o
 
 
 def operator(name: str, *, skip: str | None = None):
-    """Register `propose(r, parent, batch) -> Proposal | None` as the operator `name`: it reads what it
-    needs from the round `r` (anchors, rollouts so far, rng, demo buffer) and returns a Proposal, or None
-    to skip the draw (counted as `skip`). The round draws parent and minibatch, reflects, vets, tests."""
+    """Register `propose(r, parent, batch) -> Proposal | None` as the operator `name`: it reads the round `r`
+    (anchors, rollouts so far, rng, demo buffer); None skips the draw (counted as `skip`)."""
     def register(propose):
         if name in OPERATORS:
             raise ValueError(f"operator {name!r} is registered twice")
@@ -484,10 +476,9 @@ def reflection_request(instruction: str, examples: Sequence[dict]) -> str:
         "new instruction only, inside ONE fenced block (``` ... ```).")
 
 
-# One worked reflection, for a task fst does not train on, shown to the reflector as an earlier turn: a
-# small model follows an example of the reply it should write far more often than a description of it.
-# Its text is banned from children (the copies_example guard). Its starting instruction shares no words
-# with the seed prompts, so a reply that copies it can never pass as a mere shortening of its parent.
+# One worked reflection, for a task fst does not train on, shown as an earlier turn: a small model follows an
+# example far more often than a description. Its text is banned from children (copies_example); its start
+# shares no words with the seed prompts, so a copy can never pass as a mere shortening of its parent.
 WORKED_START = "Convert the units."
 WORKED_REVISED = ("Convert the units. To turn minutes into seconds, multiply the minutes by 60 (never add 60). "
                   "Show the multiplication, then give the final answer on a last line 'Answer: <number>'.")
@@ -631,10 +622,8 @@ def introduces_copy(text: str, parent_text: str, questions: Sequence[str]) -> bo
 
 
 def copies_example(text: str, parent_text: str, example_text: str, n: int = 4) -> bool:
-    """Does a reflected instruction parrot the worked reflection (or the request around it) instead of
-    reading its own attempts? At least half of the word n-grams it adds to its parent occur in
-    `example_text` and are not in the parent. (At 135M most replies to a prompt with a worked example
-    were copies of its revised instruction, written for the other task.)"""
+    """Does a reflected instruction parrot the worked reflection (a 135M reflector mostly does) instead of
+    reading its own attempts? At least half of the word n-grams it adds to its parent are example_text's."""
     words = lambda t: re.findall(r"\w+", t.lower())  # noqa: E731
     n = max(1, min(n, len(words(text))))  # a reply shorter than n words ("Answer the question.") is still judged
     parent = _ngrams(words(parent_text), n)
@@ -645,10 +634,8 @@ def copies_example(text: str, parent_text: str, example_text: str, n: int = 4) -
 
 def vet_reflection(reflector_output: str, parent_text: str, anchor_questions: Sequence[str],
                    max_chars: int, seen_questions: Sequence[str] = ()) -> tuple[str | None, str | None]:
-    """Raw reflector text -> (candidate instruction, None) or (None, rejection reason). `seen_questions`:
-    the task's other questions the round knows (its demo buffer's problems, the task's own worked
-    example); an instruction that pastes one is rejected as copies_question (the anchors': copies_anchor).
-    Reflection is the only operator that writes an instruction; the demo operators' questions are demos."""
+    """Raw reflector text -> (candidate instruction, None) or (None, rejection reason). An instruction that
+    pastes one of `seen_questions` (the demo buffer's, the task's worked example's) is copies_question."""
     if not reflector_output.strip():
         return None, "empty"
     text = extract_prompt(reflector_output)
@@ -667,10 +654,9 @@ def vet_reflection(reflector_output: str, parent_text: str, anchor_questions: Se
 def measure_accuracy(model, tok, task, problems, system_prompt, *, k=4, max_new_tokens, temperature,
                      top_p=1.0, generator=None, use_adapter=True, stop=(), batch_size=None, max_rows=None,
                      dist=None) -> dict:
-    """k samples per problem in one rollout.sample call (in waves of max_rows). mean@k: mean reward of the
-    n*k samples; accuracy: share of them with reward >= 1 (not mean@k when a task gives partial credit);
-    pass@k: share of problems with one such sample. Under torchrun (dist) each rank samples its slice and
-    all return the numbers over all problems. Training's validation and eval.evaluate measure with it."""
+    """k samples per problem in one rollout.sample call. mean@k: mean reward of the n*k samples; accuracy:
+    share of them with reward >= 1 (partial credit differs); pass@k: share of problems with one such
+    sample. Under torchrun (dist) each rank samples its slice; all return the numbers over all problems."""
     dist = dist or torchrun.Dist()
     if not problems:
         return {"mean_at_k": float("nan"), "accuracy": float("nan"), "pass_at_k": float("nan"), "n": 0, "k": k}
@@ -694,13 +680,11 @@ def measure_accuracy(model, tok, task, problems, system_prompt, *, k=4, max_new_
 
 def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: float = 1.0,
                   top_p: float = 1.0, stop=(), generator=None, max_rows: int | None = None) -> Evaluate:
-    """evaluate() for fast_round: all pairs in ONE rollout.sample call, graded by the task. Sample as
-    the RL rollouts are sampled (the same max_new_tokens, temperature, top_p and stop strings), or a
-    prompt's score would measure another policy than the one RL trains."""
+    """evaluate() for fast_round: all pairs in ONE rollout.sample call, graded by the task; sampled as RL's
+    rollouts are, or a prompt's score would measure another policy than the one RL trains."""
 
     def evaluate(contexts: list[Context | str], problems: list[dict]) -> list[tuple[str, float, str]]:
-        # Identical (context, problem) pairs become one chat prompt with a count: one prefill, its KV
-        # cache repeated, instead of prefilling the same tokens again.
+        # Identical (context, problem) pairs become one chat prompt with a count: one prefill
         contexts = [as_context(c) for c in contexts]
         distinct: dict[tuple[Context, str], list] = {}           # key -> [context, problem, count]
         for context, problem in zip(contexts, problems, strict=True):
@@ -726,14 +710,11 @@ def make_evaluate(model, tokenizer, task, *, max_new_tokens: int, temperature: f
 
 def make_reflector(model, tokenizer, *, use_adapter: bool, max_new_tokens: int, temperature: float = 1.0,
                    top_p: float = 1.0, generator=None, reply_format: ReplyFormat = "fenced") -> Reflect:
-    """reflect() for fast_round: the same model in the same process, a wave's prompts in ONE rollout.sample
-    call; use_adapter=False: the frozen base model critiques (peft's disable_adapter, rollout.weights).
-    reply_format "fenced": the assistant turn starts with an opening fence and sampling stops at the
-    closing one, so the reply IS the new prompt (no tokens on commentary, no block left unclosed by a
-    small model); one that ends with EOS is closed for it, one cut off by max_new_tokens stays open
-    (no_fence); the text gets its opening fence back for the guards. "paragraph": a blank line ends the
-    block too (a one-paragraph instruction, as the worked reflection's; a small model's rambling after
-    it never reaches the guards). "free": the plain reply, for a strong reflector that reasons first."""
+    """reflect() for fast_round: a model in this process, a wave's prompts in ONE rollout.sample call
+    (use_adapter=False: the frozen base critiques). "fenced": the turn starts inside a fence and stops at
+    the closing one, so the reply IS the new prompt (closed for it at EOS, left open when cut off:
+    no_fence); "paragraph": a blank line ends it too (a small model's rambling never reaches the guards);
+    "free": the plain reply, for a strong reflector that reasons first."""
     if reply_format not in REPLY_FORMATS:
         raise ValueError(f"reply_format must be one of {REPLY_FORMATS}, got {reply_format!r}")
     fenced = reply_format in ("fenced", "paragraph")
@@ -777,10 +758,8 @@ class EndpointReply(typing.NamedTuple):
 
 
 class ChatEndpoint:
-    """A chat model behind an OpenAI-compatible endpoint: `complete_many` sends a batch of chats at once,
-    at most `max_in_flight` in flight, each with its timeout and retries. The key comes from the
-    environment only (OPENAI_API_KEY), so no config.yaml, log or tracker can hold it; a local server
-    wants none, and a placeholder stands in. url "" = the client's OPENAI_BASE_URL (else OpenAI's)."""
+    """A chat model behind an OpenAI-compatible endpoint (url "": OPENAI_BASE_URL). The key comes from
+    OPENAI_API_KEY only, so no config, log or tracker can hold it (a local server takes a placeholder)."""
 
     def __init__(self, model: str, url: str = "", *, timeout: float, retries: int, max_in_flight: int):
         try:
@@ -846,12 +825,9 @@ def reflector_endpoint(fast: FastConfig) -> ChatEndpoint:
 
 
 def as_prefilled(reply: str, finish_reason: str, reply_format: ReplyFormat) -> str:
-    """An endpoint's reply as make_reflector would have returned it. A chat endpoint cannot, in general,
-    continue an assistant turn we start, so nothing is pre-filled and no stop strings are sent (the
-    closing fence would stop a reply at its opening one). The reply is read from just after its first
-    opening fence (from its start without one), cut at the format's first stop string and closed as
-    make_reflector closes it: at a stop string or when the model ended it ("stop"); left open when max
-    tokens cut it ("length": no_fence). The tokens are the whole reply's: what was paid for."""
+    """An endpoint's reply as make_reflector would have returned it (an endpoint cannot continue a turn we
+    start, so nothing is pre-filled and no stop strings are sent): read from after its first opening fence,
+    cut at the format's first stop string, closed unless max tokens cut it ("length": no_fence)."""
     if reply_format == "free":
         return reply
     opening = re.search(rf"{FENCE}[^\n`]*\n", reply)
@@ -864,9 +840,8 @@ def as_prefilled(reply: str, finish_reason: str, reply_format: ReplyFormat) -> s
 
 def make_endpoint_reflector(endpoint: ChatEndpoint, *, max_new_tokens: int, temperature: float = 1.0,
                             top_p: float = 1.0, reply_format: ReplyFormat = "fenced") -> Reflect:
-    """reflect() for fast_round from a model behind an OpenAI-compatible endpoint: make_reflector's chat and
-    sampling settings, a wave's prompts at once (at most endpoint.max_in_flight), each reply read as a
-    pre-filled one (as_prefilled). A call that fails after its retries is a Reflection with its error."""
+    """reflect() for fast_round from an endpoint's model: a wave's prompts at once, each reply read as a
+    pre-filled one (as_prefilled); a call that fails after its retries is a Reflection with its error."""
     if reply_format not in REPLY_FORMATS:
         raise ValueError(f"reply_format must be one of {REPLY_FORMATS}, got {reply_format!r}")
 

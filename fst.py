@@ -11,13 +11,11 @@ Fast weights: a small Pareto pool of contexts (pool.py) evolved every T steps by
 `mode: rl | fst | gepa` picks the paper's arms: slow only, both, fast only.
 
 What this file is, and what was simplified on purpose:
-- One optimiser step per batch; the "old" log-probs are the sampler's own (recorded while sampling: no
-  extra pass). On a fresh batch the ratio is 1 up to the two passes' rounding (train.tis_cap corrects
-  that gap in bf16); on the fast round's rollouts trained later (fast.reuse) it corrects their lag,
-  truncated by CISPO's tau or clipped by PPO's eps. Multi-epoch PPO reuse is left out.
-- The reference model for KL is the same weights with the adapter disabled; never a second copy.
-  KL to base is always measured (k3 estimator on the sampled tokens, using the sampler's own
-  log-probs, so it costs one no-grad base forward), and added to the loss when kl_coef > 0.
+- One optimiser step per batch; the "old" log-probs are the sampler's own (no extra pass). On a fresh
+  batch the ratio is 1 up to rounding (train.tis_cap corrects that gap in bf16); on fast-round rollouts
+  trained later (fast.reuse) it corrects their lag, truncated or clipped by the loss. No multi-epoch PPO.
+- The reference model for KL is the same weights with the adapter disabled, never a second copy. KL to
+  base (k3 on the sampled tokens: one no-grad base pass) is always measured, in the loss if kl_coef > 0.
 - No vLLM, no trainer framework: sampling is rollout.py's batched group sampler, the loss is below.
 - Each step re-seeds from (seed, step), so a resumed run replays an uninterrupted one exactly.
 - The plumbing (config parsing, model loading, torchrun, guards, checkpoints, trackers) is plumbing/'s.
@@ -54,11 +52,9 @@ from rewards import StageConfig, TaskConfig, make_task
 from rollout import SamplingConfig
 
 # ----------------------------------------------------------------------------------------------
-# Config: one dataclass tree from YAML, checked at start-up (config.load_config). Defaults follow the paper
-# (fst-method.md) unless a comment says why not. `ranges` gives every number its allowed values; a new
-# numeric key needs its line there (tests/test_config.py checks). A section lives beside the code it
-# configures: task (rewards), sampling (rollout), fast (context_opt), model (plumbing/models.py) and log
-# (plumbing/trackers.py); train, eval here.
+# Config: one dataclass tree from YAML, checked at start-up. Defaults follow the paper unless a comment says
+# why not; `ranges` gives every number its allowed values. A section lives beside the code it configures
+# (task: rewards, sampling: rollout, fast: context_opt, model and log: plumbing); train and eval here.
 
 @dataclass
 class TrainConfig:
@@ -146,12 +142,10 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: floa
     return adv * keep[:, None], keep
 
 
-# A loss is one registered function (the per-token loss, reading its settings from TrainConfig) and its
-# normaliser: (mask [R, T] float, group [R], max_new_tokens, total) -> weights [R, T], loss = sum(weights
-# * per_token), precomputed over the whole batch so micro-batches add up to exactly the full-batch loss.
-# Under torchrun each rank holds whole groups; `total` (Dist.total) sums a count over ranks, so the
-# normalisers are the one-process ones. `group` and the counts are CPU bookkeeping (a 0-dim CPU tensor
-# divides a GPU one); sums over the mask stay on its device.
+# A loss is one registered per-token function and its normaliser: (mask [R, T], group [R], max_new_tokens,
+# total) -> weights [R, T], loss = sum(weights * per_token), made over the whole batch so micro-batches add
+# up to the full-batch loss. `total` (Dist.total) sums a count over ranks; `group` and the counts are CPU
+# bookkeeping (a 0-dim CPU tensor divides a GPU one).
 
 def per_group_token_mean(mask, group, max_new_tokens, total):
     """Token mean within each group, then mean over groups (CISPO, the paper)."""
@@ -237,10 +231,8 @@ def policy_loss(tc: TrainConfig, logp, old_logp, adv, mask, weights, base_logp=N
 
 def truncated_is(logp, sampler_logp, fresh, cap: float):
     """train.tis_cap > 0: logp, sampler_logp [R, T], fresh [R] bool -> (old_logp, token weight) [R, T]. A fresh
-    row was sampled by the weights being trained, so its ratio is taken against the trainer's own log-probs
-    (1: nothing to clip) and the sampler-trainer gap (bf16 kernels) is corrected by the truncated importance
-    weight min(pi_train / pi_sampler, cap) (TIS, as verl and TRL do). A reused row (fast.reuse) keeps the
-    sampler's log-probs: its policy has moved on since, which is what the loss's clip is for."""
+    row's ratio is to the trainer's own log-probs (1) and the sampler-trainer gap is weighted by min(pi_train /
+    pi_sampler, cap) (TIS, as verl, TRL); a reused row keeps the sampler's: its lag is the loss's clip's job."""
     own, fresh = logp.detach(), fresh[:, None].to(logp.device)
     weight = (own - sampler_logp).exp().clamp(max=cap)
     return torch.where(fresh, own, sampler_logp), torch.where(fresh, weight, torch.ones_like(weight))
@@ -310,9 +302,8 @@ class Experience:
 
 
 def make_experience(cfg: Config, run: Run, task, batch: list[dict], step: int) -> Experience:
-    """Steps 1-4: plan which pool prompt each rollout uses, sample all B*G completions (each distinct
-    prompt prefilled once), score them, and compute the advantages. Under torchrun each rank does this
-    for its own slice of the batch's problems (whole groups), with a sampling seed of its own."""
+    """Steps 1-4: plan which pool prompt each rollout uses, sample all B*G completions, score them, compute the
+    advantages. Under torchrun each rank does its slice of the problems, with a sampling seed of its own."""
     mine = run.dist.shard(list(range(len(batch))))  # this rank's batch indices (all of them in one process)
     problems = [batch[i] for i in mine]
     plan = plan_rollouts(run.tok, task, problems, run.pool, cfg.sampling.group_size, cfg.train.seed, step, mine[0])
@@ -407,9 +398,8 @@ def kept_as_rollouts(rows: list[KeptRollout]):
 
 def with_reused(exp: Experience, kept: list[KeptRollout], *, scale_by_std: bool, pad_id: int, device,
                 dist: Dist = Dist()) -> Experience:
-    """Step 4b (fast.reuse): the step's experience plus the fast round's rollouts due now, as extra groups:
-    per problem the rollouts of every context, advantages once per problem across them (group_advantages),
-    as FST mixes contexts within a group. Under torchrun each rank takes its share of the groups."""
+    """Step 4b (fast.reuse): the step's experience plus the fast round's rollouts due now, as extra groups (a
+    problem's rollouts of every context, as FST mixes them); under torchrun each rank takes its share."""
     mine = dist.shard(kept_groups(kept))  # whole groups, by problem
     if not mine:
         return exp
@@ -464,12 +454,9 @@ class UpdateStats:
 
 def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor, tc: TrainConfig,
            max_new_tokens: int, guard: guards.UpdateGuard, step: int, dist: Dist = Dist()) -> UpdateStats:
-    """Step 6: one optimiser step on the rows of the kept groups (all rows with tc.keep_equal_groups),
-    in micro-batches whose losses add up to the full-batch loss (token_weights over the whole batch);
-    a micro-batch holds rows that share prompts and context prefixes (rollout.micro_batches).
-    The guard may skip it (non-finite) or stop the run (no gradient flow; three bad in a row). Under
-    torchrun each rank backpropagates its own rows, gradients are summed, every rank takes the same step
-    (a rank with no rows to train joins the sums without a forward pass)."""
+    """Step 6: one optimiser step on the kept groups' rows (all with tc.keep_equal_groups), in micro-batches
+    whose losses add up to the full-batch loss; the guard may skip it or stop the run. Under torchrun each
+    rank backpropagates its own rows (maybe none), the gradients are summed, every rank takes the same step."""
     group, mask = exp.group, exp.batch.completion_mask
     train_rows = torch.arange(len(group), device="cpu") if tc.keep_equal_groups else exp.keep[group].nonzero().view(-1)
     if not dist.total(torch.tensor(float(len(train_rows)), device="cpu")):  # no rank has a row to train: no step
@@ -481,12 +468,8 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
     for part in rollout.micro_batches(exp.batch.rows(train_rows), tc.micro_batch):  # indices into train_rows
         rows = train_rows[part]
         logp, ent = rollout.sequence_logprobs(model, exp.batch.rows(rows), tc.logprob_chunk, with_entropy=True)
-        # The sampler's log-probs: the policy that generated each token. On a fresh batch the ratio to them
-        # is 1 up to the two passes' rounding; on reused rollouts it corrects their lag.
-        sampler_logp = exp.sampler_logp[rows].to(mask.device)
+        sampler_logp = exp.sampler_logp[rows].to(mask.device)  # old_logp, unless truncated_is says otherwise
         fresh = rows < (len(group) if exp.fresh_rows is None else exp.fresh_rows)
-        # old_logp: the sampler's; with train.tis_cap > 0 on fresh rows the trainer's own (ratio 1), and the
-        # policy term (not the KL term) is weighted by min(pi / pi_sampler, cap); reused rows as without.
         old_logp, tis_weight = sampler_logp, None
         if tc.tis_cap > 0:
             old_logp, tis_weight = truncated_is(logp, sampler_logp, fresh, tc.tis_cap)
@@ -517,10 +500,8 @@ def update(model, optimizer, scheduler, exp: Experience, base_logp: torch.Tensor
 
 def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: UpdateStats, lr: float, seconds: dict,
               dist: Dist = Dist()) -> dict:
-    """Step 7 of the loop: the step's metrics.jsonl row (RunLog.row writes it, the trackers plot it)
-    from what the phases returned: `exp` its Experience, `upd` its UpdateStats, `seconds` the base pass
-    and the update; the loop adds the counters and the fast round's time before writing it. Under
-    torchrun the per-rollout numbers of every rank are gathered first, so the row describes the batch."""
+    """Step 7: the step's metrics.jsonl row from what the phases returned (the loop adds the counters and the
+    fast round's time); under torchrun every rank's per-rollout numbers are gathered first."""
     ranks = dist.gather([{"reward": exp.reward.tolist(), "length": exp.batch.completion_mask.sum(1).tolist(),
                           "finish": exp.rollouts.finish_reasons, "keep": exp.keep.tolist(),
                           "prompt_id": exp.prompt_id, "decode_tokens": exp.rollouts.decode_tokens,
@@ -549,10 +530,8 @@ def train_row(cfg: Config, step: int, task, exp: Experience, kl: float, upd: Upd
 
 
 def fast_round_step(cfg: Config, run: Run, task, stream, step: int, log) -> float:
-    """Step 8 (fst, gepa; every T steps): evolve the pool on the problems of the next T batches (the
-    anchor set), the same model as critic. Logs the round's "fast" row and returns its seconds. Under
-    torchrun every rank runs the round on split-and-gathered calls (the same results, the same choices),
-    and rank 0's pool is sent to the others all the same, so they cannot drift apart."""
+    """Step 8 (fst, gepa; every T steps): evolve the pool on the next T batches' problems (the anchor set); log
+    the "fast" row, return its seconds. Under torchrun rank 0's pool is sent to all, so none can drift."""
     t0 = time.perf_counter()
     anchors = [p for b in stream.peek(cfg.fast.every) for p in b]
     gen = run.dist.generator(run.device, seeds.seed_for("fast", cfg.train.seed, step))
@@ -592,10 +571,8 @@ def round_report(stats: dict) -> str:
 
 
 def validate(cfg: Config, run: Run, step: int, log) -> dict:
-    """Held-out accuracy (mean@k, pass@k) of each task in play, seed prompt and pool's best.
-    `step` here counts the updates done so far: 0 is the model before training. Under torchrun the
-    problems are split over ranks (eval.evaluate gathers the results). Returns the last accuracy
-    measured, for the progress bar: {"val_acc": "0.42"}."""
+    """Held-out accuracy (mean@k, pass@k) of each task in play, seed prompt and pool's best, at `step` updates
+    done (0: before training). Returns the last accuracy for the progress bar: {"val_acc": "0.42"}."""
     contexts = {"seed": as_context(run.seed_prompt)}
     if cfg.mode != "rl":
         contexts["best"] = run.pool.context(run.pool.best())
@@ -656,9 +633,8 @@ class Run:
         return self.tasks[i], self.streams[i]
 
     def remember(self, exp: Experience):
-        """Count the step's rollouts; keep its fully correct answers as demo candidates (partial credit,
-        a format reward, would otherwise teach wrong worked examples). Under torchrun: every rank's, in
-        rank order, on every rank (the fast round draws demos on all ranks alike)."""
+        """Count the step's rollouts; keep its fully correct answers (not partial credit) as demo candidates,
+        every rank's in rank order on every rank (the fast round draws demos on all ranks alike)."""
         demos = [(exp.problems[g], text, r) for g, text, (r, _) in
                  zip(exp.group.tolist(), exp.rollouts.texts, exp.scored) if r >= 1.0]
         ranks = self.dist.gather([(len(exp.rollouts.texts), demos)])
@@ -693,10 +669,8 @@ def make_optimizer(model, tc: TrainConfig):
 
 def start_run(cfg: Config, run_dir: Path, resume: bool = False, config_name: str = "this config",
               dist: Dist = Dist()) -> Run:
-    """Set-up: device, model (a fresh adapter, the run's last checkpoint, or init_from's), the tasks and
-    their data streams, the prompt pool, the optimiser; on resume, all of it as the checkpoint left it.
-    Under torchrun every rank builds the same: same initial adapter, same streams (each rank then
-    takes its slice of every batch), same pool."""
+    """Set-up: device, model (a fresh adapter, the run's last checkpoint, or init_from's), tasks and their data
+    streams, pool, optimiser; on resume as the checkpoint left them. Every rank builds the same."""
     device = models.pick_device(cfg, config_name)
     ckpt = checkpoints.latest_checkpoint(run_dir, quiet=not dist.is_main) if resume else None  # rank 0 names skips
     init = checkpoints.find_checkpoint(cfg.init_from, what="init_from: ") if cfg.init_from and not ckpt else None

@@ -1,7 +1,4 @@
-"""rollout.py -- one job: sample groups of completions fast and score token log-probs.
-
-Both loops use it: the RL loop samples G completions per problem and recomputes their log-probs under
-grad; prompt evolution samples completions to score candidate system prompts.
+"""rollout.py -- one job: sample groups of completions fast and score token log-probs (both loops use it).
 
 sample():  each distinct prompt is prefilled ONCE (left-padded batch), its KV cache rows are repeated
            for its samples, then one token per live row per step; rows that finish leave the batch.
@@ -53,9 +50,8 @@ class SamplingConfig:
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """model.eval() inside the block; the model's own train/eval mode again after it (also on errors).
-    Sampling and no-grad passes want eval mode: train mode turns on dropout, and gradient checkpointing
-    silently drops the KV cache."""
+    """model.eval() inside the block, the model's own mode back after it (also on errors): train mode turns
+    on dropout, and gradient checkpointing silently drops the KV cache."""
     was_training = model.training
     model.eval()
     try:
@@ -128,12 +124,9 @@ def _common_length(a: list[int], b: list[int]) -> int:
 
 def plan_prefixes(prompts: list[list[int]]) -> PrefixPlan:
     """Split distinct prompts into shared prefixes and own suffixes so that the most prompt tokens are
-    computed once. Sorted by their tokens, prompts that share a prefix sit next to each other, and a run
-    of sorted prompts shares the smallest common length of its neighbours. A small dynamic programme
-    cuts the sorted list into runs: a run of n prompts sharing L >= MIN_SHARED_PREFIX tokens saves
-    (n - 1) * L tokens; a run of one shares nothing (its whole prompt is a prefix row). Contexts that
-    begin alike (a mutated instruction, a parent and its child with one more demo) thus still get a
-    prefix row each instead of one short common one. The unshared plan (today's path) when no run
+    computed once. Sorted, prompts that share a prefix sit together; a dynamic programme cuts the sorted
+    list into runs, a run of n prompts sharing L >= MIN_SHARED_PREFIX tokens saving (n - 1) * L (contexts
+    that begin alike thus get a prefix row each, not one short common one). The unshared plan when no run
     saves anything, or when padding to the longest prefix and suffix would cost more than it saves."""
     unshared = PrefixPlan.unshared(prompts)
     U = len(prompts)
@@ -183,10 +176,9 @@ def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
 
 
 def _repeat_cache_rows(cache, index: torch.Tensor) -> None:
-    """cache row i <- row index[i] in every layer, by index_select: its backward (index_add_) sums the
-    gradients of repeated rows in a fixed order. transformers' batch_select_indices indexes with
-    [index], whose backward (index_put_ with accumulate) sums them in an order that varies from run
-    to run on CPU with more than one thread, so a resumed run would not replay its training pass."""
+    """cache row i <- row index[i] in every layer, by index_select, whose backward sums repeated rows'
+    gradients in a fixed order (batch_select_indices' [index] sums them in an order that varies on a
+    multi-threaded CPU, so a resumed run would not replay its training pass)."""
     for layer in cache.layers:
         if isinstance(layer, _GrowingLayer):
             layer.batch_select_indices(index)
@@ -195,10 +187,9 @@ def _repeat_cache_rows(cache, index: torch.Tensor) -> None:
 
 
 def _prefill_prompts(forward, cache, plan: PrefixPlan, pad: int, device) -> Prefilled:
-    """Prefill the prompts of `plan` into `cache`: the prefix rows, left-padded to A; their cache rows
-    repeated for the prompts that begin with them; then, when any prompt has one, every prompt's suffix,
-    left-padded to S, on top. forward(ids, mask, pos) runs the model on new columns (mask covers every
-    cached column too) and returns its output at the last column. The unshared plan is one plain pass."""
+    """Prefill `plan`'s prompts into `cache`: the prefix rows (left-padded to A), repeated for the prompts
+    that begin with them, then every prompt's suffix (left-padded to S) on top. forward(ids, mask, pos)
+    runs new columns (mask covers the cached ones too) and returns the last column's output."""
     ids, mask = _left_pad(plan.prefixes, pad, device)                                       # [Q, A]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each prompt's first token is position 0
     last = forward(ids, mask, pos)                                                          # [Q, D]
@@ -239,11 +230,6 @@ class Rollouts:
         rows = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)}
         return Rollouts(**rows)
 
-    def select(self, rows: list[int]) -> Rollouts:
-        """The rows at these indices, in this order; the counters (what the sampler ran) stay whole."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return Rollouts(**{name: [v[r] for r in rows] if isinstance(v, list) else v for name, v in fields.items()})
-
 
 def _eos_ids(model, tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
@@ -254,9 +240,8 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 def _pick(logp: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None) -> torch.Tensor:
     """logp [B, V] float32 log-softmax, u [B] uniforms in [0, 1) -> token ids [B]: greedy (u unused), or
-    temperature + nucleus sampling. Sampling inverts the CDF at u, one uniform per row: torch.multinomial
-    draws an exponential per vocabulary entry, which is most of a CPU decode step at V ~ 50k; a full
-    sort for top-p is worse."""
+    temperature + nucleus sampling by inverting the CDF at u (torch.multinomial draws an exponential per
+    vocabulary entry, most of a CPU decode step at V ~ 50k; a full sort for top-p is worse)."""
     if temperature == 0:
         return logp.argmax(-1)
     # p^(1/T) in float64, the row's max off first: it underflows at low T, a float32 sum strays from logp
@@ -339,13 +324,10 @@ def sample(model, tokenizer, prompts: list[list[int]], counts: list[int], *, max
            temperature: float = 1.0, top_p: float = 1.0, stop=(), generator: torch.Generator | None = None,
            batch_size: int | None = None, max_rows: int | None = None, progress: bool = False,
            share_prefix: bool = True) -> Rollouts:
-    """Sample counts[i] completions of prompts[i] (token ids); temperature 0 = greedy. batch_size
-    caps how many prompts are prefilled together; max_rows caps how many rows (samples) decode
-    together, the sampler's memory knob (KV cache = rows x tokens): a call over either limit runs in
-    waves, one after the other; None = all at once. Each row draws its own uniforms up front
-    (row_uniforms), so waves give the samples of one wave. share_prefix: prompts of a wave that begin with the same
-    MIN_SHARED_PREFIX or more tokens prefill that prefix once (plan_prefixes); False: each distinct
-    prompt in full (the same samples)."""
+    """Sample counts[i] completions of prompts[i] (token ids); temperature 0 = greedy. A call over
+    batch_size prompts or max_rows rows (the memory knob: KV cache = rows x tokens) runs in waves (None:
+    all at once), which give the same samples (row_uniforms). share_prefix: prompts sharing
+    MIN_SHARED_PREFIX or more leading tokens prefill them once (plan_prefixes), with the same samples as without."""
     assert len(prompts) == len(counts), "one count per prompt"
     start, out = time.perf_counter(), Rollouts()
     opts = dict(eos=_eos_ids(model, tokenizer), max_new_tokens=max_new_tokens, temperature=temperature,
@@ -363,10 +345,9 @@ def sample(model, tokenizer, prompts: list[list[int]], counts: list[int], *, max
 
 
 def row_uniforms(rows: int, max_new_tokens: int, temperature: float, generator) -> torch.Tensor | None:
-    """The call's randomness, drawn up front: one uniform per (row, new token), [rows, max_new_tokens]
-    (None when greedy). Row r's t-th token inverts its CDF at uniforms[r, t] whichever wave the row runs
-    in and whichever rows finish beside it, so waves (max_rows, batch_size) give the samples of one wave.
-    Drawn on the generator's own device (a CPU generator may drive a GPU model)."""
+    """The call's randomness up front, [rows, max_new_tokens] (None when greedy): row r's t-th token is
+    drawn at [r, t] whatever wave it runs in and whichever rows finish beside it. On the generator's device
+    (a CPU generator may drive a GPU model)."""
     if temperature == 0 or rows == 0:
         return None
     device = generator.device if generator is not None else torch.device("cpu")
@@ -382,9 +363,8 @@ class Wave(NamedTuple):
 
 def sampling_waves(prompts: list, counts: list[int], batch_size: int | None = None,
                    max_rows: int | None = None) -> list[Wave]:
-    """The waves a sample() call runs, in order, at most batch_size prompts and max_rows rows each. A
-    prompt with more samples than max_rows is split over waves (its samples stay in order); prompts
-    keep their input order."""
+    """The waves a sample() call runs, in order, at most batch_size prompts and max_rows rows each; a prompt
+    with more samples than max_rows is split over waves, its samples in order."""
     waves, prompt_cap, row_cap = [], batch_size or len(prompts) or 1, max_rows or sum(counts) or 1
     cur: Wave | None = None
     for i, (p, c) in enumerate(zip(prompts, counts)):
@@ -403,13 +383,8 @@ def sampling_waves(prompts: list, counts: list[int], batch_size: int | None = No
 
 def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, uniforms, eos, max_new_tokens, temperature,
                  top_p, stop, progress, share_prefix):
-    """Sample counts[i] completions of each prompts[i] and append them to `out` in sample order
-    (`offset`: this wave's first prompt index in the whole sample() call), in four phases:
-    1. rows: one row per sample; identical prompts share one distinct prompt;
-    2. prefill: each distinct prompt once (a shared prefix once, then the suffixes), its KV-cache rows
-       repeated for its samples;
-    3. decode: one token per live row per step; a row leaves the batch at EOS or a stop string;
-    4. collect: token ids, log-probs, finish reasons and texts into `out`."""
+    """Sample counts[i] completions of each prompts[i] into `out` in sample order, in the four phases below
+    (`offset`: this wave's first prompt index in the whole sample() call)."""
     device = model.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
 
@@ -426,7 +401,7 @@ def _sample_wave(model, tokenizer, prompts, counts, offset, out, *, uniforms, eo
     # 2. Prefill each distinct prompt once; repeat its cache rows for its samples.
     cache, logits, mask = _prefill(model, [list(p) for p in distinct], row_src, pad, device, out, share_prefix)
 
-    # 3. Decode until every row has finished or max_new_tokens.
+    # 3. Decode one token per live row per step; a row leaves the batch at EOS or a stop string.
     comp, lps, reason = _decode(model, tokenizer, cache, logits, mask, out, eos=eos, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, stop=stop, uniforms=uniforms,
                                 progress=progress)
@@ -570,9 +545,8 @@ def _shared_prompt_groups(batch: Batch):
 
 
 def checkpointing_on(body) -> bool:
-    """Whether the decoder's layers checkpoint activations, from transformers' public API
-    (`is_activation_checkpointing`; `is_gradient_checkpointing` before 5.x). A model that offers
-    neither counts as checkpointing: the guard below then takes the single pass, which is always right."""
+    """Whether the decoder's layers checkpoint activations (transformers' `is_activation_checkpointing`, before
+    5.x `is_gradient_checkpointing`); a model with neither counts as checkpointing: the always-right single pass."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
         if isinstance(getattr(type(body), name, None), property):
             with warnings.catch_warnings():  # the old name warns that it is deprecated
@@ -604,28 +578,21 @@ def _prompt_tokens(batch: Batch, rows: torch.Tensor | None = None) -> list[list[
 
 
 def micro_batches(batch: Batch, size: int) -> list[torch.Tensor]:
-    """The row indices of `batch` in micro-batches of at most `size` rows, the rows sorted by their prompt
-    tokens first: rows that share a prompt or a context prefix (the same context under different
-    problems) land in one micro-batch, whose pass then runs it once. Each row's log-probs do not depend
-    on which rows share its micro-batch, so the order changes no result."""
+    """The row indices of `batch` in micro-batches of at most `size` rows, sorted by prompt tokens so that rows
+    sharing a prompt or context prefix run it once in one pass (a row's log-probs do not depend on its company)."""
     prompts = _prompt_tokens(batch)
     order = sorted(range(len(prompts)), key=prompts.__getitem__)  # stable: ties keep their row order
-    # Row indices are bookkeeping (CPU); Batch.rows moves them. No rows: no micro-batch (an empty one
-    # would reach the model as a 0-row forward, which raises).
+    # CPU bookkeeping (Batch.rows moves them); no rows, no micro-batch: a 0-row forward raises.
     return list(torch.tensor(order, dtype=torch.long, device="cpu").split(size)) if order else []
 
 
 def completion_hidden_states(model, batch: Batch, share_prompts: bool = True,
                              share_prefix: bool = True) -> torch.Tensor:
-    """Final hidden states at the positions that predict completion tokens: columns P-1 .. P+T-2.
-    Runs only the decoder body (get_decoder() reaches through a peft wrapper; LoRA layers stay active).
-
-    share_prompts: when rows share a prompt (an RL group), run the decoder on each distinct prompt once,
-    expand its KV cache to its rows (differentiable: gradients flow back to the prompt pass) and run the
-    completion columns on top. share_prefix: prompts that begin with the same long prefix (a context
-    under several problems) run that prefix once and then their own suffixes (plan_prefixes), before the
-    completion columns. Falls back to one pass over [R, P+T] when nothing is shared or the decoder cannot
-    use a cache (see _can_share_prompts)."""
+    """Final hidden states at the positions that predict completion tokens (columns P-1 .. P+T-2), from the
+    decoder body alone (get_decoder() reaches through peft; LoRA stays active). share_prompts: each distinct
+    prompt runs once, its KV cache expanded to its rows (differentiably), the completions on top;
+    share_prefix: a long prefix common to several prompts runs once too (plan_prefixes). One pass over
+    [R, P+T] when nothing is shared or the decoder cannot use a cache (_can_share_prompts)."""
     body = model.get_decoder()
     P, T = batch.prompt_width, batch.completion_mask.shape[1]
     pos = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -695,9 +662,8 @@ def chunked_logprobs(lm_head, hidden, targets, chunk_size: int, with_entropy: bo
 
 def sequence_logprobs(model, batch: Batch, chunk_size: int = 64, with_entropy: bool = False,
                       share_prompts: bool = True, share_prefix: bool = True):
-    """log p(completion token t | prefix) as [R, T] (padding columns: finite junk; mask them).
-    share_prompts: prefill each distinct prompt once; share_prefix: and a long prefix common to several
-    prompts once (see completion_hidden_states)."""
+    """log p(completion token t | prefix) as [R, T] (padding columns: finite junk; mask them); share_prompts,
+    share_prefix: see completion_hidden_states."""
     hidden = completion_hidden_states(model, batch, share_prompts, share_prefix)
     targets = batch.input_ids[:, batch.prompt_width:]
     return chunked_logprobs(model.get_output_embeddings(), hidden, targets, chunk_size, with_entropy)

@@ -1,8 +1,7 @@
 """Checkpoints: save a step, find the newest one that loads, load and restore it, without running its code.
 
-One folder per step, all of it data: the adapter (safetensors), the pool (JSON), trainer_state.pt (tensors
-only, read with weights_only=True) and trainer_state.json (the rest). So a run folder someone hands you can
-be resumed, evaluated or used as init_from without running a line of its code.
+One folder per step, all of it data: the adapter (safetensors), the pool (JSON), trainer_state.pt (tensors,
+read with weights_only=True) and trainer_state.json, so a run folder someone hands you runs none of its code.
 """
 from __future__ import annotations
 
@@ -69,9 +68,8 @@ def _check_types(state: dict, types: dict, path: Path) -> dict:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    """The trainer state of a checkpoint folder as one dict (STATE_TYPES, TENSOR_TYPES' keys). Loads no code:
-    CheckpointError (one line naming the file) for a foreign object, a damaged file, a missing key, a
-    wrong type or another format (a checkpoint from an older fst)."""
+    """A checkpoint folder's trainer state as one dict (STATE_TYPES, TENSOR_TYPES' keys), loading no code:
+    CheckpointError naming the file for a foreign object, damage, a missing key, a wrong type or format."""
     ckpt, json_path = Path(ckpt), Path(ckpt) / "trainer_state.json"
     if not json_path.is_file():
         raise CheckpointError(f"{json_path} is missing" + (

@@ -1,10 +1,8 @@
 """Config machinery: YAML + `--set` overrides -> a checked dataclass tree, and the --help-config table.
 
-Unknown keys, wrong types and out-of-range numbers fail at start-up naming the key. The dataclasses live
-beside the code they configure (fst.Config, context_opt.FastConfig, models.ModelConfig, trackers.LogConfig).
-Each class's `ranges` gives every number its allowed values: ">= 1", "> 0", an interval "(0, 1]" /
-"[0, 1)", or "any"; a list is checked per element. A class may also define `check(self, prefix)` for
-what ranges cannot say (a list's length, a name in a registry); it raises ConfigError naming the key.
+Unknown keys, wrong types and out-of-range numbers fail at start-up naming the key. Each dataclass's
+`ranges` gives every number its allowed values (">= 1", "> 0", "(0, 1]", "[0, 1)", "any"; a list per
+element); `check(self, prefix)`, if defined, says the rest (a list's length, a name in a registry).
 """
 from __future__ import annotations
 
@@ -155,8 +153,7 @@ def load_config(cls, path: str | None = None, overrides: list[str] = ()):
 
 
 def config_table(cls) -> str:
-    """Every config key as a markdown table (key, default, meaning), from the dataclasses and their fields'
-    comments: docs/config.md is this (python fst.py --help-config)."""
+    """Every config key as a markdown table (key, default, meaning from the field's comment): docs/config.md."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, meaning in _config_rows(cls):
         lines.append(f"| `{key}` | `{default}` | {meaning.replace('|', chr(92) + '|')} |")

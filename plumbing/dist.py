@@ -1,9 +1,8 @@
 """torchrun: `Dist`, the few collectives the loop needs, joining the process group, and fingerprints.
 
 Every rank runs the same loop on its share of each batch's problems (a group never spans ranks). LoRA
-gradients are summed once per optimiser step by an explicit all-reduce, not DDP: sampling, the base pass and
-the reflector run the model outside any wrapper. Independent work is split over ranks and gathered, so
-every rank takes the same decisions: the prompt pool stays identical without being sent.
+gradients are summed by an explicit all-reduce, not DDP (sampling runs the model outside any wrapper);
+other work is split and gathered, so every rank takes the same decisions.
 """
 from __future__ import annotations
 

@@ -24,9 +24,8 @@ class TrainingError(RuntimeError):
 
 
 def lora_gradient_problems(model) -> list[str]:
-    """After a backward: the LoRA tensors that got no gradient, a non-finite one, or (lora_B, which
-    every update must move) an all-zero one. lora_A is exempt from the zero test: while B is still
-    zero, as at initialisation, A's gradient is exactly zero."""
+    """After a backward: the LoRA tensors with no gradient, a non-finite one, or an all-zero one on lora_B
+    (lora_A's is exactly zero while B is zero, as at initialisation)."""
     problems = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -61,9 +60,8 @@ class UpdateGuard:
 
     def step(self, model, optimizer, scheduler, loss_value: float, step: int, has_signal: bool,
              max_grad_norm: float = 0.0, dist=None) -> str | None:
-        """After the micro-batches' backward passes: sum the gradients over ranks (dist, a dist.Dist under
-        torchrun), run the guards (check), then either drop the gradients (a skipped update; returns why)
-        or clip them (max_grad_norm > 0), take optimizer.step() and scheduler.step() (returns None)."""
+        """After the backward passes: sum the gradients over ranks (dist), run check, then either drop them
+        (returns why) or clip them (max_grad_norm > 0) and step the optimizer and scheduler (returns None)."""
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if dist is not None:
             dist.sum_gradients(params)
@@ -78,9 +76,8 @@ class UpdateGuard:
         return None
 
     def check(self, model, params, loss_value: float, step: int, has_signal: bool = True) -> str | None:
-        """After the backward: why this update must be skipped, or None to take it. The gradient-flow
-        check waits for an update with a non-zero advantage (has_signal): at initialisation (lora_B = 0,
-        policy = base) one whose advantages are all zero has exactly zero gradients everywhere."""
+        """Why this update must be skipped, or None. The gradient-flow check waits for a non-zero advantage
+        (has_signal): at initialisation one whose advantages are all zero has zero gradients everywhere."""
         skipped = ("non-finite loss" if not math.isfinite(loss_value) else "non-finite gradients"
                    if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params) else None)
         if skipped:
@@ -99,9 +96,8 @@ class UpdateGuard:
 
 @contextlib.contextmanager
 def interrupt_held():
-    """Ctrl-C inside the block takes effect at its end, so that a step's metrics row and the mark that the
-    step is complete land together: else the checkpoint saved on interrupt could miss a logged step. Only
-    the main thread receives signals; elsewhere the block runs as is."""
+    """Ctrl-C inside the block takes effect at its end, so a step's metrics row and its completion mark land
+    together (only the main thread receives signals; elsewhere the block runs as is)."""
     import signal
     import threading
     if threading.current_thread() is not threading.main_thread():
@@ -121,11 +117,9 @@ def interrupt_held():
 
 @contextlib.contextmanager
 def checkpoint_on_interrupt(save, run_dir: Path, stop_errors: tuple = ()):
-    """Ctrl-C inside the block saves the last completed step and exits with 130; running out of GPU
-    memory saves it too and exits with one line naming the keys to lower; an error of `stop_errors`
-    (the sampler's non-finite logits) saves it and goes on up to the caller. The loop sets
-    `progress.done` (the last whole step) and `progress.undo` (un-reads the batch of an unfinished
-    step: it has changed no weights unless Ctrl-C landed inside optimizer.step() itself)."""
+    """Ctrl-C inside the block saves the last whole step and exits with 130; out of GPU memory saves it and
+    names the keys to lower; an error of `stop_errors` saves it and goes on up. The loop sets
+    `progress.done` (the last whole step) and `progress.undo` (un-reads an unfinished step's batch)."""
     progress = types.SimpleNamespace(done=None, undo=None)
 
     def save_last_step() -> str:

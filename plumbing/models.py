@@ -1,7 +1,6 @@
 """Models: hub id / folder / GGUF / alias -> a peft model with a LoRA adapter, its tokenizer and device.
 
-The base may be 4-bit (bitsandbytes NF4, QLoRA); the workarounds GGUF files and bitsandbytes need live
-here, and so does the float32 output head (model.fp32_head).
+Also the workarounds GGUF files and bitsandbytes (4-bit QLoRA) need, and the float32 head (model.fp32_head).
 """
 from __future__ import annotations
 
@@ -107,9 +106,8 @@ def float32_logits(h, weight, bias, block: int) -> torch.Tensor:
 
 
 class _Float32Logits(torch.autograd.Function):
-    """h [..., H] (any dtype) -> logits [..., V] in float32 from a frozen head weight [V, H]: never a whole
-    float32 copy of the head, in the forward (float32_logits) or in the backward (which recasts a block of
-    `block` vocabulary rows at a time to give h its gradient; the head itself gets none)."""
+    """h [..., H] -> float32 logits [..., V] from a frozen head weight [V, H], never a whole float32 copy of
+    the head: the backward upcasts `block` vocabulary rows at a time for h's gradient (the head gets none)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, block: int):
@@ -126,9 +124,8 @@ class _Float32Logits(torch.autograd.Function):
 
 
 class Float32Head(torch.nn.Linear):
-    """The output head (lm_head) computing float32 logits from its bf16 weights (model.fp32_head). A Linear
-    owning the head's own parameters (a tied head stays tied), so its key stays `lm_head.weight` for
-    save_pretrained, tie_weights and merged exports; a LoRA on the head stays around it."""
+    """lm_head computing float32 logits from its bf16 weights (model.fp32_head): a Linear owning the head's
+    own parameters (tied stays tied, the key stays `lm_head.weight`); a LoRA on the head stays around it."""
 
     def __init__(self, head: torch.nn.Linear, block: int = 16384):
         torch.nn.Module.__init__(self)  # not Linear.__init__: that would allocate a second [V, H] weight
@@ -213,9 +210,8 @@ def load_model(cfg, device: torch.device, adapter_path: str | None = None):
 
 
 def load_frozen_model(name: str, cfg, device: torch.device):
-    """(model, tokenizer) of another causal LM that only generates (fast.reflector: a stronger critic, as
-    the paper's): loaded once, with the policy's dtype and quantisation (4-bit on a GPU recipe), in eval
-    mode, every weight frozen."""
+    """(model, tokenizer) of another causal LM that only generates (fast.reflector: a stronger critic, as the
+    paper's), with the policy's dtype and quantisation, in eval mode, every weight frozen."""
     if cfg.quant != "4bit":
         _hide_bitsandbytes_kernel_warning()
     try:
@@ -236,8 +232,7 @@ def model_name_problem(name: str) -> str | None:
 
 
 def _causal_lm(name: str, cfg, device: torch.device):
-    """The plain causal LM `name` (hub id, folder, .gguf, alias) and its tokenizer, as `cfg` (a
-    ModelConfig: dtype, quant, attn) says, on `device`."""
+    """The plain causal LM `name` and its tokenizer, as `cfg` (ModelConfig: dtype, quant, attn) says, on `device`."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
@@ -285,9 +280,8 @@ def keep_pad_rows_finite(model) -> None:
 
 
 def keep_4bit_layers_differentiable(model) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks a Linear4bit's weight for inference the first time it
-    runs without grad (our sampler), and its matmul has no autograd from then on: every LoRA fed through
-    that layer silently gets a zero gradient. This per-module attribute turns the repacking off."""
+    """On AVX512-BF16 CPUs bitsandbytes repacks a Linear4bit for inference on its first no-grad run (our
+    sampler), after which its LoRAs silently get zero gradients: this per-module attribute turns that off."""
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             module.support_avx512bf16_for_cpu = False
@@ -298,8 +292,7 @@ def _not_the_kernels_warning(record) -> bool:
 
 
 def _hide_bitsandbytes_kernel_warning():
-    """bitsandbytes logs 'Failed to load CPU gemm_4bit_forward from kernels-community' when it is
-    imported (peft imports it) on AVX512-BF16 CPUs. It only concerns 4-bit layers: hide it otherwise.
-    One module-level filter: logging adds the same filter once, however many models are loaded."""
+    """bitsandbytes' import (peft's) logs 'Failed to load CPU gemm_4bit_forward from kernels-community' on
+    AVX512-BF16 CPUs, which only concerns 4-bit layers. One module-level filter: logging adds it once."""
     import logging
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_warning)

@@ -1,10 +1,8 @@
 """The memory plan (`fst.py --plan`): each phase's peak GPU memory from the config and the model's shapes.
 
-Made before a byte is allocated, from the config (read duck-typed: plumbing imports none of the method
-files) and the model's shapes. Weights, LoRA state and KV caches are exact arithmetic (tests/test_plan.py
-checks them against real tensors); activations and logits transients are estimates from the shapes (said
-where they are made). Every phase's peak = the resident weights + that phase's own transient; phases
-never overlap.
+The config is read duck-typed (plumbing imports no method file). Weights, LoRA state and KV caches are exact
+(tests/test_plan.py checks them against real tensors); activations and logits are estimates from the shapes.
+A phase's peak = the resident weights + its own transient; phases never overlap.
 """
 from __future__ import annotations
 
@@ -109,9 +107,8 @@ def layer_linears(s: ModelShape) -> dict[str, tuple[int, int]]:
 
 
 def _quantised_bytes(n_in: int, n_out: int, quant: str) -> int:
-    """Bytes of one bitsandbytes linear weight. NF4 with double quantisation: 4 bits a weight, an 8-bit
-    absmax per block of 64, an fp32 absmax per 256 of those, the 256-entry nested and 16-entry NF4 code
-    tables and an offset. 8-bit: a byte a weight and an fp32 scale per output row."""
+    """Bytes of one bitsandbytes linear weight. NF4, double-quantised: 4 bits a weight, an 8-bit absmax per 64,
+    an fp32 absmax per 256 of those, the code tables and an offset. 8-bit: a byte a weight, an fp32 scale a row."""
     n = n_in * n_out
     if quant == "8bit":
         return n + 4 * n_out
@@ -167,11 +164,9 @@ def fp32_head_bytes(s: ModelShape, positions: int) -> int:
 
 
 def _layer_bytes_per_token(s: ModelShape, dtype_bytes: int, grad: bool) -> int:
-    """An estimate of one decoder layer's activations per token (the arithmetic's one guess). Without
-    grad: the residual, its norm, the attention and o-projection outputs, the MLP's gate, up and their
-    product. With grad: what backward keeps (each linear's and LoRA's input, q, k, v, the attention
-    output, the MLP's intermediates) and the gradient buffers of the widest point. Both add one layer's
-    K and V repeated over the query heads: SDPA does that whenever a padding mask is given."""
+    """An estimate of one decoder layer's activations per token: without grad the residual, norm, attention
+    and MLP outputs; with grad what backward keeps and the widest point's gradient buffers. Both add K and
+    V repeated over the query heads (SDPA does that whenever a padding mask is given)."""
     h, i, q, kv = s.hidden, s.intermediate, s.heads * s.head_dim, s.kv_heads * s.head_dim
     gqa = 2 * q if s.heads > s.kv_heads else 0
     width = 8 * h + 3 * q + 2 * kv + 6 * i if grad else 4 * h + 3 * i
@@ -425,11 +420,9 @@ def print_memory_plan(args, load_config) -> None:
 
 
 def plan_refusal(cfg, card_bytes: int) -> str | None:
-    """The one line a run on a card of `card_bytes` stops with when its plan does not fit even with the
-    seed prompt it starts from (None: it fits, or the model's shapes are unknown here: then say so and
-    let the run try). A plan that fits at the start but not with the longest contexts the config allows
-    (an upper bound: most runs never build them) is a one-line warning; if it comes to that, the
-    out-of-memory handler saves the last whole step and names the key."""
+    """The one line a run on a card of `card_bytes` stops with when its plan does not fit even with the seed
+    prompt (None: it fits, or the shapes are unknown). Fitting at the start but not with the longest contexts
+    the config allows (an upper bound) is a warning: the out-of-memory handler would save the step."""
     try:
         plan, start = memory_plan(cfg, card_bytes), memory_plan(cfg, card_bytes, at_start=True)
     except PlanError as e:

@@ -135,9 +135,8 @@ def reflector_line(used: dict) -> str:
 
 
 def summarize(run: Path, best_context: dict | None = None) -> str:
-    """What a run did: held-out accuracy before -> after (seed prompt and best context), KL to base, the best
-    context (pool.best_of_run; None without a pool), where the time went, the commands to go on with.
-    Written as RUN/summary.json; returns the text."""
+    """What a run did (held-out accuracy before -> after, KL to base, the best context, where the time went,
+    what to run next), written as RUN/summary.json; returns the text."""
     run, rows = Path(run), read_metrics(run)
     train = [r for r in rows if r.get("kind", "train") == "train"]
     if not train:

@@ -1,7 +1,5 @@
-"""Start-up: fst.py's command line, and every check that can fail before a run folder exists.
-
-Keys, types and ranges (load_config), tasks and data paths, checkpoints to resume or start from, the
-device, the memory plan on a CUDA card, the trackers: each stops the run with one line.
+"""Start-up: fst.py's command line, and every check that can fail before a run folder exists (config, tasks,
+data paths, checkpoints, device, the memory plan on a CUDA card, trackers), each stopping with one line.
 """
 from __future__ import annotations
 
@@ -65,8 +63,7 @@ def answered_without_a_run(args, config_cls, load_config) -> bool:
 
 
 def start_up(args, dist, load_config, make_task):
-    """fst.main's arguments -> (config, run folder, config file name) of a new or resumed run, after every
-    check that can fail (this file's first lines), each stopping with one line."""
+    """fst.main's arguments -> (config, run folder, config file name) of a new or resumed run, checked."""
     try:
         if args.resume:
             run_dir, config_name = Path(args.resume), str(Path(args.resume) / "config.yaml")
