@@ -2,6 +2,7 @@
 cached) and a tiny random-init Llama with that vocabulary, so unit tests run in seconds; and the
 README's code examples, run by the tests of what they register."""
 import contextlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -113,3 +114,13 @@ def readme_example_registered(name: str, registry: dict):
     finally:
         registry.clear()
         registry.update(before)
+
+
+@pytest.fixture(scope="module")
+def mini():
+    """experiments/miniature.py as a module (it puts experiments/ on sys.path: its study_* modules import by name)."""
+    spec = importlib.util.spec_from_file_location("miniature", ROOT / "experiments" / "miniature.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["miniature"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -4,22 +4,11 @@ clone (no run folders) rebuilds the report from the records alone and runs only 
 no record; an interrupted run resumes; the numbers read off the curves (KL at matched accuracy), the
 paired bootstrap and the verdicts that follow it; --dtype auto and the run names it gives."""
 import importlib
-import importlib.util
 import json
 import shutil
-import sys
 
 import pytest
 from conftest import ROOT
-
-
-@pytest.fixture(scope="module")
-def mini():
-    spec = importlib.util.spec_from_file_location("miniature", ROOT / "experiments" / "miniature.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["miniature"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)  # puts experiments/ on sys.path: its study_* modules import by name
-    return module
 
 
 @pytest.fixture(scope="module")

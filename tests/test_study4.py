@@ -4,22 +4,10 @@ there, and --report-only rebuilds them from the records alone; the threshold mea
 that never gets there one validation interval past the end; the context fst deployed when it first
 reached the threshold is read from the record's pool files."""
 import importlib
-import importlib.util
 import json
 import shutil
-import sys
 
 import pytest
-from conftest import ROOT
-
-
-@pytest.fixture(scope="module")
-def mini():
-    spec = importlib.util.spec_from_file_location("miniature", ROOT / "experiments" / "miniature.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["miniature"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)  # puts experiments/ on sys.path: its study_* modules import by name
-    return module
 
 
 @pytest.fixture(scope="module")
