@@ -134,6 +134,9 @@ def reflector_line(used: dict) -> str:
             f"{used['seconds']:.0f} s{failed}")
 
 
+FLOOR = 0.2  # held-out accuracy that counts as having left the floor (results/README.md: study 4's threshold)
+
+
 def summarize(run: Path, best_context: dict | None = None) -> str:
     """What a run did (held-out accuracy before -> after, KL to base, the best context, where the time went,
     what to run next), written as RUN/summary.json; returns the text."""
@@ -170,7 +173,6 @@ def print_summary(run: Path, best_of_run) -> None:
     print(summarize(run, best_of_run(run)), file=sys.stderr)
 
 
-FLOOR = 0.2  # held-out accuracy that counts as having left the floor (results/README.md: study 4's threshold)
 PROMPT_NAMES = {"seed": "seed prompt", "best": "best context"}  # validation rows' "prompt" field, in words
 
 
